@@ -1,0 +1,31 @@
+"""Torch reference of kernels/noisy_linear.py: materializes W + sigma_s E_s per stream, in fp32."""
+from __future__ import annotations
+
+import torch
+
+from kernels import noise_reference as R
+from kernels.noisy_linear import StreamRows
+
+
+def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                           rows: StreamRows | None = None, param_key: int = 0, row_offset: int = 0,
+                           col_offset: int = 0, in_features: int | None = None) -> torch.Tensor:
+    """fp32 result of x (W + sigma_s E_s)^T + b, row by row stream; returned in fp32."""
+    k = weight.shape[1]
+    x2d = x.reshape(-1, k).float()
+    w = weight.float()
+    y = torch.empty(x2d.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    ids = rows.ids.long() if rows is not None else torch.zeros(x2d.shape[0], dtype=torch.long,
+                                                                device=x.device)
+    for s in ids.unique().tolist():
+        w_s = w
+        if s > 0 and rows.streams[s - 1].sigma > 0:
+            stream = rows.streams[s - 1]
+            w_s = w + R.noise(tuple(weight.shape), stream.seed, param_key, stream.sigma,
+                              row_offset=row_offset, col_offset=col_offset,
+                              in_features=in_features, device=x.device)
+        sel = ids == s
+        y[sel] = x2d[sel] @ w_s.t()
+    if bias is not None:
+        y += bias.float()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
