@@ -114,9 +114,13 @@ def check_shard(rows: int, cols: int, row_offset: int, col_offset: int, in_featu
             f"exceeds {MAX_ELEMENTS} elements")
 
 
+def runs_triton(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under its interpreter only."""
+    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def require_kernel_device(t: torch.Tensor, what: str) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter only."""
-    if t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if runs_triton(t):
         return
     raise ValueError(
         f"{what} runs a Triton kernel and needs a CUDA tensor, got one on {t.device}; on a CPU "

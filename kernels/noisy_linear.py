@@ -346,16 +346,24 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  tiles: TileConfig | None = None) -> torch.Tensor:
     """y = x (W + sigma_s E_s)^T + b with each row's stream from ``rows`` (None: all clean).
 
+    Runs the Triton kernel on CUDA tensors (and under ``TRITON_INTERPRET=1``);
+    on a CPU otherwise, the torch reference with the same semantics.
+
     ``weight`` may be a shard [out, in] at (row_offset, col_offset) of an unsharded
     weight whose rows have ``in_features`` elements (default: weight.shape[1]); the
     noise is that of the unsharded weight. ``param_key`` is ``noise.param_key(name)``.
     """
     _check_inputs(x, weight, bias, rows)
-    noise.require_kernel_device(x, "noisy_linear")
     k = weight.shape[1]
     in_features = k if in_features is None else in_features
     noise.check_shard(weight.shape[0], k, row_offset, col_offset, in_features)
     noise.check_param_key(param_key)
+    if not noise.runs_triton(x):
+        # CPU without the Triton interpreter: the torch path (same values and gradients).
+        from kernels.noisy_linear_reference import noisy_linear_reference
+        return noisy_linear_reference(x, weight, bias, rows=rows, param_key=param_key,
+                                      row_offset=row_offset, col_offset=col_offset,
+                                      in_features=in_features).to(x.dtype)
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()

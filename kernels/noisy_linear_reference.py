@@ -1,10 +1,18 @@
-"""Torch reference of kernels/noisy_linear.py: materializes W + sigma_s E_s per stream, in fp32."""
+"""Torch reference of kernels/noisy_linear.py: materializes W + sigma_s E_s per stream, in fp32.
+
+Same semantics as the kernel, autograd included (noisy rows are constants), so
+it is also the CPU path of ``noisy_linear`` outside the Triton interpreter.
+"""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels import noise_reference as R
-from kernels.noisy_linear import StreamRows
+
+if TYPE_CHECKING:
+    from kernels.noisy_linear import StreamRows
 
 
 def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -17,15 +25,16 @@ def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     y = torch.empty(x2d.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     ids = rows.ids.long() if rows is not None else torch.zeros(x2d.shape[0], dtype=torch.long,
                                                                 device=x.device)
+    b = bias.float() if bias is not None else None
     for s in ids.unique().tolist():
-        w_s = w
+        sel = ids == s
         if s > 0 and rows.streams[s - 1].sigma > 0:
             stream = rows.streams[s - 1]
-            w_s = w + R.noise(tuple(weight.shape), stream.seed, param_key, stream.sigma,
-                              row_offset=row_offset, col_offset=col_offset,
-                              in_features=in_features, device=x.device)
-        sel = ids == s
-        y[sel] = x2d[sel] @ w_s.t()
-    if bias is not None:
-        y += bias.float()
+            with torch.no_grad():  # noisy rows carry no gradient
+                w_s = w + R.noise(tuple(weight.shape), stream.seed, param_key, stream.sigma,
+                                  row_offset=row_offset, col_offset=col_offset,
+                                  in_features=in_features, device=x.device)
+                y[sel] = torch.nn.functional.linear(x2d[sel], w_s, b)
+        else:
+            y[sel] = torch.nn.functional.linear(x2d[sel], w, b)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -632,16 +632,33 @@ def test_gpu_half_precision_gradients_mixed_rows(dtype):
                                    rtol=2e-2)
 
 
-def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
-    # Outside the interpreter a CPU tensor cannot reach a Triton kernel: say so, naming the way out.
+def test_cpu_without_the_interpreter_runs_the_torch_path():
+    # Outside the interpreter noisy_linear takes the torch path on a CPU (same values and
+    # gradients); fill_noise has no such path and says so.
     import os
     import subprocess
     import sys
-    code = ("import torch\nfrom kernels.noisy_linear import noisy_linear\nfrom kernels.noise import fill_noise\n"
-            "for call in (lambda: noisy_linear(torch.randn(2, 4), torch.randn(3, 4)),\n"
-            "             lambda: fill_noise(torch.empty(2, 4), 1, 2)):\n"
-            "    try:\n        call()\n    except ValueError as e:\n        assert 'CUDA tensor' in str(e), e\n"
-            "    else:\n        raise SystemExit('no error')\nprint('ok')\n")
+    code = """
+import torch
+from kernels.noise import fill_noise, param_key
+from kernels.noisy_linear import NoiseStream, StreamRows, noisy_linear
+from kernels.noisy_linear_reference import noisy_linear_reference
+x = torch.randn(4, 6, requires_grad=True)
+w = torch.randn(5, 6, requires_grad=True)
+rows = StreamRows(torch.tensor([0, 1, 0, 1]), [NoiseStream(7, 0.5)])
+y = noisy_linear(x, w, rows=rows, param_key=param_key("w"))
+assert torch.equal(y, noisy_linear_reference(x, w, rows=rows, param_key=param_key("w")))
+y.sum().backward()
+assert x.grad[1].abs().sum() == 0 and x.grad[3].abs().sum() == 0 and x.grad[0].abs().sum() > 0
+torch.testing.assert_close(w.grad, torch.ones(2, 5).t() @ x.detach()[[0, 2]])
+try:
+    fill_noise(torch.empty(2, 4), 1, 2)
+except ValueError as e:
+    assert "CUDA tensor" in str(e), e
+else:
+    raise SystemExit("no error")
+print("ok")
+"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,121 @@
+"""Decoder-only transformer for Qwen2/Qwen2.5 and Llama checkpoints.
+
+Tokens of a step are flattened ([tokens]); attention reads and writes a paged KV
+cache (engine/attention.py). Every linear layer is a StreamLinear, so each token
+row can run the clean or a perturbed policy (BatchNoise) in the same forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention_reference, store_kv
+from engine.config import ModelConfig
+from engine.layers import RMSNorm, RotaryEmbedding, StreamLinear
+from engine.noise_spec import BatchNoise
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        p = f"model.layers.{layer}.self_attn"
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = StreamLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias, f"{p}.q_proj.weight", "attn")
+        self.k_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.k_proj.weight", "attn")
+        self.v_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.v_proj.weight", "attn")
+        # Qwen2's o_proj has no bias; Llama's follows attention_bias.
+        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        self.o_proj = StreamLinear(cfg.num_heads * d, cfg.hidden_size, o_bias, f"{p}.o_proj.weight", "attn")
+        self.scale = d ** -0.5
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                noise: BatchNoise | None) -> torch.Tensor:
+        n = h.shape[0]
+        q = self.q_proj(h, noise).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
+        o = paged_attention_reference(q, kv[0], kv[1], meta, self.scale)
+        return self.o_proj(o.reshape(n, -1), noise)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        p = f"model.layers.{layer}.mlp"
+        hs, im, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = StreamLinear(hs, im, b, f"{p}.gate_proj.weight", "mlp")
+        self.up_proj = StreamLinear(hs, im, b, f"{p}.up_proj.weight", "mlp")
+        self.down_proj = StreamLinear(im, hs, b, f"{p}.down_proj.weight", "mlp")
+
+    def forward(self, h: torch.Tensor, noise: BatchNoise | None) -> torch.Tensor:
+        gate = self.gate_proj(h, noise)
+        return self.down_proj(nn.functional.silu(gate) * self.up_proj(h, noise), noise)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, h, positions, rope, kv, meta, noise):
+        h = h + self.self_attn(self.input_layernorm(h), positions, rope, kv, meta, noise)
+        return h + self.mlp(self.post_attention_layernorm(h), noise)
+
+
+class CausalLM(nn.Module):
+    """The model; parameter names match the Hugging Face checkpoint's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = StreamLinear(cfg.hidden_size, cfg.vocab_size, False, "lm_head.weight", "lm_head")
+        self._tie_weights()
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+
+    def _tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> "CausalLM":
+        """A model with uninitialized weights on ``device``, never materialized elsewhere."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        model._tie_weights()  # to_empty gives tied parameters separate storage
+        model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings).to(device)
+        return model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                noise: BatchNoise | None = None) -> torch.Tensor:
+        """Hidden states [tokens, hidden] of a step's flattened tokens."""
+        h = self.model.embed_tokens(input_ids)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            h = layer(h, positions, self.rope, kv, meta, noise)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor, noise: BatchNoise | None = None) -> torch.Tensor:
+        """Logits (fp32) of the given hidden rows; ``noise`` must describe those rows."""
+        return self.lm_head(hidden, noise).float()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int,
+                          device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        device = device or self.model.embed_tokens.weight.device
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(cfg.num_layers)]
