@@ -1,15 +1,11 @@
-"""Attention over a paged KV cache: the metadata of a step and the torch reference.
-
-KV cache of one layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and V.
-A step's new tokens are written at their ``slot_mapping`` (block * block_size +
-offset), then every sequence attends causally to its whole context, read through
-its block table. Prefill (many new tokens) and decode (one) are the same call.
-"""
+"""What a step's tokens attend to, and the attention call of the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kernels.attention_reference import paged_attention_reference, store_kv
 
 
 @dataclass
@@ -21,42 +17,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, -1 padded
     slot_mapping: torch.Tensor  # [tokens] int64 cache slot of each new token
 
-    @property
-    def num_seqs(self) -> int:
-        return self.context_lens.numel()
 
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write the step's K/V rows ([tokens, kv_heads, head_dim]) into their cache slots."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
-
-
-def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its cached context (torch SDPA, GQA).
-
-    q: [tokens, heads, head_dim] -> [tokens, heads, head_dim].
-    """
-    block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
-    cu = meta.cu_seqlens_q.tolist()
-    lens = meta.context_lens.tolist()
-    for b in range(meta.num_seqs):
-        q_b = q[cu[b]:cu[b + 1]]
-        n_new, n_ctx = q_b.shape[0], lens[b]
-        if n_new == 0:
-            continue
-        blocks = meta.block_tables[b, :(n_ctx + block_size - 1) // block_size].long()
-        k_b = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:n_ctx]
-        v_b = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:n_ctx]
-        # New token i sits at context position n_ctx - n_new + i and sees positions <= it.
-        pos_q = torch.arange(n_ctx - n_new, n_ctx, device=q.device)
-        mask = torch.arange(n_ctx, device=q.device)[None, :] <= pos_q[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q_b.transpose(0, 1).unsqueeze(0), k_b.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            v_b.transpose(0, 1).unsqueeze(0).to(q.dtype), attn_mask=mask, scale=scale,
-            enable_gqa=True)
-        out[cu[b]:cu[b + 1]] = o.squeeze(0).transpose(0, 1)
-    return out
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Store the step's K/V in the paged cache, then attend (q: [tokens, heads, head_dim])."""
+    store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+    return paged_attention_reference(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q,
+                                     meta.context_lens, meta.block_tables, scale)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention_reference, store_kv
+from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.layers import RMSNorm, RotaryEmbedding, StreamLinear
 from engine.noise_spec import BatchNoise
@@ -37,8 +37,7 @@ class Attention(nn.Module):
         k = self.k_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        store_kv(k, v, kv[0], kv[1], meta.slot_mapping)
-        o = paged_attention_reference(q, kv[0], kv[1], meta, self.scale)
+        o = paged_attention(q, k, v, kv, meta, self.scale)
         return self.o_proj(o.reshape(n, -1), noise)
 
 
