@@ -7,8 +7,8 @@ Each row holds the rewards of the G samples drawn for one prompt. Estimators:
 - ``dr_grpo``   (Liu et al. 2025, "Understanding R1-Zero-like training"): A_i = r_i - mean r;
   the std division is dropped because it reweights prompts by difficulty.
 - ``pass_at_k`` (Chen et al. 2025, "Pass@k training", analytic derivation): binary rewards only.
-- ``pkpo``      (Walder & Karkhanis 2025, "Pass@K Policy Optimization", s^(loo-1), Eq. 33):
-  unbiased max@k gradient for real rewards.
+- ``pkpo``      (Walder & Karkhanis 2025, "Pass@K Policy Optimization", their k-1 baseline
+  variant s^(loo-1)): unbiased max@k gradient for real rewards.
 - ``maxpo``     (Takashiro et al. 2026, arXiv 2606.06080): the same max@k signal with a
   leave-two-out baseline that keeps it unbiased and makes each group's advantages sum to 0.
 
@@ -61,7 +61,7 @@ def _shifted(rewards: Tensor) -> Tensor:
 def _comb_ratio(a: Tensor, b: int, r: int) -> Tensor:
     """C(a, r) / C(b, r) elementwise over integer-valued float64 ``a``, for b >= r.
 
-    A product of r factors (a - j) / (b - j), each exact to an ulp, so no factorial (and no
+    A product of r factors (a - j) / (b - j), each rounded once, so no factorial (and no
     overflow) for any G. C(a, r) is 0 when a < r or r < 0.
     """
     if r < 0:
@@ -142,7 +142,7 @@ def _expected_improvement(x: Tensor, k: int) -> Tensor:
 
 
 def pkpo_advantages(rewards: Tensor, k: int) -> Tensor:
-    """PKPO (Walder & Karkhanis 2025) with the k-1 baseline s^(loo-1) (their Eq. 33).
+    """PKPO (Walder & Karkhanis 2025) with the k-1 baseline, s^(loo-1).
 
     s_i = (1 / C(G, k)) sum_{|I| = k, i in I} [max_{j in I} r_j - max_{j in I \\ i} r_j]
     is an unbiased gradient weight of max@k: E[sum_i s_i grad log pi(o_i)] = grad max@k,
@@ -208,7 +208,7 @@ def maxpo_advantages(rewards: Tensor, k: int) -> Tensor:
     RLOO, A_i = r_i - mean_{j != i} r_j.
 
     Requires k <= G - 1 (b_i draws k - 1 comparison samples from the G - 2 others; at k = G
-    no baseline of the others can center the group); G = 1 gives zeros.
+    no baseline of the others centers the group, checked by hand for G <= 4); G = 1 gives zeros.
     The derivation is ours: the paper's text available to us states the construction
     (leave-two-out baseline, exact centering, unbiased, O(G^2)) but not its formulas.
     """
