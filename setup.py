@@ -1,5 +1,15 @@
 """Build script. Metadata lives in pyproject.toml; C++ extensions (the engine's
 block manager) are declared here as they are added."""
+from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 
-setup()
+ext_modules = [
+    Pybind11Extension(
+        "engine._block_manager",
+        ["engine/csrc/block_manager.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O2"],
+    ),
+]
+
+setup(ext_modules=ext_modules)

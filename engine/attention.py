@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_reference import paged_attention_reference, store_kv
+from kernels.attention_reference import store_kv
+from kernels.paged_attention import paged_attention as attend
 
 
 @dataclass
@@ -21,7 +22,11 @@ class AttentionMetadata:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
-    """Store the step's K/V in the paged cache, then attend (q: [tokens, heads, head_dim])."""
+    """Store the step's K/V in the paged cache, then attend (q: [tokens, heads, head_dim]).
+
+    Triton kernels on CUDA (decode: split-K; otherwise varlen prefill), the torch
+    reference on a CPU.
+    """
     store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-    return paged_attention_reference(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q,
-                                     meta.context_lens, meta.block_tables, scale)
+    return attend(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.context_lens,
+                  meta.block_tables, scale)

@@ -1,0 +1,51 @@
+"""A sequence being generated: its tokens, its progress through the cache, its outcome."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request. ``tokens`` = prompt + generated; the KV of the first
+    ``num_computed`` of them is in the cache."""
+
+    seq_id: int
+    request_id: int
+    index: int  # which of the request's n samples
+    prompt_len: int
+    tokens: list[int]
+    params: SamplingParams
+    seed: int
+    noise: int  # index into the step's noise specs, -1 = clean
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    # n > 1: the first sample prefills the prompt, then forks one sample per seed here.
+    child_seeds: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,156 @@
+"""The engine end to end on a tiny random checkpoint (CPU, fp32), against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from engine.llm import LLM
+from engine.noise_spec import NoiseSpec
+from engine.sampling import SamplingParams
+from kernels import noise_reference as R
+from kernels.noise import param_key
+
+PROMPTS = [[5, 17, 33, 2, 9, 100, 7, 8, 9, 10, 11], [42], [300, 301, 302, 303, 11], [7] * 9,
+           [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, eos_token_id=511)).eval()
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def make(path, **kw):
+    return LLM(path, **{"dtype": "float32", "block_size": 4, **kw})
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"max_num_batched_tokens": 8},  # chunked prefill: prompts span several steps
+    {"num_kv_blocks": 16},  # 64 tokens for five sequences: preemption and recompute
+    {"max_num_seqs": 2},
+], ids=["plain", "chunked-prefill", "preemption", "two-seqs"])
+def test_greedy_equals_hf_under_any_batching(checkpoint, options):
+    hf, path = checkpoint
+    llm = make(path, **options)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
+        assert out.outputs[0].finish_reason == "length"
+    if "num_kv_blocks" in options:
+        assert llm.scheduler.num_preemptions > 0
+    assert llm.blocks.num_free_blocks() == llm.num_kv_blocks
+    llm.blocks.check_invariants()
+
+
+def test_logprobs_are_those_of_the_sampled_tokens(checkpoint):
+    hf, path = checkpoint
+    llm = make(path)
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=6, seed=3), use_tqdm=False)[0]
+    c = out.outputs[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([PROMPTS[0] + c.token_ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    n = len(PROMPTS[0])
+    expected = [lp[n - 1 + i, t].item() for i, t in enumerate(c.token_ids)]
+    torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_n_samples_share_the_prompt_and_are_reproducible(checkpoint):
+    _, path = checkpoint
+    llm = make(path)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=123, ignore_eos=True)
+    a = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    b = make(path).generate(PROMPTS[:2], params, use_tqdm=False)
+    for ra, rb in zip(a, b):
+        assert [c.index for c in ra.outputs] == [0, 1, 2, 3]
+        assert [c.token_ids for c in ra.outputs] == [c.token_ids for c in rb.outputs]
+        assert len({tuple(c.token_ids) for c in ra.outputs}) > 1
+    # Sample j alone (seeded like the request) equals sample j of the batch.
+    single = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in single.outputs] == [c.token_ids for c in a[0].outputs]
+    assert llm.blocks.num_free_blocks() == llm.num_kv_blocks
+
+
+def test_noisy_and_clean_requests_share_a_batch(checkpoint):
+    hf, path = checkpoint
+    spec = NoiseSpec(seed=99, sigma=0.05, targets="mlp")
+    noisy_hf = Qwen2ForCausalLM(hf.config).eval()
+    noisy_hf.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        for name, p in noisy_hf.named_parameters():
+            if ".mlp." in name:
+                p += R.noise(tuple(p.shape), spec.seed, param_key(name), spec.sigma)
+    llm = make(path)
+    noise = [spec, None, spec, None, None]
+    outs = llm.generate(PROMPTS, GREEDY, noise=noise, use_tqdm=False)
+    for prompt, out, n in zip(PROMPTS, outs, noise):
+        assert out.noise == n
+        assert out.outputs[0].token_ids == hf_greedy(noisy_hf if n else hf, prompt, 12)
+    assert outs[0].outputs[0].token_ids != hf_greedy(hf, PROMPTS[0], 12)
+
+
+def test_bad_requests_finish_with_an_error_and_the_others_run(checkpoint):
+    hf, path = checkpoint
+    llm = make(path, max_model_len=32)
+    outs = llm.generate([[1] * 40, [], [9999], PROMPTS[1]], GREEDY, use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason.startswith("error: prompt of 40 tokens")
+    assert outs[1].outputs[0].finish_reason == "error: empty prompt"
+    assert outs[2].outputs[0].finish_reason.startswith("error: prompt token ids")
+    assert outs[3].outputs[0].token_ids == hf_greedy(hf, PROMPTS[1], 12)
+
+
+def test_stop_tokens_and_max_model_len(checkpoint):
+    _, path = checkpoint
+    llm = make(path, max_model_len=16)
+    first = llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[first[2]])
+    out = llm.generate([PROMPTS[1]], stop, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == first[:3] and out.finish_reason == "stop"
+    long = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert len(PROMPTS[0]) + len(long.token_ids) == 16 and long.finish_reason == "length"
+
+
+def test_update_weights_in_place(checkpoint):
+    hf, path = checkpoint
+    llm = make(path)
+    before = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    torch.manual_seed(5)
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items() if k.endswith("weight")}
+    other = Qwen2ForCausalLM(hf.config).eval()
+    other.load_state_dict({**state, **new})
+    llm.update_weights((k, v) for k, v in new.items() if k in dict(llm.model.named_parameters()))
+    after = llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert after == hf_greedy(other, PROMPTS[0], 12) and after != before
+    with pytest.raises(ValueError, match="no parameter named"):
+        llm.update_weights([("model.nope.weight", torch.zeros(1))])
+
+
+def test_engine_options_are_checked(checkpoint):
+    _, path = checkpoint
+    with pytest.raises(ValueError, match="unknown LLM options"):
+        LLM(path, max_len=5)
+    with pytest.raises(ValueError, match="less than one sequence of max_model_len=64"):
+        make(path, num_kv_blocks=3)
+    with pytest.raises(ValueError, match="block_size"):
+        make(path, block_size=6)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        make(path, max_model_len=1000)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        make(path).generate("hello", GREEDY)
