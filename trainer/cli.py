@@ -21,6 +21,49 @@ def _run_bench(args: argparse.Namespace) -> int:
     return module.main(args.bench_args)
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.llm import LLM
+    from engine.noise_spec import NoiseSpec
+    from engine.sampling import SamplingParams
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise SystemExit(f"{args.prompts_file}:{n}: expected a JSON object with a "
+                                         f"'prompt' field ({e})")
+    if not prompts:
+        raise SystemExit("psnrl generate: give --prompt TEXT or --prompts-file FILE.jsonl")
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+        noise = NoiseSpec(args.noise_seed, args.sigma, args.targets) if args.sigma > 0 else None
+        options = {"dtype": args.dtype, "block_size": args.block_size}
+        if args.max_model_len:
+            options["max_model_len"] = args.max_model_len
+        llm = LLM(args.model, **options)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl generate: {e}")
+    outputs = llm.generate(prompts, params, noise=noise)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for request in outputs:
+            for c in request.outputs:
+                out.write(json.dumps({"prompt": request.prompt, "index": c.index, "text": c.text,
+                                      "token_ids": c.token_ids, "logprobs": c.logprobs,
+                                      "finish_reason": c.finish_reason}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psnrl",
@@ -32,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(run=_run_bench)
+
+    gen = sub.add_parser("generate", help="sample completions from a local checkpoint (JSON Lines out)",
+                         description="Generate with the rollout engine, optionally from a perturbed "
+                                     "policy (--sigma > 0).")
+    gen.add_argument("model", help="local Hugging Face checkpoint directory")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="JSON Lines file with a 'prompt' field per line")
+    gen.add_argument("--output", help="write JSON Lines here instead of stdout")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--sigma", type=float, default=0.0, help="parameter noise std (0: clean policy)")
+    gen.add_argument("--noise-seed", type=int, default=0)
+    gen.add_argument("--targets", default="mlp", help="mlp, attn, lm_head or all")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--block-size", type=int, default=16)
+    gen.set_defaults(run=_run_generate)
     return parser
 
 

@@ -1,0 +1,40 @@
+"""The psnrl command line."""
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from trainer.cli import main
+
+
+def test_generate_writes_json_lines(tmp_path):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "m")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [3, 4, 5]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(tmp_path / "m"), "--prompts-file", str(prompts), "--n", "2",
+                 "--max-tokens", "5", "--sigma", "0.01", "--seed", "1", "--dtype", "float32",
+                 "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in rows)
+
+
+def test_generate_reports_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="config.json"):
+        main(["generate", str(tmp_path), "--prompt", "hi"])
+    with pytest.raises(SystemExit, match="--prompt"):
+        main(["generate", str(tmp_path)])
+    with pytest.raises(SystemExit, match="temperature"):
+        main(["generate", str(tmp_path), "--prompt", "x", "--temperature", "-1"])
+
+
+def test_unknown_command_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["nope"])
+    assert "invalid choice" in capsys.readouterr().err
