@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_reference import store_kv
+from kernels.attention_reference import store_kv, varlen_causal_attention
 from kernels.paged_attention import paged_attention as attend
 
 
@@ -14,19 +14,23 @@ class AttentionMetadata:
     """Where a step's tokens go and what they attend to (one entry per sequence)."""
 
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: new tokens of sequence b are rows [cu[b], cu[b+1])
-    context_lens: torch.Tensor  # [B] int32: tokens in the cache for b after this step
-    block_tables: torch.Tensor  # [B, max_blocks] int32, -1 padded
-    slot_mapping: torch.Tensor  # [tokens] int64 cache slot of each new token
+    # With a KV cache (generation); None for a cache-free training forward over whole sequences.
+    context_lens: torch.Tensor | None = None  # [B] int32: tokens in the cache for b after this step
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
+    slot_mapping: torch.Tensor | None = None  # [tokens] int64 cache slot of each new token
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                    kv_cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """Store the step's K/V in the paged cache, then attend (q: [tokens, heads, head_dim]).
 
     Triton kernels on CUDA (decode: split-K; otherwise varlen prefill), the torch
-    reference on a CPU.
+    reference on a CPU. Without a cache: causal attention within each sequence
+    (training, differentiable).
     """
+    if kv_cache is None:
+        return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
     store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     return attend(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.context_lens,
                   meta.block_tables, scale)

@@ -30,7 +30,7 @@ class Attention(nn.Module):
         self.scale = d ** -0.5
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                kv: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata,
                 noise: BatchNoise | None) -> torch.Tensor:
         n = h.shape[0]
         q = self.q_proj(h, noise).view(n, self.num_heads, self.head_dim)
@@ -97,11 +97,16 @@ class CausalLM(nn.Module):
         return model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 noise: BatchNoise | None = None) -> torch.Tensor:
-        """Hidden states [tokens, hidden] of a step's flattened tokens."""
+        """Hidden states [tokens, hidden] of a step's flattened tokens.
+
+        With ``kv_caches`` (generation) the tokens extend their cached sequences; without
+        (training) each sequence of ``meta.cu_seqlens_q`` is attended to on its own.
+        """
         h = self.model.embed_tokens(input_ids)
-        for layer, kv in zip(self.model.layers, kv_caches):
+        caches = kv_caches if kv_caches is not None else [None] * len(self.model.layers)
+        for layer, kv in zip(self.model.layers, caches):
             h = layer(h, positions, self.rope, kv, meta, noise)
         return self.model.norm(h)
 

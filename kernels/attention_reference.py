@@ -47,3 +47,27 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             enable_gqa=True)
         out[cu[b]:cu[b + 1]] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention within each packed sequence, no cache (training; autograd).
+
+    q: [tokens, heads, D], k/v: [tokens, kv_heads, D]; sequence b is rows
+    [cu_seqlens[b], cu_seqlens[b+1]). Sequences are right-padded into one batch:
+    with a causal mask a real token never sees the padding after it.
+    """
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    t_max = max(lens)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=q.device),
+                                  torch.tensor(lens, device=q.device))
+    pos = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long()[seq]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(len(lens), t_max, *x.shape[1:])
+        out[seq, pos] = x
+        return out.transpose(1, 2)  # [B, heads, T, D]
+
+    o = torch.nn.functional.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True,
+                                                         scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)[seq, pos]

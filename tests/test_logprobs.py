@@ -1,0 +1,88 @@
+"""Response log-probs of the training forward against transformers and the engine's sampler."""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from engine.llm import LLM
+from engine.loader import load_model
+from engine.noise_spec import NoiseSpec
+from engine.sampling import SamplingParams
+from trainer.logprobs import response_logprobs
+
+SEQS = [[5, 17, 33, 2, 9, 100, 7], [42, 3], [300, 301, 302, 303, 11, 12, 13, 14]]
+PROMPT_LENS = [3, 1, 6]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)).eval()
+    path = tmp_path_factory.mktemp("tiny")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hf_response_logprobs(hf, seq, n_prompt):
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
+    return torch.stack([lp[t - 1, seq[t]] for t in range(n_prompt, len(seq))])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 2048])
+def test_logprobs_and_entropy_match_hf(checkpoint, chunk):
+    hf, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    out = response_logprobs(model, SEQS, PROMPT_LENS, chunk_tokens=chunk)
+    assert out.lengths == [4, 1, 2]
+    for got, seq, n in zip(out.split(), SEQS, PROMPT_LENS):
+        torch.testing.assert_close(got, hf_response_logprobs(hf, seq, n), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([SEQS[0]])).logits[0].float(), -1)
+    ent = -(lp.exp() * lp).sum(-1)[2:6]
+    torch.testing.assert_close(out.entropy[:4], ent, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_equals_hf(checkpoint):
+    hf, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    out = response_logprobs(model, SEQS, PROMPT_LENS, chunk_tokens=2)
+    out.logprobs.sum().backward()
+    hf.zero_grad()
+    sum(hf_response_logprobs_grad(hf, s, n) for s, n in zip(SEQS, PROMPT_LENS)).backward()
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight",
+                 "model.layers.0.self_attn.q_proj.bias"):
+        ours = dict(model.named_parameters())[name].grad
+        theirs = dict(hf.named_parameters())[name].grad
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def hf_response_logprobs_grad(hf, seq, n_prompt):
+    lp = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
+    return sum(lp[t - 1, seq[t]] for t in range(n_prompt, len(seq)))
+
+
+def test_noisy_logprobs_equal_the_engine_sampler_logprobs(checkpoint):
+    # The learner reproduces the sampler's perturbed policy exactly (temperature 1, no truncation).
+    _, path = checkpoint
+    spec = NoiseSpec(seed=7, sigma=0.05)
+    llm = LLM(path, dtype="float32", block_size=4)
+    prompts = [s[:n] for s, n in zip(SEQS, PROMPT_LENS)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, seed=1, ignore_eos=True),
+                        noise=[spec, None, spec], use_tqdm=False)
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    noise = [spec, None, spec]
+    with torch.no_grad():
+        out = response_logprobs(llm.model, seqs, PROMPT_LENS, noise=noise)
+    for got, o in zip(out.split(), outs):
+        torch.testing.assert_close(got, torch.tensor(o.outputs[0].logprobs), atol=1e-4, rtol=1e-4)
+    clean = response_logprobs(llm.model, seqs, PROMPT_LENS)
+    assert (clean.split()[0] - out.split()[0]).abs().max() > 1e-4  # the noise is really there
+
+
+def test_bad_prompt_length_is_rejected(checkpoint):
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    with pytest.raises(ValueError, match="prompt length 0"):
+        response_logprobs(model, [[1, 2]], [0])
