@@ -21,6 +21,43 @@ def _run_bench(args: argparse.Namespace) -> int:
     return module.main(args.bench_args)
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config
+    from trainer.loop import PSNTrainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = PSNTrainer(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl train: {e}")
+    try:
+        history = trainer.run(resume=args.resume)
+    except FileNotFoundError as e:
+        raise SystemExit(f"psnrl train: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoint saved in {trainer.ckpt_dir}; continue with --resume",
+              file=sys.stderr)
+        return 130
+    _print_summary(history, trainer.run_dir)
+    return 0
+
+
+def _print_summary(history: list[dict], run_dir) -> None:
+    if not history:
+        print(f"nothing to do: the run in {run_dir} is complete")
+        return
+    window = max(1, len(history) // 5)
+    first = sum(h["reward_mean"] for h in history[:window]) / window
+    last = sum(h["reward_mean"] for h in history[-window:]) / window
+    print(f"mean reward: first {window} iterations {first:.3f}, last {window} {last:.3f}")
+    evals = [h for h in history if "eval" in h]
+    if evals:
+        print(f"pass@k after iteration {evals[-1]['iteration']}:")
+        for name, result in evals[-1]["eval"].items():
+            print("  " + name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    print(f"metrics: {run_dir}/metrics.jsonl")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import json
 
@@ -75,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(run=_run_bench)
+
+    train = sub.add_parser("train", help="run PSN-GRPO (default: the tiny CPU task)",
+                           description="Train with PSN-GRPO. Overrides are section.key=value, e.g. "
+                                       "noise.enabled=false for plain GRPO.")
+    train.add_argument("overrides", nargs="*", help="section.key=value settings")
+    train.add_argument("--config", default=None,
+                       help="YAML file or shipped config name (tiny, qwen2.5-math-1.5b, qwen2.5-math-7b)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(run=_run_train)
 
     gen = sub.add_parser("generate", help="sample completions from a local checkpoint (JSON Lines out)",
                          description="Generate with the rollout engine, optionally from a perturbed "

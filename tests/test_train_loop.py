@@ -1,0 +1,88 @@
+"""The PSN-GRPO loop on the tiny task: runs, checkpoints atomically, resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from trainer.checkpoint import checkpoints, save_checkpoint
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.loop import PSNTrainer
+
+@pytest.fixture(autouse=True)
+def torch_paths(monkeypatch):
+    # The loop's kernels are tested on their own; here the CPU torch paths keep it fast.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_prompts=4",
+        "train.sft_warmup_steps=5", "eval.every=2", "eval.n_samples=2", "eval.ks=[1, 2]",
+        "checkpoint.every=2"]
+
+
+def trainer(tmp_path, name, *extra):
+    return PSNTrainer(load_config(None, FAST + [f"log.dir={tmp_path / name}", *extra]))
+
+
+def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
+    t = trainer(tmp_path, "run", "train.iterations=3")
+    history = t.run()
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for key in ("reward_mean", "solve_rate", "pass@4", "response_length", "sigma", "kl_noisy_clean",
+                "tis_weight_mean", "entropy", "time_rollout", "time_reward", "time_learner",
+                "rollout_tokens_per_s"):
+        assert key in rows[0], key
+    assert set(rows[1]["eval"]["tiny-arith"]) == {"pass@1", "pass@2"}
+    assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.pt", "iter-000003.pt"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_plain_grpo_is_the_same_loop_without_noise(tmp_path):
+    history = trainer(tmp_path, "plain", "train.iterations=1", "noise.enabled=false").run()
+    assert "kl_noisy_clean" not in history[0] and "tis_weight_mean" not in history[0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = trainer(tmp_path, "a", "train.iterations=4")
+    straight.run()
+    first = trainer(tmp_path, "b", "train.iterations=2")
+    first.run()
+    resumed = trainer(tmp_path, "b", "train.iterations=4")
+    resumed.run(resume=True)
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert resumed.sigma.state_dict() == straight.sigma.state_dict()
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    t = trainer(tmp_path, "c", "train.iterations=5", "checkpoint.every=0")
+    real_step, calls = t.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(t, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.pt"]
+
+
+def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
+    for i in range(1, 5):
+        save_checkpoint(tmp_path, i, {"i": i}, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["iter-000003.pt", "iter-000004.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="did you mean rollout.group_size"):
+        main(["train", "rollout.grop_size=4", f"log.dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        main(["train", "--resume", f"log.dir={tmp_path / 'empty'}", *FAST])
+    with pytest.raises(SystemExit, match="var2"):
+        main(["train", "noise.scheduler=var2", f"log.dir={tmp_path / 'v2'}", *FAST])

@@ -1,0 +1,378 @@
+"""One PSN-GRPO training run: rollouts from a perturbed policy, rewards, advantages, updates.
+
+Each iteration draws a noise seed, asks the sigma scheduler for sigma, samples G
+completions per prompt from the engine with NoiseSpec(seed, sigma, targets), scores
+them, and updates the clean policy with the GRPO surrogate corrected by truncated
+importance sampling against the sampler's own log-probs (temperature 1, no
+truncation: they are the perturbed policy's). Plain GRPO is the same loop with
+``noise.enabled=false``. Engine and learner share one model (colocated), so an
+update is visible to the next rollout at no cost; only the prefix cache, which
+holds KV of the old weights, is dropped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.llm import LLM, RequestOutput
+from engine.noise_spec import NoiseSpec
+from trainer.advantages import compute_advantages
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, dump_config
+from trainer.datasets import Problem, format_prompt, load_problems
+from trainer.logprobs import response_logprobs
+from trainer.losses import loss_normalizer, policy_loss
+from trainer.passk import pass_at_k_curve
+from trainer.reward import math_reward
+from trainer.sigma import make_scheduler
+from trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
+
+MASK64 = (1 << 64) - 1
+
+
+def _mix(*words: int) -> int:
+    """A 64-bit seed from integers (splitmix64 steps), stable across runs and resumes."""
+    x = 0
+    for w in words:
+        x = (x + (w & MASK64) + 0x9E3779B97F4A7C15) & MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+        x ^= x >> 31
+    return x
+
+
+class ProblemStream:
+    """Endless shuffled passes over a problem set; its position is part of a checkpoint."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise ValueError("the training set is empty (after dropping prompts over data.max_prompt_tokens)")
+        self.problems, self.seed = problems, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(_mix(self.seed, self.epoch)).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.problems[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+class PSNTrainer:
+    def __init__(self, cfg: TrainConfig):
+        if cfg.noise.enabled and cfg.noise.scheduler == "var2":
+            raise ValueError("noise.scheduler=var2 is not wired into the training loop yet (it needs the "
+                             "clean probe rollouts); use fixed or var1")
+        self.cfg = cfg
+        self.run_dir = Path(cfg.log.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = _tensorboard(self.run_dir) if cfg.log.tensorboard else None
+        if cfg.log.plot:
+            _require_matplotlib()
+        torch.manual_seed(cfg.train.seed)
+        self.tiny = cfg.model.path == "tiny"
+        path = build_checkpoint(self.run_dir / "init-model", seed=cfg.train.seed) if self.tiny else cfg.model.path
+        self.llm = LLM(path, **dataclasses.asdict(cfg.engine_config()))
+        self.model = self.llm.model  # colocated: the learner trains the engine's weights
+        self.tokenizer = self.llm.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer files; training needs one to read answers")
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas,
+                                           weight_decay=t.weight_decay)
+        self.loss_cfg = cfg.loss_config()
+        n = cfg.noise
+        self.sigma = make_scheduler(n.scheduler if n.enabled else "fixed", sigma0=n.sigma,
+                                    **({"kl_target": n.kl_target, "beta": n.beta,
+                                        "min_factor": n.sigma_min_factor, "max_factor": n.sigma_max_factor}
+                                       if n.enabled and n.scheduler == "var1" else {}))
+        if cfg.data.train == TINY_SET:
+            self.data = ArithmeticTask(seed=_mix(t.seed, 1) >> 1)
+        else:
+            self.data = ProblemStream(self._fits(load_problems(cfg.data.train)), t.seed)
+        self.ref_model = None
+        self.iteration = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # -- data, prompts, rewards -------------------------------------------------------------
+
+    def _prompt(self, problem: Problem) -> str:
+        return problem.problem if self.tiny else format_prompt(problem, self.cfg.data.template, self.tokenizer)
+
+    def _fits(self, problems: list[Problem]) -> list[Problem]:
+        limit = self.cfg.data.max_prompt_tokens
+        return [p for p in problems if len(self.tokenizer.encode(self._prompt(p), add_special_tokens=False)) <= limit]
+
+    def _reward(self, text: str, answer: str) -> float:
+        return exact_answer_reward(text, answer) if self.tiny else math_reward(text, answer)
+
+    def _problems(self, n: int) -> list[Problem]:
+        return self.data.problems(n) if isinstance(self.data, ArithmeticTask) else self.data.next(n)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def sft_warmup(self) -> list[float]:
+        """Teacher-forced NLL on reference answers, so the first rewards are not all zero."""
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.train.sft_lr)
+        eos = self.tokenizer.eos_token_id
+        losses = []
+        for _ in tqdm(range(self.cfg.train.sft_warmup_steps), desc="sft warm-up", unit="step"):
+            problems = self._problems(64)
+            seqs, plens = [], []
+            for p in problems:
+                prompt = self.tokenizer.encode(self._prompt(p), add_special_tokens=False)
+                seqs.append(prompt + self.tokenizer.encode(p.answer, add_special_tokens=False) + [eos])
+                plens.append(len(prompt))
+            loss = -response_logprobs(self.model, seqs, plens).logprobs.sum() / len(problems)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        self.llm.blocks.clear_prefix_cache()
+        return losses
+
+    def _noise(self, k: int, num_prompts: int) -> list[NoiseSpec] | None:
+        n = self.cfg.noise
+        sigma = self.sigma.sigma
+        if not n.enabled or sigma == 0:
+            return None
+        if n.seed_per == "prompt":  # each prompt its own perturbed policy, one batch
+            return [NoiseSpec(_mix(self.cfg.train.seed, k, i), sigma, n.targets) for i in range(num_prompts)]
+        return [NoiseSpec(_mix(self.cfg.train.seed, k), sigma, n.targets)] * num_prompts
+
+    def step(self) -> dict:
+        cfg, k = self.cfg, self.iteration
+        times = {}
+        problems = self._problems(cfg.rollout.prompts_per_iter)
+        noise = self._noise(k, len(problems))
+        sigma = self.sigma.sigma
+        params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, 1 << 40) >> 1)
+        t = time.perf_counter()
+        outs = self.llm.generate([self._prompt(p) for p in problems], params, noise=noise, use_tqdm=False)
+        times["rollout"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
+                                for o, p in zip(outs, problems)], dtype=torch.float64)
+        times["reward"] = time.perf_counter() - t
+        advantages = compute_advantages(cfg.algo.advantage, rewards, cfg.algo.k)
+        t = time.perf_counter()
+        learn = self._learn(outs, advantages, noise is not None)
+        times["learner"] = time.perf_counter() - t
+        self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
+        if noise is not None and cfg.noise.scheduler == "var1":
+            self.sigma.update(learn["kl_noisy_clean"])
+        lengths = [len(c.token_ids) for o in outs for c in o.outputs]
+        self.iteration += 1
+        return {"iteration": self.iteration, "reward_mean": rewards.mean().item(),
+                "solve_rate": (rewards.max(dim=1).values > 0).float().mean().item(),
+                f"pass@{cfg.rollout.group_size}": (rewards.max(dim=1).values > 0).float().mean().item(),
+                "response_length": sum(lengths) / max(len(lengths), 1), "sigma": sigma, **learn,
+                **{f"time_{name}": v for name, v in times.items()},
+                "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9)}
+
+    def _learn(self, outs: list[RequestOutput], advantages: torch.Tensor, noisy: bool) -> dict:
+        cfg = self.cfg
+        rows = [(out.prompt_token_ids, c, advantages[i, c.index].item())
+                for i, out in enumerate(outs) for c in out.outputs if c.token_ids]
+        seqs = [p + c.token_ids for p, c, _ in rows]
+        plens = [len(p) for p, _, _ in rows]
+        sampler_lp = [torch.tensor(c.logprobs) for _, c, _ in rows]
+        with torch.no_grad():  # the clean policy at rollout time: the ratio's denominator
+            old = response_logprobs(self.model, seqs, plens).split()
+            ref = response_logprobs(self.ref_model, seqs, plens).split() if self.ref_model else None
+        stats: dict[str, float] = {}
+        if noisy:  # Monte Carlo KL(pi_noisy || pi_clean) on the sampled tokens (Var-I's d)
+            stats["kl_noisy_clean"] = torch.cat([s - o for s, o in zip(sampler_lp, old)]).mean().item()
+        tis = self.loss_cfg.tis_cap is not None and noisy
+        loss_cfg = self.loss_cfg if tis else dataclasses.replace(self.loss_cfg, tis_cap=None)
+        per_step = cfg.train.mini_batch_prompts * cfg.rollout.group_size
+        self.model.train()
+        for lo in range(0, len(rows), per_step):
+            idx = list(range(lo, min(lo + per_step, len(rows))))
+            micro = _micro_batches([len(seqs[i]) for i in idx], cfg.train.micro_batch_tokens)
+            masks = [_pad([torch.ones(len(seqs[idx[j]]) - plens[idx[j]]) for j in mb]) for mb in micro]
+            total = sum(loss_normalizer(loss_cfg, m) for m in masks).clamp(min=1)
+            self.optimizer.zero_grad()
+            metrics: dict[str, list[float]] = {}
+            for mb, mask in zip(micro, masks):
+                ids = [idx[j] for j in mb]
+                cur = response_logprobs(self.model, [seqs[i] for i in ids], [plens[i] for i in ids])
+                out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([old[i] for i in ids]),
+                                  advantages=torch.tensor([rows[i][2] for i in ids]), mask=mask,
+                                  noisy_logp=_pad([sampler_lp[i] for i in ids]) if tis else None,
+                                  ref_logp=_pad([ref[i] for i in ids]) if ref else None)
+                (out.loss_sum / total).backward()
+                metrics.setdefault("entropy", []).append(cur.entropy.mean().item())
+                for name, v in out.metrics.items():
+                    metrics.setdefault(name, []).append(v.item())
+            if cfg.train.grad_clip is not None:
+                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                    cfg.train.grad_clip).item()
+            self.optimizer.step()
+            stats.update({name: sum(v) / len(v) for name, v in metrics.items()})
+        self.model.eval()
+        return stats
+
+    def evaluate(self) -> dict[str, dict[int, float]]:
+        """pass@k of the clean policy on each eval set (n samples per problem)."""
+        e = self.cfg.eval
+        results = {}
+        for name in e.sets:
+            problems = (ArithmeticTask(seed=_mix(self.cfg.train.seed, 2) >> 1).problems(128)
+                        if name == TINY_SET else load_problems(name))
+            params = dataclasses.replace(self.cfg.sampling_params(), n=e.n_samples, seed=_mix(self.cfg.train.seed, 3) >> 1)
+            outs = self.llm.generate([self._prompt(p) for p in problems], params, use_tqdm=False)
+            correct = [sum(self._reward(c.text, p.answer) > 0 for c in o.outputs) for o, p in zip(outs, problems)]
+            results[name] = pass_at_k_curve(correct, e.n_samples, e.ks)
+        self.llm.blocks.clear_prefix_cache()
+        return results
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sigma": self.sigma.state_dict(),
+                "data": self.data.state_dict(), "ref_model": self.ref_model.state_dict() if self.ref_model else None,
+                "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sigma.load_state_dict(state["sigma"])
+        self.data.load_state_dict(state["data"])
+        if state["ref_model"] is not None:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model.load_state_dict(state["ref_model"])
+        torch.set_rng_state(state["torch_rng"])
+        self.llm.blocks.clear_prefix_cache()
+
+    def _save(self) -> None:
+        save_checkpoint(self.ckpt_dir, self.iteration, self.state_dict(), self.cfg.checkpoint.keep)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> list[dict]:
+        cfg = self.cfg
+        last = latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        if last is not None:
+            self.load_state_dict(load_checkpoint(last))
+        else:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            if cfg.train.sft_warmup_steps:
+                self.sft_warmup()
+            if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
+                self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        history = []
+        bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="psn-grpo", unit="it")
+        try:
+            while self.iteration < cfg.train.iterations:
+                metrics = self.step()
+                it = self.iteration
+                if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
+                    metrics["eval"] = {s: {f"pass@{k}": v for k, v in r.items()} for s, r in self.evaluate().items()}
+                history.append(metrics)
+                self._log(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sigma=f"{metrics['sigma']:.4g}")
+                bar.update(1)
+                if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
+                    self._save()
+        except KeyboardInterrupt:
+            self._save()  # nothing is lost on Ctrl-C: --resume continues from here
+            raise
+        finally:
+            bar.close()
+        if cfg.log.plot:
+            _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for name, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(name, v, metrics["iteration"])
+            for s, r in metrics.get("eval", {}).items():
+                for name, v in r.items():
+                    self.writer.add_scalar(f"eval/{s}/{name}", v, metrics["iteration"])
+            self.writer.flush()
+
+
+def _micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of sequences with at most max_tokens tokens (a longer one alone)."""
+    groups, cur, size = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and size + n > max_tokens:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    return groups + [cur] if cur else groups
+
+
+def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence([r.float() for r in rows], batch_first=True)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ValueError("log.plot=true needs matplotlib (pip install matplotlib)") from e
+
+
+def _plot(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    it = [r["iteration"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(it, [r["reward_mean"] for r in rows], label="reward")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward")
+    ax2 = ax.twinx()
+    ax2.plot(it, [r["sigma"] for r in rows], color="tab:orange", label="sigma")
+    ax2.set_ylabel("sigma")
+    fig.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
