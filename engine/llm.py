@@ -233,14 +233,14 @@ class LLM:
         bad = result.bad_rows.tolist()
         for seq, token, lp, is_bad in zip(sampling, tokens, logprobs, bad):
             if is_bad:
-                self.scheduler.finish(seq, "error: non-finite logits")
+                self._finish(seq, "error: non-finite logits")
                 finished.append(seq)
                 continue
             seq.tokens.append(token)
             seq.logprobs.append(lp)
             reason = self._stop_reason(seq)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
                 finished.append(seq)
         return finished
 
@@ -257,8 +257,11 @@ class LLM:
         return children
 
     def _stop_reason(self, seq: Sequence) -> str | None:
+        # Text is decoded every step only for requests with stop strings; the others are
+        # decoded once when they finish (decoding a long rollout per token is quadratic).
+        watch_text = bool(seq.params.stop) and self.tokenizer is not None
         before = len(seq.text)
-        if self.tokenizer is not None:
+        if watch_text:
             seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
         check = check_stop(seq.output_tokens, seq.text, seq.params, self.eos_token_id,
                            new_char_count=len(seq.text) - before)
@@ -269,6 +272,11 @@ class LLM:
         if seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if not seq.params.stop and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
+        self.scheduler.finish(seq, reason)
 
     # -- weights --------------------------------------------------------------------------
 

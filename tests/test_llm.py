@@ -154,3 +154,17 @@ def test_engine_options_are_checked(checkpoint):
         make(path, max_model_len=1000)
     with pytest.raises(ValueError, match="no tokenizer"):
         make(path).generate("hello", GREEDY)
+
+
+def test_text_prompts_and_stop_strings(tmp_path):
+    from trainer.tiny import build_checkpoint
+    llm = make(build_checkpoint(tmp_path / "tiny"))
+    free = llm.generate(["1+2="], SamplingParams(max_tokens=8, seed=4, ignore_eos=True), use_tqdm=False)[0]
+    text = free.outputs[0].text
+    assert free.prompt == "1+2=" and free.prompt_token_ids == llm.tokenizer.encode("1+2=", add_special_tokens=False)
+    assert text == llm.tokenizer.decode(free.outputs[0].token_ids, skip_special_tokens=True)
+    stop_char = next(ch for ch in text[1:] if ch.strip())  # a character the free run produces
+    stopped = llm.generate(["1+2="], SamplingParams(max_tokens=8, seed=4, ignore_eos=True, stop=[stop_char]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[:text.index(stop_char)]
