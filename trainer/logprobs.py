@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.attention import AttentionMetadata
 from engine.model import CausalLM
 from engine.noise_spec import BatchNoise, NoiseSpec
+from trainer.sigma import token_self_certainty
 
 
 @dataclass
@@ -23,10 +24,16 @@ class TokenLogprobs:
 
     logprobs: torch.Tensor  # [N] fp32, differentiable when computed with grad
     entropy: torch.Tensor  # [N] fp32 entropy of the policy at each response position
+    self_certainty: torch.Tensor  # [N] fp32 KL(uniform || policy) at each response position
     lengths: list[int]  # response tokens per sequence
 
     def split(self) -> list[torch.Tensor]:
         return list(torch.split(self.logprobs, self.lengths))
+
+    def sequence_self_certainty(self) -> list[float]:
+        """Mean self-certainty over each sequence's response tokens (NaN for an empty one)."""
+        return [t.mean().item() if t.numel() else float("nan")
+                for t in torch.split(self.self_certainty, self.lengths)]
 
 
 def response_logprobs(model: CausalLM, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
@@ -66,24 +73,24 @@ def response_logprobs(model: CausalLM, sequences: Sequence[Sequence[int]], promp
                    None, batch_noise)
     rows_t = torch.tensor(rows, dtype=torch.long)
     targets_t = torch.tensor(targets, dtype=torch.long, device=device)
-    logprobs, entropy = [], []
+    logprobs, entropy, certainty = [], [], []
     for lo in range(0, len(rows), chunk_tokens):
         part = rows_t[lo:lo + chunk_tokens]
         part_noise = batch_noise.select(part) if batch_noise is not None else None
         h = hidden[part.to(device)]
         tgt = targets_t[lo:lo + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_head, model, h, tgt, part_noise, use_reentrant=False)
+            lp, ent, sc = checkpoint(_head, model, h, tgt, part_noise, use_reentrant=False)
         else:
-            lp, ent = _head(model, h, tgt, part_noise)
+            lp, ent, sc = _head(model, h, tgt, part_noise)
         logprobs.append(lp)
         entropy.append(ent)
+        certainty.append(sc)
     empty = torch.zeros(0, device=device)
-    return TokenLogprobs(torch.cat(logprobs) if logprobs else empty,
-                         torch.cat(entropy) if entropy else empty, lengths)
+    return TokenLogprobs(*(torch.cat(x) if x else empty for x in (logprobs, entropy, certainty)), lengths)
 
 
 def _head(model: CausalLM, h: torch.Tensor, targets: torch.Tensor, noise: BatchNoise | None):
     logp = torch.log_softmax(model.logits(h, noise), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(1, targets[:, None]).squeeze(1), entropy
+    return logp.gather(1, targets[:, None]).squeeze(1), entropy, token_self_certainty(logp.detach())

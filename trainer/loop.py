@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from engine.attention import AttentionMetadata
 from engine.llm import LLM, RequestOutput
 from engine.noise_spec import NoiseSpec
 from trainer.advantages import compute_advantages
@@ -31,7 +32,7 @@ from trainer.logprobs import response_logprobs
 from trainer.losses import loss_normalizer, policy_loss
 from trainer.passk import pass_at_k_curve
 from trainer.reward import math_reward
-from trainer.sigma import make_scheduler
+from trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
 from trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
 
 MASK64 = (1 << 64) - 1
@@ -83,9 +84,6 @@ class ProblemStream:
 
 class PSNTrainer:
     def __init__(self, cfg: TrainConfig):
-        if cfg.noise.enabled and cfg.noise.scheduler == "var2":
-            raise ValueError("noise.scheduler=var2 is not wired into the training loop yet (it needs the "
-                             "clean probe rollouts); use fixed or var1")
         self.cfg = cfg
         self.run_dir = Path(cfg.log.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -106,10 +104,14 @@ class PSNTrainer:
                                            weight_decay=t.weight_decay)
         self.loss_cfg = cfg.loss_config()
         n = cfg.noise
+        adaptive = {"beta": n.beta, "min_factor": n.sigma_min_factor, "max_factor": n.sigma_max_factor}
+        extra = {"var1": {**adaptive, "kl_target": n.kl_target}, "var2": adaptive}
         self.sigma = make_scheduler(n.scheduler if n.enabled else "fixed", sigma0=n.sigma,
-                                    **({"kl_target": n.kl_target, "beta": n.beta,
-                                        "min_factor": n.sigma_min_factor, "max_factor": n.sigma_max_factor}
-                                       if n.enabled and n.scheduler == "var1" else {}))
+                                    **(extra.get(n.scheduler, {}) if n.enabled else {}))
+        # Var-II: two clean probe rollouts per prompt, compared with a sentence embedder.
+        self.probes = n.enabled and n.scheduler == "var2"
+        self.embedder = (make_embedder(n.embedder, hidden_fn=self._hidden, device=self.llm.device)
+                         if self.probes else None)
         if cfg.data.train == TINY_SET:
             self.data = ArithmeticTask(seed=_mix(t.seed, 1) >> 1)
         else:
@@ -171,9 +173,18 @@ class PSNTrainer:
         noise = self._noise(k, len(problems))
         sigma = self.sigma.sigma
         params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, 1 << 40) >> 1)
+        prompts = [self._prompt(p) for p in problems]
         t = time.perf_counter()
-        outs = self.llm.generate([self._prompt(p) for p in problems], params, noise=noise, use_tqdm=False)
+        if self.probes:  # the probes ride in the same batches as the noisy rollouts
+            probe = dataclasses.replace(params, n=2, seed=_mix(cfg.train.seed, k, 2 << 40) >> 1)
+            both = self.llm.generate(prompts + prompts, [params] * len(prompts) + [probe] * len(prompts),
+                                     noise=(noise or [None] * len(prompts)) + [None] * len(prompts),
+                                     use_tqdm=False)
+            outs, probe_outs = both[:len(prompts)], both[len(prompts):]
+        else:
+            outs = self.llm.generate(prompts, params, noise=noise, use_tqdm=False)
         times["rollout"] = time.perf_counter() - t
+        probe_stats = self._var2_update(probe_outs) if self.probes else {}
         t = time.perf_counter()
         rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
                                 for o, p in zip(outs, problems)], dtype=torch.float64)
@@ -191,8 +202,34 @@ class PSNTrainer:
                 "solve_rate": (rewards.max(dim=1).values > 0).float().mean().item(),
                 f"pass@{cfg.rollout.group_size}": (rewards.max(dim=1).values > 0).float().mean().item(),
                 "response_length": sum(lengths) / max(len(lengths), 1), "sigma": sigma, **learn,
+                **probe_stats,
                 **{f"time_{name}": v for name, v in times.items()},
                 "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9)}
+
+    @torch.no_grad()
+    def _hidden(self, token_ids: list[int]) -> torch.Tensor:
+        """Last hidden states [T, H] of the clean policy (Var-II's fallback embedder)."""
+        dev = self.llm.device
+        meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, len(token_ids)], dtype=torch.int32, device=dev))
+        return self.model(torch.tensor(token_ids, device=dev), torch.arange(len(token_ids), device=dev), meta)
+
+    def _var2_update(self, probe_outs: list[RequestOutput]) -> dict:
+        """Semantic similarity and self-certainty of the two clean probes of each prompt -> sigma."""
+        pairs = [o for o in probe_outs if len(o.outputs) == 2 and all(c.token_ids for c in o.outputs)]
+        if not pairs:
+            return {}
+        seqs = [o.prompt_token_ids + c.token_ids for o in pairs for c in o.outputs]
+        plens = [len(o.prompt_token_ids) for o in pairs for _ in o.outputs]
+        with torch.no_grad():
+            certainty = response_logprobs(self.model, seqs, plens).sequence_self_certainty()
+        if isinstance(self.embedder, HiddenStateEmbedder):
+            emb = self.embedder.embed(token_ids=[s[n:] for s, n in zip(seqs, plens)])
+        else:
+            emb = self.embedder.embed(texts=[c.text for o in pairs for c in o.outputs])
+        similarity = semantic_similarity(emb[0::2], emb[1::2])
+        self_cert = torch.tensor(certainty).view(-1, 2).mean(dim=1)
+        self.sigma.update(similarity, self_cert)
+        return {"probe_similarity": similarity.mean().item(), "probe_self_certainty": self_cert.mean().item()}
 
     def _learn(self, outs: list[RequestOutput], advantages: torch.Tensor, noisy: bool) -> dict:
         cfg = self.cfg
