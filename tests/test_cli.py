@@ -38,3 +38,18 @@ def test_unknown_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_eval_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch paths: this checks the command, not kernels
+    from trainer.tiny import build_checkpoint
+    path = build_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(path), "--sets", "tiny-arith", "--n", "4", "--limit", "16", "--max-tokens", "4",
+                 "--dtype", "float32", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sets"]["tiny-arith"]["problems"] == 16
+    assert set(result["average"]) == {"pass@1", "pass@2", "pass@4"}
+    assert "| tiny-arith | 16 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="every k"):
+        main(["eval", str(path), "--sets", "tiny-arith", "--n", "2", "--ks", "4"])

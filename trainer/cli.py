@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
 
 # bench name -> module with a ``main(argv) -> int``
 BENCHES = {
@@ -52,15 +54,60 @@ def _print_summary(history: list[dict], run_dir) -> None:
     print(f"mean reward: first {window} iterations {first:.3f}, last {window} {last:.3f}")
     evals = [h for h in history if "eval" in h]
     if evals:
+        from trainer.evaluate import format_table
         print(f"pass@k after iteration {evals[-1]['iteration']}:")
-        for name, result in evals[-1]["eval"].items():
-            print("  " + name + ": " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        print(format_table(evals[-1]["eval"]))
     print(f"metrics: {run_dir}/metrics.jsonl")
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    import json
+def _run_eval(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+    from trainer.datasets import format_prompt, load_problems
+    from trainer.evaluate import format_table, pass_at_k_eval, plot_curves, write_json
+    from trainer.passk import default_ks
+    from trainer.reward import math_reward
+    from trainer.tiny import TINY_SET, ArithmeticTask, exact_answer_reward
 
+    ks = args.ks or default_ks(args.n)
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        if any(k < 1 or k > args.n for k in ks):
+            raise ValueError(f"every k must be in [1, n={args.n}], got {ks}")
+        sets = {name: ArithmeticTask(seed=args.seed).problems(args.limit or 128) if name == TINY_SET
+                else load_problems(name, limit=args.limit) for name in args.sets}
+        options = {"dtype": args.dtype}
+        if args.max_model_len:
+            options["max_model_len"] = args.max_model_len
+        llm = LLM(args.model, **options)
+        if llm.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer files")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl eval: {e}")
+    tiny = set(args.sets) == {TINY_SET}
+
+    def prompt(p):
+        return p.problem if tiny else format_prompt(p, args.template, llm.tokenizer)
+
+    result = pass_at_k_eval(llm, sets, params, ks, prompt, exact_answer_reward if tiny else math_reward,
+                            use_tqdm=True)
+    result["model"] = str(args.model)
+    print(format_table(result))
+    if args.output:
+        write_json(result, args.output)
+    if args.plot:
+        runs = {str(args.model): result}
+        for other in args.compare:
+            runs[other] = json.loads(Path(other).read_text())
+        try:
+            plot_curves(runs, args.plot)
+        except ImportError:
+            raise SystemExit("psnrl eval: --plot needs matplotlib (pip install matplotlib)")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM
     from engine.noise_spec import NoiseSpec
     from engine.sampling import SamplingParams
@@ -121,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML file or shipped config name (tiny, qwen2.5-math-1.5b, qwen2.5-math-7b)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.set_defaults(run=_run_train)
+
+    ev = sub.add_parser("eval", help="pass@k of a checkpoint on math benchmarks (table, JSON, plot)",
+                        description="n samples per problem; unbiased pass@k per benchmark and averaged.")
+    ev.add_argument("model", help="local Hugging Face checkpoint directory")
+    ev.add_argument("--sets", nargs="+", default=["math500", "aime24", "aime25", "amc23", "minerva",
+                                                  "olympiadbench"], help="shipped names, .jsonl files, or tiny-arith")
+    ev.add_argument("--n", type=int, default=16, help="samples per problem")
+    ev.add_argument("--ks", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... up to n")
+    ev.add_argument("--max-tokens", type=int, default=1024)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--template", default="plain", help="plain or chat")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each set")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--max-model-len", type=int, default=None)
+    ev.add_argument("--output", help="write the results as JSON here")
+    ev.add_argument("--plot", help="write a PNG of pass@k curves here (needs matplotlib)")
+    ev.add_argument("--compare", nargs="*", default=[], help="earlier --output JSON files to plot alongside")
+    ev.set_defaults(run=_run_eval)
 
     gen = sub.add_parser("generate", help="sample completions from a local checkpoint (JSON Lines out)",
                          description="Generate with the rollout engine, optionally from a perturbed "

@@ -30,7 +30,7 @@ from trainer.config import TrainConfig, dump_config
 from trainer.datasets import Problem, format_prompt, load_problems
 from trainer.logprobs import response_logprobs
 from trainer.losses import loss_normalizer, policy_loss
-from trainer.passk import pass_at_k_curve
+from trainer.evaluate import pass_at_k_eval
 from trainer.reward import math_reward
 from trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
 from trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
@@ -274,19 +274,14 @@ class PSNTrainer:
         self.model.eval()
         return stats
 
-    def evaluate(self) -> dict[str, dict[int, float]]:
-        """pass@k of the clean policy on each eval set (n samples per problem)."""
+    def evaluate(self) -> dict:
+        """pass@k of the clean policy on each eval set (eval.n_samples per problem)."""
         e = self.cfg.eval
-        results = {}
-        for name in e.sets:
-            problems = (ArithmeticTask(seed=_mix(self.cfg.train.seed, 2) >> 1).problems(128)
-                        if name == TINY_SET else load_problems(name))
-            params = dataclasses.replace(self.cfg.sampling_params(), n=e.n_samples, seed=_mix(self.cfg.train.seed, 3) >> 1)
-            outs = self.llm.generate([self._prompt(p) for p in problems], params, use_tqdm=False)
-            correct = [sum(self._reward(c.text, p.answer) > 0 for c in o.outputs) for o, p in zip(outs, problems)]
-            results[name] = pass_at_k_curve(correct, e.n_samples, e.ks)
-        self.llm.blocks.clear_prefix_cache()
-        return results
+        sets = {name: ArithmeticTask(seed=_mix(self.cfg.train.seed, 2) >> 1).problems(128)
+                if name == TINY_SET else load_problems(name) for name in e.sets}
+        params = dataclasses.replace(self.cfg.sampling_params(), n=e.n_samples,
+                                     seed=_mix(self.cfg.train.seed, 3) >> 1)
+        return pass_at_k_eval(self.llm, sets, params, e.ks, self._prompt, self._reward)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -335,7 +330,7 @@ class PSNTrainer:
                 metrics = self.step()
                 it = self.iteration
                 if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
-                    metrics["eval"] = {s: {f"pass@{k}": v for k, v in r.items()} for s, r in self.evaluate().items()}
+                    metrics["eval"] = self.evaluate()
                 history.append(metrics)
                 self._log(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sigma=f"{metrics['sigma']:.4g}")
@@ -358,7 +353,7 @@ class PSNTrainer:
             for name, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(name, v, metrics["iteration"])
-            for s, r in metrics.get("eval", {}).items():
+            for s, r in metrics.get("eval", {}).get("sets", {}).items():
                 for name, v in r.items():
                     self.writer.add_scalar(f"eval/{s}/{name}", v, metrics["iteration"])
             self.writer.flush()
