@@ -25,6 +25,7 @@ from engine.sampling import (SamplingParams, Sampler, batch_tensors, check_stop,
                              pad_stop_ids)
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from kernels.profiling import nvtx_range
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # KV cache on a CPU (no memory probe there): at most this many bytes unless num_kv_blocks is set.
@@ -199,7 +200,8 @@ class LLM:
 
     def _step(self, specs: list[NoiseSpec]) -> list[Sequence]:
         """Run one scheduled step; returns the sequences that finished in it."""
-        step = self.scheduler.schedule()
+        with nvtx_range("scheduler"):
+            step = self.scheduler.schedule()
         finished = list(step.finished)
         if not step.seqs:
             if finished:
@@ -207,7 +209,8 @@ class LLM:
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         self.runner.copy_blocks(step.copies)
         tables = [self.blocks.block_table(e.seq.seq_id) for e in step.seqs]
-        logits = self.runner.run(step.seqs, tables, specs)
+        with nvtx_range("decode_step" if all(e.num_new == 1 for e in step.seqs) else "prefill"):
+            logits = self.runner.run(step.seqs, tables, specs)
         sampling: list[Sequence] = []
         for entry in step.seqs:
             entry_samples = entry.samples
@@ -227,7 +230,8 @@ class LLM:
         stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
         mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
         temps, top_p, top_k = batch_tensors(params, logits.device)
-        result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)
+        with nvtx_range("sample"):
+            result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)
         tokens = result.tokens.tolist()
         logprobs = result.logprobs.tolist()
         bad = result.bad_rows.tolist()

@@ -34,6 +34,7 @@ from trainer.evaluate import pass_at_k_eval
 from trainer.reward import math_reward
 from trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
 from trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
+from kernels.profiling import nvtx_range
 
 MASK64 = (1 << 64) - 1
 
@@ -175,19 +176,15 @@ class PSNTrainer:
         params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, 1 << 40) >> 1)
         prompts = [self._prompt(p) for p in problems]
         t = time.perf_counter()
-        if self.probes:  # the probes ride in the same batches as the noisy rollouts
-            probe = dataclasses.replace(params, n=2, seed=_mix(cfg.train.seed, k, 2 << 40) >> 1)
-            both = self.llm.generate(prompts + prompts, [params] * len(prompts) + [probe] * len(prompts),
-                                     noise=(noise or [None] * len(prompts)) + [None] * len(prompts),
-                                     use_tqdm=False)
-            outs, probe_outs = both[:len(prompts)], both[len(prompts):]
-        else:
-            outs = self.llm.generate(prompts, params, noise=noise, use_tqdm=False)
+        with nvtx_range("rollout"):
+            outs, probe_outs = self._rollout(prompts, params, noise)
         times["rollout"] = time.perf_counter() - t
-        probe_stats = self._var2_update(probe_outs) if self.probes else {}
+        with nvtx_range("sigma_scheduler"):
+            probe_stats = self._var2_update(probe_outs) if self.probes else {}
         t = time.perf_counter()
-        rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
-                                for o, p in zip(outs, problems)], dtype=torch.float64)
+        with nvtx_range("reward"):
+            rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
+                                    for o, p in zip(outs, problems)], dtype=torch.float64)
         times["reward"] = time.perf_counter() - t
         advantages = compute_advantages(cfg.algo.advantage, rewards, cfg.algo.k)
         t = time.perf_counter()
@@ -195,7 +192,8 @@ class PSNTrainer:
         times["learner"] = time.perf_counter() - t
         self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
         if noise is not None and cfg.noise.scheduler == "var1":
-            self.sigma.update(learn["kl_noisy_clean"])
+            with nvtx_range("sigma_scheduler"):
+                self.sigma.update(learn["kl_noisy_clean"])
         lengths = [len(c.token_ids) for o in outs for c in o.outputs]
         self.iteration += 1
         return {"iteration": self.iteration, "reward_mean": rewards.mean().item(),
@@ -205,6 +203,15 @@ class PSNTrainer:
                 **probe_stats,
                 **{f"time_{name}": v for name, v in times.items()},
                 "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9)}
+
+    def _rollout(self, prompts: list[str], params, noise) -> tuple[list[RequestOutput], list[RequestOutput]]:
+        """The G rollouts per prompt, and for Var-II two clean probes per prompt in the same batches."""
+        if not self.probes:
+            return self.llm.generate(prompts, params, noise=noise, use_tqdm=False), []
+        probe = dataclasses.replace(params, n=2, seed=_mix(self.cfg.train.seed, self.iteration, 2 << 40) >> 1)
+        both = self.llm.generate(prompts + prompts, [params] * len(prompts) + [probe] * len(prompts),
+                                 noise=(noise or [None] * len(prompts)) + [None] * len(prompts), use_tqdm=False)
+        return both[:len(prompts)], both[len(prompts):]
 
     @torch.no_grad()
     def _hidden(self, token_ids: list[int]) -> torch.Tensor:
@@ -257,19 +264,22 @@ class PSNTrainer:
             metrics: dict[str, list[float]] = {}
             for mb, mask in zip(micro, masks):
                 ids = [idx[j] for j in mb]
-                cur = response_logprobs(self.model, [seqs[i] for i in ids], [plens[i] for i in ids])
-                out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([old[i] for i in ids]),
-                                  advantages=torch.tensor([rows[i][2] for i in ids]), mask=mask,
-                                  noisy_logp=_pad([sampler_lp[i] for i in ids]) if tis else None,
-                                  ref_logp=_pad([ref[i] for i in ids]) if ref else None)
-                (out.loss_sum / total).backward()
+                with nvtx_range("learner/forward"):
+                    cur = response_logprobs(self.model, [seqs[i] for i in ids], [plens[i] for i in ids])
+                    out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([old[i] for i in ids]),
+                                      advantages=torch.tensor([rows[i][2] for i in ids]), mask=mask,
+                                      noisy_logp=_pad([sampler_lp[i] for i in ids]) if tis else None,
+                                      ref_logp=_pad([ref[i] for i in ids]) if ref else None)
+                with nvtx_range("learner/backward"):
+                    (out.loss_sum / total).backward()
                 metrics.setdefault("entropy", []).append(cur.entropy.mean().item())
                 for name, v in out.metrics.items():
                     metrics.setdefault(name, []).append(v.item())
-            if cfg.train.grad_clip is not None:
-                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                    cfg.train.grad_clip).item()
-            self.optimizer.step()
+            with nvtx_range("optimizer"):
+                if cfg.train.grad_clip is not None:
+                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                        cfg.train.grad_clip).item()
+                self.optimizer.step()
             stats.update({name: sum(v) / len(v) for name, v in metrics.items()})
         self.model.eval()
         return stats
