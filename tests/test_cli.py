@@ -46,10 +46,19 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     path = build_checkpoint(tmp_path / "tiny")
     out = tmp_path / "eval.json"
     assert main(["eval", str(path), "--sets", "tiny-arith", "--n", "4", "--limit", "16", "--max-tokens", "4",
-                 "--dtype", "float32", "--output", str(out)]) == 0
+                 "--dtype", "float32", "--embedder", "hidden", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["sets"]["tiny-arith"]["problems"] == 16
     assert set(result["average"]) == {"pass@1", "pass@2", "pass@4"}
+    assert {"operation_diversity", "semantic_similarity"} <= set(result["sets"]["tiny-arith"])
     assert "| tiny-arith | 16 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="every k"):
         main(["eval", str(path), "--sets", "tiny-arith", "--n", "2", "--ks", "4"])
+
+
+def test_operation_diversity_counts_distinct_operations():
+    from trainer.evaluate import operation_diversity, operations
+    assert operations(r"12 + 7 = 19, then 3\times 4 = 12 and 3 \cdot 4; 10/2=5") == {"12+7", "3*4", "10/2"}
+    # problem 1: two correct samples using {1+2, 2*3} and {1+2}; problem 2: none correct
+    assert operation_diversity([["1+2 then 2*3", "1 + 2"], []]) == 2.0
+    assert operation_diversity([[], []]) is None

@@ -34,7 +34,8 @@ def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
                 "tis_weight_mean", "entropy", "time_rollout", "time_reward", "time_learner",
                 "rollout_tokens_per_s"):
         assert key in rows[0], key
-    assert set(rows[1]["eval"]["tiny-arith"]) == {"pass@1", "pass@2"}
+    assert {"problems", "pass@1", "pass@2", "operation_diversity"} <= set(rows[1]["eval"]["sets"]["tiny-arith"])
+    assert set(rows[1]["eval"]["average"]) == {"pass@1", "pass@2"}
     assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.pt", "iter-000003.pt"]
     assert (tmp_path / "run" / "config.yaml").is_file()
 

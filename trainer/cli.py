@@ -90,8 +90,20 @@ def _run_eval(args: argparse.Namespace) -> int:
     def prompt(p):
         return p.problem if tiny else format_prompt(p, args.template, llm.tokenizer)
 
+    embedder = None
+    if args.embedder != "none":
+        import functools
+        import warnings
+
+        from trainer.logprobs import last_hidden
+        from trainer.sigma import make_embedder
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is reported below
+            embedder = make_embedder(args.embedder, hidden_fn=functools.partial(last_hidden, llm.model),
+                                     device=llm.device)
+        print(f"semantic similarity with {type(embedder).__name__}", file=sys.stderr)
     result = pass_at_k_eval(llm, sets, params, ks, prompt, exact_answer_reward if tiny else math_reward,
-                            use_tqdm=True)
+                            embedder, use_tqdm=True)
     result["model"] = str(args.model)
     print(format_table(result))
     if args.output:
@@ -184,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--max-model-len", type=int, default=None)
+    ev.add_argument("--embedder", default="auto", choices=["auto", "minilm", "hidden", "none"],
+                    help="sentence embedder for the semantic similarity of correct answers "
+                         "(auto: MiniLM when installed, else the model's hidden states)")
     ev.add_argument("--output", help="write the results as JSON here")
     ev.add_argument("--plot", help="write a PNG of pass@k curves here (needs matplotlib)")
     ev.add_argument("--compare", nargs="*", default=[], help="earlier --output JSON files to plot alongside")

@@ -94,3 +94,11 @@ def _head(model: CausalLM, h: torch.Tensor, targets: torch.Tensor, noise: BatchN
     logp = torch.log_softmax(model.logits(h, noise), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(1, targets[:, None]).squeeze(1), entropy, token_self_certainty(logp.detach())
+
+
+@torch.no_grad()
+def last_hidden(model: CausalLM, token_ids: Sequence[int]) -> torch.Tensor:
+    """Final hidden states [T, H] of one sequence under the clean policy (for embeddings)."""
+    device = model.model.embed_tokens.weight.device
+    meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, len(token_ids)], dtype=torch.int32, device=device))
+    return model(torch.tensor(list(token_ids), device=device), torch.arange(len(token_ids), device=device), meta)

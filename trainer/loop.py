@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -21,14 +22,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engine.attention import AttentionMetadata
 from engine.llm import LLM, RequestOutput
 from engine.noise_spec import NoiseSpec
 from trainer.advantages import compute_advantages
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, dump_config
 from trainer.datasets import Problem, format_prompt, load_problems
-from trainer.logprobs import response_logprobs
+from trainer.logprobs import last_hidden, response_logprobs
 from trainer.losses import loss_normalizer, policy_loss
 from trainer.evaluate import pass_at_k_eval
 from trainer.reward import math_reward
@@ -111,7 +111,8 @@ class PSNTrainer:
                                     **(extra.get(n.scheduler, {}) if n.enabled else {}))
         # Var-II: two clean probe rollouts per prompt, compared with a sentence embedder.
         self.probes = n.enabled and n.scheduler == "var2"
-        self.embedder = (make_embedder(n.embedder, hidden_fn=self._hidden, device=self.llm.device)
+        self.embedder = (make_embedder(n.embedder, hidden_fn=functools.partial(last_hidden, self.model),
+                                       device=self.llm.device)
                          if self.probes else None)
         if cfg.data.train == TINY_SET:
             self.data = ArithmeticTask(seed=_mix(t.seed, 1) >> 1)
@@ -213,13 +214,6 @@ class PSNTrainer:
                                  noise=(noise or [None] * len(prompts)) + [None] * len(prompts), use_tqdm=False)
         return both[:len(prompts)], both[len(prompts):]
 
-    @torch.no_grad()
-    def _hidden(self, token_ids: list[int]) -> torch.Tensor:
-        """Last hidden states [T, H] of the clean policy (Var-II's fallback embedder)."""
-        dev = self.llm.device
-        meta = AttentionMetadata(cu_seqlens_q=torch.tensor([0, len(token_ids)], dtype=torch.int32, device=dev))
-        return self.model(torch.tensor(token_ids, device=dev), torch.arange(len(token_ids), device=dev), meta)
-
     def _var2_update(self, probe_outs: list[RequestOutput]) -> dict:
         """Semantic similarity and self-certainty of the two clean probes of each prompt -> sigma."""
         pairs = [o for o in probe_outs if len(o.outputs) == 2 and all(c.token_ids for c in o.outputs)]
@@ -291,7 +285,7 @@ class PSNTrainer:
                 if name == TINY_SET else load_problems(name) for name in e.sets}
         params = dataclasses.replace(self.cfg.sampling_params(), n=e.n_samples,
                                      seed=_mix(self.cfg.train.seed, 3) >> 1)
-        return pass_at_k_eval(self.llm, sets, params, e.ks, self._prompt, self._reward)
+        return pass_at_k_eval(self.llm, sets, params, e.ks, self._prompt, self._reward, self.embedder)
 
     # -- checkpoints --------------------------------------------------------------------------
 
