@@ -1,13 +1,39 @@
 """Building blocks of the decoder: norms, rotary embedding, and linears that carry noise streams."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import nn
 
 from engine.config import RopeConfig, rope_inv_freq
 from engine.noise_spec import BatchNoise
 from kernels.noise import param_key
-from kernels.noisy_linear import noisy_linear
+from kernels.noisy_linear import dual_linear, noisy_linear
+
+
+class Streams(NamedTuple):
+    """Hidden states of the learner's dual-stream forward: the same tokens under the clean
+    policy (autograd) and under the perturbed one (constants, never saved for backward)."""
+
+    clean: torch.Tensor
+    noisy: torch.Tensor
+
+
+Hidden = torch.Tensor | Streams
+
+
+def per_stream(fn: Callable[..., torch.Tensor], *args) -> Hidden:
+    """``fn(*args)``; for Streams arguments, once per stream, the noisy one without autograd.
+
+    Non-Streams arguments are passed to both calls unchanged.
+    """
+    if not any(isinstance(a, Streams) for a in args):
+        return fn(*args)
+    clean = fn(*(a.clean if isinstance(a, Streams) else a for a in args))
+    with torch.no_grad():
+        noisy = fn(*(a.noisy if isinstance(a, Streams) else a for a in args))
+    return Streams(clean, noisy)
 
 
 class RMSNorm(nn.Module):
@@ -60,8 +86,11 @@ class StreamLinear(nn.Module):
         self.group = group
         self.key = param_key(name)
 
-    def forward(self, x: torch.Tensor, noise: BatchNoise | None = None) -> torch.Tensor:
+    def forward(self, x: Hidden, noise: BatchNoise | None = None) -> Hidden:
         rows = noise.rows(self.group) if noise is not None else None
+        if isinstance(x, Streams):  # ``noise`` describes the rows [clean | noisy]
+            return Streams(*dual_linear(x.clean, x.noisy, self.weight, self.bias, rows=rows,
+                                        param_key=self.key))
         if rows is None:
             return nn.functional.linear(x, self.weight, self.bias)
         return noisy_linear(x, self.weight, self.bias, rows=rows, param_key=self.key)

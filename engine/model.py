@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.layers import RMSNorm, RotaryEmbedding, StreamLinear
+from engine.layers import Hidden, RMSNorm, RotaryEmbedding, Streams, StreamLinear, per_stream
 from engine.noise_spec import BatchNoise
 
 
@@ -29,16 +29,19 @@ class Attention(nn.Module):
         self.o_proj = StreamLinear(cfg.num_heads * d, cfg.hidden_size, o_bias, f"{p}.o_proj.weight", "attn")
         self.scale = d ** -0.5
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, h: Hidden, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata,
-                noise: BatchNoise | None) -> torch.Tensor:
-        n = h.shape[0]
-        q = self.q_proj(h, noise).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h, noise).view(n, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        o = paged_attention(q, k, v, kv, meta, self.scale)
-        return self.o_proj(o.reshape(n, -1), noise)
+                noise: BatchNoise | None) -> Hidden:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            n = q.shape[0]
+            q = q.view(n, self.num_heads, self.head_dim)
+            k = k.view(n, self.num_kv_heads, self.head_dim)
+            q, k = rope(positions, q, k)
+            o = paged_attention(q, k, v.view(n, self.num_kv_heads, self.head_dim), kv, meta, self.scale)
+            return o.reshape(n, -1)
+
+        o = per_stream(attend, self.q_proj(h, noise), self.k_proj(h, noise), self.v_proj(h, noise))
+        return self.o_proj(o, noise)
 
 
 class MLP(nn.Module):
@@ -50,9 +53,13 @@ class MLP(nn.Module):
         self.up_proj = StreamLinear(hs, im, b, f"{p}.up_proj.weight", "mlp")
         self.down_proj = StreamLinear(im, hs, b, f"{p}.down_proj.weight", "mlp")
 
-    def forward(self, h: torch.Tensor, noise: BatchNoise | None) -> torch.Tensor:
-        gate = self.gate_proj(h, noise)
-        return self.down_proj(nn.functional.silu(gate) * self.up_proj(h, noise), noise)
+    def forward(self, h: Hidden, noise: BatchNoise | None) -> Hidden:
+        act = per_stream(_silu_mul, self.gate_proj(h, noise), self.up_proj(h, noise))
+        return self.down_proj(act, noise)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return nn.functional.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +71,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, layer)
 
     def forward(self, h, positions, rope, kv, meta, noise):
-        h = h + self.self_attn(self.input_layernorm(h), positions, rope, kv, meta, noise)
-        return h + self.mlp(self.post_attention_layernorm(h), noise)
+        h = per_stream(torch.add, h, self.self_attn(per_stream(self.input_layernorm, h), positions, rope,
+                                                    kv, meta, noise))
+        return per_stream(torch.add, h, self.mlp(per_stream(self.post_attention_layernorm, h), noise))
 
 
 class CausalLM(nn.Module):
@@ -98,17 +106,24 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                noise: BatchNoise | None = None) -> torch.Tensor:
+                noise: BatchNoise | None = None, dual: bool = False) -> Hidden:
         """Hidden states [tokens, hidden] of a step's flattened tokens.
 
         With ``kv_caches`` (generation) the tokens extend their cached sequences; without
         (training) each sequence of ``meta.cu_seqlens_q`` is attended to on its own.
+        ``dual`` (training only): the learner's dual-stream forward; returns Streams of the
+        tokens under the clean policy (autograd) and under ``noise``, which then describes
+        the rows [clean copy | noisy copy] (twice the tokens), sharing each weight read.
         """
+        if dual and kv_caches is not None:
+            raise ValueError("the dual-stream forward is for training: it takes no KV cache")
         h = self.model.embed_tokens(input_ids)
+        if dual:
+            h = Streams(h, h.detach())
         caches = kv_caches if kv_caches is not None else [None] * len(self.model.layers)
         for layer, kv in zip(self.model.layers, caches):
             h = layer(h, positions, self.rope, kv, meta, noise)
-        return self.model.norm(h)
+        return per_stream(self.model.norm, h)
 
     def logits(self, hidden: torch.Tensor, noise: BatchNoise | None = None) -> torch.Tensor:
         """Logits (fp32) of the given hidden rows; ``noise`` must describe those rows."""

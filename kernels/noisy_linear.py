@@ -376,3 +376,51 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     y = _NoisyLinearFn.apply(x2d, weight, bias, rows, param_key, row_offset, col_offset,
                              in_features, tiles)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _DualLinearFn(torch.autograd.Function):
+    """Clean rows (autograd) and noisy rows (constants) of one linear in one kernel call."""
+
+    @staticmethod
+    def forward(ctx, x_clean, x_noisy, weight, bias, rows, pkey):
+        x = torch.cat([x_clean, x_noisy])
+        if rows is None:
+            y = torch.nn.functional.linear(x, weight, bias)
+        else:
+            y = noisy_linear(x, weight, bias, rows=rows, param_key=pkey)
+        n = x_clean.shape[0]
+        # The clean half is copied out so that autograd, which keeps it for the next op's
+        # backward, does not also keep the noisy half alive through a shared storage.
+        y_clean, y_noisy = y[:n].clone(), y[n:]
+        ctx.mark_non_differentiable(y_noisy)
+        ctx.save_for_backward(x_clean, weight)
+        ctx.has_bias = bias is not None
+        return y_clean, y_noisy
+
+    @staticmethod
+    def backward(ctx, grad_clean, _grad_noisy):
+        x_clean, weight = ctx.saved_tensors
+        g = grad_clean.reshape(-1, weight.shape[0])
+        grad_x = (g @ weight).reshape(x_clean.shape) if ctx.needs_input_grad[0] else None
+        grad_w = g.t() @ x_clean.reshape(-1, weight.shape[1]) if ctx.needs_input_grad[2] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_w, grad_b, None, None
+
+
+def dual_linear(x_clean: torch.Tensor, x_noisy: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, *, rows: StreamRows | None = None,
+                param_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's two row groups through one linear: (x_clean W^T + b, x_noisy (W + sigma E)^T + b).
+
+    One kernel call (one read of W) serves both groups. The clean output has the
+    gradients of ``F.linear``; the noisy output is a constant and nothing of the noisy
+    group is saved for backward. ``rows`` describes the concatenated batch
+    [clean rows | noisy rows] (built once per forward; None: all clean in this layer).
+    """
+    if x_clean.dim() != 2 or x_noisy.dim() != 2 or x_clean.shape[1] != x_noisy.shape[1]:
+        raise ValueError(f"x_clean {_describe(x_clean)} and x_noisy {_describe(x_noisy)} must be "
+                         f"2-D with the same number of features")
+    if rows is not None and rows.shape != (x_clean.shape[0] + x_noisy.shape[0],):
+        raise ValueError(f"rows describe {rows.shape} rows but the two groups have "
+                         f"{x_clean.shape[0]} + {x_noisy.shape[0]}")
+    return _DualLinearFn.apply(x_clean, x_noisy.detach(), weight, bias, rows, param_key)

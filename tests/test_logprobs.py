@@ -7,7 +7,8 @@ from engine.llm import LLM
 from engine.loader import load_model
 from engine.noise_spec import NoiseSpec
 from engine.sampling import SamplingParams
-from trainer.logprobs import response_logprobs
+from engine.layers import StreamLinear
+from trainer.logprobs import dual_stream_logprobs, response_logprobs
 
 SEQS = [[5, 17, 33, 2, 9, 100, 7], [42, 3], [300, 301, 302, 303, 11, 12, 13, 14]]
 PROMPT_LENS = [3, 1, 6]
@@ -86,3 +87,107 @@ def test_bad_prompt_length_is_rejected(checkpoint):
     model = load_model(path, dtype=torch.float32)
     with pytest.raises(ValueError, match="prompt length 0"):
         response_logprobs(model, [[1, 2]], [0])
+
+
+# -- dual-stream log-probs (the learner's pass) --------------------------------------------
+
+SPEC = NoiseSpec(seed=11, sigma=0.05, targets="all")
+
+
+def perturbed_copy(model, spec):
+    """The same model with W + sigma * E materialized in the targeted layers (the oracle)."""
+    import copy
+
+    from kernels import noise_reference as R
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in noisy.modules():
+            if isinstance(module, StreamLinear) and module.group in spec.groups:
+                module.weight += R.noise(tuple(module.weight.shape), spec.seed, module.key, spec.sigma)
+    return noisy
+
+
+def test_dual_stream_equals_two_separate_forwards(checkpoint):
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: noise it alone
+    dual = dual_stream_logprobs(model, SEQS, PROMPT_LENS, SPEC, chunk_tokens=3)
+    clean = response_logprobs(model, SEQS, PROMPT_LENS)
+    with torch.no_grad():
+        noisy = response_logprobs(perturbed_copy(model, SPEC), SEQS, PROMPT_LENS)
+    for a, b in ((dual.clean, clean), (dual.noisy, noisy)):
+        assert a.lengths == b.lengths
+        for name in ("logprobs", "entropy", "self_certainty"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+    assert (dual.clean.logprobs - dual.noisy.logprobs).abs().max() > 1e-3  # the noise is really there
+    assert dual.clean.logprobs.requires_grad and not dual.noisy.logprobs.requires_grad
+    # Gradients: those of the clean forward alone.
+    dual.clean.logprobs.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    clean.logprobs.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_dual_stream_without_grad_is_the_same_pass(checkpoint):
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    specs = [NoiseSpec(seed=s, sigma=0.05) for s in (1, 2, 1)]  # a seed per sequence
+    with_grad = dual_stream_logprobs(model, SEQS, PROMPT_LENS, specs)
+    with torch.no_grad():
+        without = dual_stream_logprobs(model, SEQS, PROMPT_LENS, specs)
+        separate = response_logprobs(model, SEQS, PROMPT_LENS, noise=specs)
+    torch.testing.assert_close(without.clean.logprobs, with_grad.clean.logprobs.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(without.noisy.logprobs, with_grad.noisy.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(without.noisy.logprobs, separate.logprobs, atol=1e-5, rtol=1e-5)
+    assert not without.clean.logprobs.requires_grad
+
+
+def test_dual_stream_noisy_logprobs_equal_the_engine_sampler(checkpoint):
+    _, path = checkpoint
+    spec = NoiseSpec(seed=3, sigma=0.05)
+    llm = LLM(path, dtype="float32", block_size=4)
+    prompts = [s[:n] for s, n in zip(SEQS, PROMPT_LENS)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=5, seed=2, ignore_eos=True), noise=spec,
+                        use_tqdm=False)
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+    with torch.no_grad():
+        dual = dual_stream_logprobs(llm.model, seqs, PROMPT_LENS, spec)
+    for got, o in zip(dual.noisy.split(), outs):
+        torch.testing.assert_close(got, torch.tensor(o.outputs[0].logprobs), atol=1e-4, rtol=1e-4)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_dual_stream_saves_no_more_for_backward_than_the_clean_forward(checkpoint):
+    # Memory parity: the noisy stream's activations are never kept for backward.
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    seqs = [list(range(1, 60)), list(range(100, 140))]
+    clean = saved_bytes(lambda: response_logprobs(model, seqs, [5, 7]))
+    dual = saved_bytes(lambda: dual_stream_logprobs(model, seqs, [5, 7], SPEC))
+    naive_two_streams = saved_bytes(lambda: response_logprobs(model, seqs + seqs, [5, 7, 5, 7],
+                                                               noise=[None, None, SPEC, SPEC]))
+    assert dual <= clean * 1.01, (dual, clean)
+    assert naive_two_streams > clean * 1.5  # the test can tell
+
+
+def test_dual_stream_rejects_missing_noise(checkpoint):
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one NoiseSpec or one per sequence"):
+        dual_stream_logprobs(model, SEQS, PROMPT_LENS, [SPEC, None, SPEC])
+    with pytest.raises(ValueError, match="one NoiseSpec or one per sequence"):
+        dual_stream_logprobs(model, SEQS, PROMPT_LENS, [SPEC])

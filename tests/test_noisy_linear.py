@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kernels import noise
 from kernels import noise_reference as R
-from kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, noisy_linear, pick_tiles
+from kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, dual_linear, noisy_linear, pick_tiles
 from kernels.noisy_linear_reference import noisy_linear_reference
 
 PKEY = noise.param_key("model.layers.0.mlp.up_proj.weight")
@@ -662,3 +662,41 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# -- dual_linear: the learner's clean (grad) and noisy (constant) row groups in one call -----------
+
+@pytest.mark.parametrize("m_clean,m_noisy,n,k", [(1, 1, 7, 5), (13, 13, 33, 40), (5, 9, 64, 31)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dual_linear_values_and_gradients(m_clean, m_noisy, n, k, bias):
+    gen = torch.Generator().manual_seed(m_clean * 100 + n)
+    w = randn(n, k, gen=gen, device="cpu", scale=k ** -0.5).requires_grad_()
+    b = randn(n, gen=gen, device="cpu").requires_grad_() if bias else None
+    xc = randn(m_clean, k, gen=gen, device="cpu").requires_grad_()
+    xn = randn(m_noisy, k, gen=gen, device="cpu")
+    streams = [NoiseStream(BIG_SEED, 0.05), NoiseStream(3, 0.02)]
+    noisy_ids = torch.arange(m_noisy) % 2 + 1
+    rows = StreamRows(torch.cat([torch.zeros(m_clean, dtype=torch.long), noisy_ids]), streams)
+    yc, yn = dual_linear(xc, xn, w, b, rows=rows, param_key=PKEY)
+    assert yc.requires_grad and not yn.requires_grad
+    torch.testing.assert_close(yc, F.linear(xc, w, b), **fp32_tol(k))
+    expected = noisy_linear_reference(xn, w.detach(), b.detach() if bias else None,
+                                      rows=StreamRows(noisy_ids, streams), param_key=PKEY)
+    torch.testing.assert_close(yn, expected, **fp32_tol(k))
+    g = randn(m_clean, n, gen=gen, device="cpu")
+    grads = torch.autograd.grad(yc, [xc, w] + ([b] if bias else []), g)
+    ref = torch.autograd.grad(F.linear(xc, w, b), [xc, w] + ([b] if bias else []), g)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dual_linear_untargeted_layer_and_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    w = randn(6, 4, gen=gen, device="cpu")
+    xc, xn = randn(3, 4, gen=gen, device="cpu"), randn(2, 4, gen=gen, device="cpu")
+    yc, yn = dual_linear(xc, xn, w)  # rows=None: both groups see W
+    torch.testing.assert_close(yn, F.linear(xn, w))
+    with pytest.raises(ValueError, match=r"rows describe \(4,\) rows but the two groups have 3 \+ 2"):
+        dual_linear(xc, xn, w, rows=StreamRows.clean(4, "cpu"))
+    with pytest.raises(ValueError, match="same number of features"):
+        dual_linear(xc, randn(2, 5, gen=gen, device="cpu"), w)
