@@ -20,13 +20,10 @@ CUDA GPU. The table/JSON writers take plain row dicts, so they are tested on the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +31,20 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from bench import model_configs
+from bench.common import (RESULTS_DIR, atomic_write_text as _atomic_write_text,  # noqa: F401
+                          device_slug, positive_int as _positive_int, ratio as _ratio,
+                          results_document as _results_document, round_or_none as _round,
+                          split_list as _split, write_result_files)
+
 NAME = "noisy_gemm"
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
 
-# Qwen2.5 MLP sizes: model -> (hidden, intermediate).
+# Qwen2.5 MLP sizes, from bench/model_configs.py: model -> (hidden, intermediate).
 MODELS: dict[str, tuple[int, int]] = {
-    "Qwen2.5-0.5B": (896, 4864),
-    "Qwen2.5-1.5B": (1536, 8960),
-    "Qwen2.5-7B": (3584, 18944),
+    name: (model_configs.CONFIGS[name]["hidden_size"], model_configs.CONFIGS[name]["intermediate_size"])
+    for name in model_configs.QWEN25
 }
 SHAPES = ("gate_up", "down")
 M_VALUES = (1, 8, 32, 128, 256, 1024, 4096, 16384)
@@ -278,12 +280,6 @@ def time_case(case: Case, *, dtype: torch.dtype, sigma: float, device: torch.dev
     return build_row(case, times, extra, materialized_extra, elem)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
-
-
 def build_row(case: Case, times_us: dict[str, float], extra_bytes: int,
               materialized_extra_bytes: int, elem_size: int) -> dict:
     """The JSON row of a case from its median times (µs) and extra bytes."""
@@ -307,10 +303,6 @@ def error_row(case: Case, error: BaseException) -> dict:
     row.update(shape=case.name, M=case.m, N=case.n, K=case.k,
                error=f"{type(error).__name__}: {error}".strip()[:500])
     return row
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(float(value), digits)
 
 
 # ---------------------------------------------------------------------------
@@ -430,65 +422,19 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
 # Results files
 # ---------------------------------------------------------------------------
 
-def device_slug(name: str) -> str:
-    """A filename-safe slug of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "unknown-device"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def results_document(meta: dict, rows: Sequence[dict]) -> dict:
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing:
-        raise ValueError(f"results metadata lacks {missing}")
-    doc = {key: meta[key] for key in META_KEYS}
-    doc.update({key: value for key, value in meta.items() if key not in META_KEYS})
-    doc["rows"] = [dict(row) for row in rows]
-    return doc
+    return _results_document(meta, rows, META_KEYS)
 
 
 def write_results(out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
     """Write ``noisy_gemm-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{NAME}-{device_slug(meta['device'])}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     doc = results_document(meta, rows)
-    _atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(md_path, render_markdown(meta, rows))
-    return json_path, md_path
+    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
 
 
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-def _split(values: Sequence[str]) -> list[str]:
-    return [part for value in values for part in value.split(",") if part.strip()]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,0 +1,300 @@
+"""bench/decode.py and bench/model_configs.py: configs, random checkpoints, rows, markdown, and a
+CPU smoke run of the whole bench (tiny model); the real run on a GPU."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bench import decode as bench
+from bench import model_configs as mc
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------
+# model_configs
+# ---------------------------------------------------------------------------
+
+def test_qwen25_configs_have_the_published_shapes():
+    expect = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied, max positions
+        "Qwen2.5-0.5B": (896, 4864, 24, 14, 2, 151936, True, 32768),
+        "Qwen2.5-1.5B": (1536, 8960, 28, 12, 2, 151936, True, 131072),
+        "Qwen2.5-7B": (3584, 18944, 28, 28, 4, 152064, False, 131072),
+    }
+    assert mc.QWEN25 == tuple(expect)
+    for name, values in expect.items():
+        c = mc.CONFIGS[name]
+        assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"],
+                c["tie_word_embeddings"], c["max_position_embeddings"]) == values
+        assert c["architectures"] == ["Qwen2ForCausalLM"] and c["torch_dtype"] == "bfloat16"
+        assert c["rope_theta"] == 1e6 and c["rms_norm_eps"] == 1e-6
+        assert mc.head_dim(name) == (64 if name == "Qwen2.5-0.5B" else 128)
+    # The model cards: 0.49B, 1.54B, 7.61B parameters.
+    assert mc.param_count("0.5B") == 494_032_768
+    assert mc.param_count("1.5B") == 1_543_714_304
+    assert mc.param_count("7B") == 7_615_616_512
+    assert math.isclose(mc.param_count("0.5B"), 0.49e9, rel_tol=0.01)
+    assert math.isclose(mc.param_count("1.5B"), 1.54e9, rel_tol=0.01)
+    assert mc.kv_bytes_per_token("1.5B", torch.bfloat16) == 2 * 28 * 2 * 128 * 2
+
+
+@pytest.mark.parametrize("name", list(mc.CONFIGS))
+def test_param_shapes_match_transformers(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = mc.get_config(name)
+    hf_cfg = AutoConfig.for_model(raw.pop("model_type"), **{k: v for k, v in raw.items()
+                                                            if k != "torch_dtype"})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg)
+    hf_shapes = {k: tuple(p.shape) for k, p in hf.named_parameters()}  # tied lm_head listed once
+    assert mc.param_shapes(name) == hf_shapes
+    assert mc.param_count(name) == sum(p.numel() for p in hf.parameters())
+
+
+def test_resolve_and_get_config():
+    assert mc.resolve("7b") == mc.resolve("Qwen2.5-7B") == "Qwen2.5-7B"
+    assert mc.resolve("TINY") == "tiny"
+    with pytest.raises(ValueError, match="unknown model '13B'"):
+        mc.resolve("13B")
+    cfg = mc.get_config("0.5B")
+    cfg["hidden_size"] = 1
+    assert mc.CONFIGS["Qwen2.5-0.5B"]["hidden_size"] == 896  # a copy
+    assert mc.get_config({"a": [1]}) == {"a": [1]}
+    assert mc.as_dtype("bf16") is torch.bfloat16 and mc.as_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError):
+        mc.as_dtype("int8")
+
+
+def _file_tensors(path):
+    files = sorted(path.glob("model*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["single-file", "sharded"])
+def test_random_checkpoint_loads_in_the_engine(tmp_path, shard):
+    from engine.loader import load_model
+
+    options = {"max_shard_bytes": 20_000} if shard else {}
+    path = mc.write_random_checkpoint("tiny", tmp_path / "ck", dtype="fp32", seed=3, **options)
+    assert path == tmp_path / "ck"
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["torch_dtype"] == "float32" and raw["hidden_size"] == 64
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 1
+    assert (path / mc.INDEX_FILE).is_file() == shard
+    assert len(list(path.glob("model*.safetensors"))) == (1 if not shard else
+                                                          len(list(path.glob("model-*-of-*"))))
+    tensors = _file_tensors(path)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == mc.param_shapes("tiny")
+    model = load_model(path)  # the dtype from config.json
+    params = dict(model.named_parameters())
+    assert set(params) == set(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(params[name].detach(), t), name
+    assert torch.equal(params["model.layers.0.input_layernorm.weight"], torch.ones(64))
+    w = params["model.layers.1.mlp.down_proj.weight"]
+    assert 0.015 < w.std().item() < 0.025  # initializer_range
+    # Same seed: same weights; another seed: others. Rewriting replaces the files.
+    again = _file_tensors(mc.write_random_checkpoint("tiny", tmp_path / "ck2", dtype="fp32", seed=3))
+    other = _file_tensors(mc.write_random_checkpoint("tiny", tmp_path / "ck", dtype="bf16", seed=4))
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert not torch.equal(other["model.embed_tokens.weight"].float(), tensors["model.embed_tokens.weight"])
+    assert not (tmp_path / "ck" / mc.INDEX_FILE).exists()
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_random_checkpoint_untied_and_transformers_agree(tmp_path):
+    """An untied config gets an lm_head; transformers loads the same weights and the engine's
+    greedy tokens equal transformers' (wide weights, so argmax ties cannot flip)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    cfg = {**mc.get_config("tiny"), "tie_word_embeddings": False}
+    path = mc.write_random_checkpoint(cfg, tmp_path / "untied", dtype=torch.float32, seed=1, std=0.3)
+    assert "lm_head.weight" in _file_tensors(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=32, max_model_len=64)
+    for name, p in llm.model.named_parameters():
+        assert torch.equal(p.detach(), hf.state_dict()[name]), name
+    prompt = [5, 17, 33, 2, 9, 100]
+    ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
+
+
+# ---------------------------------------------------------------------------
+# Rows, roofline, markdown
+# ---------------------------------------------------------------------------
+
+def test_peak_bandwidth_table():
+    assert bench.peak_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert bench.peak_gbps("NVIDIA H100 PCIe") == 2000
+    assert bench.peak_gbps("NVIDIA H200") == 4800
+    assert bench.peak_gbps("NVIDIA GH200 480GB") == 4000
+    assert bench.peak_gbps("NVIDIA A100-SXM4-80GB") == 2039
+    assert bench.peak_gbps("NVIDIA A100-SXM4-40GB") == 1555
+    assert bench.peak_gbps("NVIDIA A10G") == 600
+    assert bench.peak_gbps("cpu") is None
+
+
+def test_decode_bytes_per_step():
+    # Tied 0.5B, no context: every parameter once (the embedding is the lm_head) + the batch's rows.
+    assert bench.decode_bytes_per_step("0.5B", 1, 0, torch.bfloat16) == (494_032_768 + 896) * 2
+    # Untied 7B: the input embedding is only gathered; K/V of 8 sequences x 100 tokens.
+    b = bench.decode_bytes_per_step("7B", 8, 100, "bf16")
+    weights = (7_615_616_512 - 152064 * 3584 + 8 * 3584) * 2
+    assert b == weights + 8 * 100 * mc.kv_bytes_per_token("7B", "bf16")
+    assert bench.mean_decode_context(128, 256) == 256
+
+
+def timing(tps_tokens=100, total=2.0, steps=(10.0, 12.0, 11.0), prefill=0.5):
+    return bench.Timing(total_s=total, decode_ms=list(steps), prefill_s=prefill,
+                        output_tokens=tps_tokens)
+
+
+def fixture_rows(model="Qwen2.5-0.5B", batch=8):
+    speeds = {"clean": 4.0, "noisy": 5.0, "mixed": 5.0, "hf": 10.0}  # total seconds for 100 tokens
+    rows = [bench.build_row(model, batch, 128, 256, mode, [timing(total=t)], 1_000_000_000, 3350.0)
+            for mode, t in speeds.items()]
+    return rows
+
+
+def test_build_row_and_ratios():
+    row = bench.build_row("Qwen2.5-0.5B", 8, 128, 256, "noisy",
+                          [timing(total=2.0), timing(total=4.0), timing(total=3.0)], 2_000_000_000, 4000.0)
+    assert set(bench.ROW_KEYS) <= set(row)
+    assert row["tokens_per_s"] == pytest.approx(100 / 3.0, abs=0.01)  # median over repeats
+    assert row["step_ms"] == 11.0  # median over all decode steps
+    assert row["gbps"] == pytest.approx(2e9 / 11e-3 / 1e9, abs=1e-4)
+    assert row["pct_peak"] == pytest.approx(100 * row["gbps"] / 4000, abs=0.01)
+    assert row["decode_steps"] == 3 and row["repeats"] == 3
+
+    rows = bench.add_ratios(fixture_rows() + fixture_rows(batch=32)[:1])
+    by = {(r["batch"], r["mode"]): r for r in rows}
+    assert by[(8, "clean")]["over_hf"] == 2.5 and by[(8, "clean")]["over_clean"] is None
+    assert by[(8, "noisy")]["over_hf"] == 2.0 and by[(8, "noisy")]["over_clean"] == 0.8
+    assert by[(8, "mixed")]["over_noisy"] == 1.0 and by[(8, "mixed")]["over_clean"] == 0.8
+    assert by[(8, "hf")]["over_hf"] is None and by[(8, "hf")]["over_clean"] is None
+    assert by[(32, "clean")]["over_hf"] is None  # no HF row for batch 32
+
+
+def test_markdown_puts_modes_side_by_side_and_lists_errors():
+    meta = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "transformers": "5.17",
+            "dtype": "bf16", "peak_gbps": 3350.0, "peak_source": "PEAK_GBPS table", "method": "M."}
+    err = bench.error_row("Qwen2.5-0.5B", 256, 128, 256, "hf", RuntimeError("CUDA out of memory"))
+    assert set(bench.ROW_KEYS) <= set(err)
+    md = bench.render_markdown(meta, fixture_rows() + [err])
+    assert "# decode on NVIDIA H100 80GB HBM3" in md
+    assert "## Qwen2.5-0.5B, prompt 128, output 256" in md
+    assert "| batch | clean tok/s | noisy tok/s | mixed tok/s | hf tok/s |" in md
+    line8 = next(line for line in md.splitlines() if line.startswith("| 8 |"))
+    assert "| 25 | 20 | 20 | 10 |" in line8 and "| 2.50 | 2.00 | 0.800 | 0.800 | 1.000 |" in line8
+    assert "3,350 GB/s" in md
+    assert "- Qwen2.5-0.5B batch 256 hf: RuntimeError: CUDA out of memory" in md
+
+
+def test_write_results_and_merge(tmp_path):
+    meta = {"device": "NVIDIA H200", "torch": "t", "triton": "tr", "transformers": "tf"}
+    json_path, md_path = bench.write_results(tmp_path, meta, fixture_rows())
+    assert json_path.name == "decode-nvidia-h200.json" and md_path.name == "decode-nvidia-h200.md"
+    doc = json.loads(json_path.read_text())
+    assert list(doc)[:4] == list(bench.META_KEYS) and doc["rows"][1]["over_clean"] == 0.8
+    with pytest.raises(ValueError, match="transformers"):
+        bench.write_results(tmp_path, {"device": "x", "torch": "", "triton": ""}, [])
+    args = bench.parse_args(["--models", "0.5B", "--batches", "8", "--modes", "hf",
+                             "--out-dir", str(tmp_path)])
+    kept = bench.previous_rows(args, "NVIDIA H200")
+    assert [(r["batch"], r["mode"]) for r in kept] == [(8, "clean"), (8, "noisy"), (8, "mixed")]
+
+
+# ---------------------------------------------------------------------------
+# Command line and the whole run
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU path")
+def test_main_without_cuda_returns_2_with_message(capsys, tmp_path):
+    assert bench.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "psnrl bench decode needs a CUDA GPU; none found" in err and "--device cpu" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arguments():
+    args = bench.parse_args([])
+    assert args.models == ["Qwen2.5-0.5B", "Qwen2.5-1.5B"] and args.batches == [1, 8, 32, 128, 256]
+    assert args.modes == ["clean", "noisy", "mixed", "hf"] and args.dtype == "bf16"
+    assert (args.prompt_len, args.output_len, args.sigma, args.targets) == (128, 256, 0.004, "mlp")
+    args = bench.parse_args(["--models", "7b,tiny", "--batches", "32", "1,8", "--modes", "hf", "clean"])
+    assert args.models == ["Qwen2.5-7B", "tiny"] and args.batches == [1, 8, 32]
+    assert args.modes == ["clean", "hf"]
+    for bad in (["--models", "13B"], ["--modes", "vllm"], ["--batches", "0"], ["--sigma", "0"],
+                ["--targets", "embed"], ["--models", "tiny", "--prompt-len", "1000"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.parse_args(bad)
+        assert exc.value.code == 2, bad
+
+
+def test_registered_in_the_cli():
+    from trainer.cli import BENCHES
+
+    assert BENCHES["decode"] == "bench.decode"
+
+
+def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """The whole bench on the tiny model: engine clean/noisy/mixed and HF, results files."""
+    # The engine's CPU reference paths instead of the (slow) Triton interpreter.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "results"
+    rc = bench.main(["--device", "cpu", "--models", "tiny", "--batches", "1", "2", "--prompt-len", "4",
+                     "--output-len", "3", "--dtype", "fp32", "--warmup", "0", "--peak-gbps", "50",
+                     "--out-dir", str(out)])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["decode-cpu.json", "decode-cpu.md"]
+    doc = json.loads((out / "decode-cpu.json").read_text())
+    assert set(bench.META_KEYS) | {"rows"} <= set(doc) and doc["device"] == "cpu"
+    assert doc["torch"] == torch.__version__ and doc["peak_gbps"] == 50
+    rows = doc["rows"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [
+        (1, "clean"), (1, "noisy"), (1, "mixed"), (2, "clean"), (2, "noisy"), (2, "mixed"),
+        (1, "hf"), (2, "hf")]
+    by = {(r["batch"], r["mode"]): r for r in rows}
+    for row in rows:
+        assert set(bench.ROW_KEYS) <= set(row) and "error" not in row
+        assert (row["model"], row["prompt_len"], row["output_len"]) == ("tiny", 4, 3)
+        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["gbps"] > 0
+        assert row["decode_steps"] == 2  # the first token comes with the prefill
+        assert row["pct_peak"] == pytest.approx(100 * row["gbps"] / 50, abs=0.02)
+        if row["mode"] != "hf":
+            hf = by[(row["batch"], "hf")]["tokens_per_s"]
+            assert row["over_hf"] == pytest.approx(row["tokens_per_s"] / hf, rel=1e-3)
+        if row["mode"] in ("noisy", "mixed"):
+            clean = by[(row["batch"], "clean")]["tokens_per_s"]
+            assert row["over_clean"] == pytest.approx(row["tokens_per_s"] / clean, rel=1e-3)
+    md = (out / "decode-cpu.md").read_text()
+    assert "## tiny, prompt 4, output 3" in md and "| 2 |" in md and "Errors" not in md
+
+
+@pytest.mark.gpu
+def test_main_on_a_small_subset(tmp_path):
+    rc = bench.main(["--models", "0.5B", "--batches", "1", "8", "--prompt-len", "16", "--output-len", "16",
+                     "--out-dir", str(tmp_path)])
+    assert rc == 0
+    slug = bench.device_slug(torch.cuda.get_device_name())
+    doc = json.loads((tmp_path / f"decode-{slug}.json").read_text())
+    assert (tmp_path / f"decode-{slug}.md").exists()
+    assert len(doc["rows"]) == 2 * 4
+    for row in doc["rows"]:
+        assert "error" not in row and row["tokens_per_s"] > 0 and row["step_ms"] > 0
