@@ -2,8 +2,10 @@
 
 Off unless ``PSNRL_NVTX=1`` is set or ``enable_nvtx()`` is called, so a disabled range
 costs one attribute check. When on, ranges go through the ``nvtx`` package if it is
-installed (with a psnrl domain), else ``torch.cuda.nvtx``. Range names are fixed
-(RANGES) so that profiles of different runs line up.
+installed (with a psnrl domain), else ``torch.cuda.nvtx``. ``enable_torch_ranges()``
+also (or instead) opens each range as a ``torch.profiler.record_function``, so the same
+names show up in torch.profiler traces (bench/profile_step.py, where Nsight Systems is
+missing). Range names are fixed (RANGES) so that profiles of different runs line up.
 """
 from __future__ import annotations
 
@@ -19,26 +21,70 @@ class _State:
     enabled = False
     push = None
     pop = None
+    nvtx = None          # (push, pop) of the NVTX backend while NVTX is on
+    torch_ranges = False  # record_function ranges on
+    open_records: list = []
+
+
+def _install() -> None:
+    """Point push/pop at the backends that are on; ``enabled`` is true when any is."""
+    nv, rf = _State.nvtx, _State.torch_ranges
+    if nv and rf:
+        def push(name):
+            nv[0](name)
+            _record_push(name)
+
+        def pop():
+            _record_pop()
+            nv[1]()
+        _State.push, _State.pop = push, pop
+    elif nv:
+        _State.push, _State.pop = nv
+    elif rf:
+        _State.push, _State.pop = _record_push, _record_pop
+    _State.enabled = bool(nv or rf)
+
+
+def _record_push(name: str) -> None:
+    from torch.profiler import record_function
+
+    record = record_function(name)
+    record.__enter__()
+    _State.open_records.append(record)
+
+
+def _record_pop() -> None:
+    if _State.open_records:
+        _State.open_records.pop().__exit__(None, None, None)
 
 
 def enable_nvtx(on: bool = True) -> None:
     """Turn NVTX ranges on or off; raises RuntimeError when no NVTX backend exists."""
     if not on:
-        _State.enabled = False
+        _State.nvtx = None
+        _install()
         return
     try:
         import nvtx
 
         domain = nvtx.get_domain("psnrl")
-        _State.push = lambda name: domain.push_range(domain.get_event_attributes(message=name))
-        _State.pop = domain.pop_range
+        _State.nvtx = (lambda name: domain.push_range(domain.get_event_attributes(message=name)),
+                       domain.pop_range)
     except ImportError:
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("NVTX ranges need the nvtx package (pip install nvtx) or a CUDA build of torch")
-        _State.push, _State.pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
-    _State.enabled = True
+        _State.nvtx = (torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop)
+    _install()
+
+
+def enable_torch_ranges(on: bool = True) -> None:
+    """Also open every range as a torch.profiler ``record_function`` (recorded while a profiler runs)."""
+    _State.torch_ranges = on
+    if not on:
+        _State.open_records.clear()
+    _install()
 
 
 def nvtx_enabled() -> bool:

@@ -59,3 +59,22 @@ def test_enabling_uses_the_nvtx_package_when_installed(monkeypatch):
             pass
     finally:
         profiling.enable_nvtx(False)
+
+
+def test_torch_ranges_show_up_in_a_torch_profiler_trace():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    profiling.enable_torch_ranges()
+    try:
+        assert profiling.nvtx_enabled()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with nvtx_range("learner/forward"):
+                with nvtx_range("sample"):
+                    torch.ones(4).sum()
+    finally:
+        profiling.enable_torch_ranges(False)
+    assert not profiling.nvtx_enabled()
+    names = {e.key for e in prof.key_averages()}
+    assert {"learner/forward", "sample"} <= names
+    assert profiling._State.open_records == []
