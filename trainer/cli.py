@@ -15,6 +15,7 @@ from pathlib import Path
 BENCHES = {
     "noisy-gemm": "bench.noisy_gemm",
     "kernel-sass": "bench.kernel_sass",
+    "lm-head": "bench.lm_head_logprob",
     "all": "bench.all",
     "decode": "bench.decode",
 }
