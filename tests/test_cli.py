@@ -46,7 +46,9 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     path = build_checkpoint(tmp_path / "tiny")
     out = tmp_path / "eval.json"
     assert main(["eval", str(path), "--sets", "tiny-arith", "--n", "4", "--limit", "16", "--max-tokens", "4",
-                 "--dtype", "float32", "--embedder", "hidden", "--output", str(out)]) == 0
+                 "--dtype", "float32", "--embedder", "hidden", "--output", str(out),
+                 "--plot", str(tmp_path / "passk.png")]) == 0
+    assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # no matplotlib needed
     result = json.loads(out.read_text())
     assert result["sets"]["tiny-arith"]["problems"] == 16
     assert set(result["average"]) == {"pass@1", "pass@2", "pass@4"}

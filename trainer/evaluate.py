@@ -12,6 +12,7 @@ import torch
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from trainer.charts import line_chart
 from trainer.datasets import Problem
 from trainer.passk import pass_at_k_curve
 from trainer.sigma import HiddenStateEmbedder
@@ -100,19 +101,9 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def plot_curves(results: dict[str, dict], path: str | Path) -> None:
-    """pass@k against k (log2 axis) of the average over benchmarks, one line per run (A/B)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """pass@k against k (log2 axis) of the average over benchmarks, one line per run (A/B), as a PNG."""
+    series = {}
     for label, result in results.items():
         ks = [int(k.split("@")[1]) for k in result["average"]]
-        ax.plot(ks, list(result["average"].values()), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (average over benchmarks)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        series[label] = (ks, list(result["average"].values()))
+    line_chart(path, series, title="pass@k", xlabel="k", ylabel="pass@k (average over benchmarks)", logx=True)
