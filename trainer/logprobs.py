@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.attention import AttentionMetadata
 from engine.model import CausalLM
 from engine.noise_spec import BatchNoise, NoiseSpec
+from kernels.lm_head_logprob import lm_head_logprob
 from trainer.sigma import token_self_certainty
 
 
@@ -135,7 +136,12 @@ def dual_stream_logprobs(model: CausalLM, sequences: Sequence[Sequence[int]], pr
 
 def _heads(model: CausalLM, hidden: torch.Tensor, b: _Batch, noise: BatchNoise | None, row_offset: int,
            chunk_tokens: int) -> TokenLogprobs:
-    """The lm_head and its softmax over chunks of response rows (``noise`` rows start at row_offset)."""
+    """The lm_head and its softmax over chunks of response rows (``noise`` rows start at row_offset).
+
+    A clean lm_head goes through the fused kernel (kernels/lm_head_logprob), which never
+    holds [tokens x vocab] logits; a perturbed one materializes a chunk's logits and
+    recomputes them in backward (activation checkpointing).
+    """
     device = hidden.device
     logprobs, entropy, certainty = [], [], []
     for lo in range(0, len(b.rows), chunk_tokens):
@@ -143,10 +149,13 @@ def _heads(model: CausalLM, hidden: torch.Tensor, b: _Batch, noise: BatchNoise |
         part_noise = noise.select(part + row_offset) if noise is not None else None
         h = hidden[part.to(device)]
         tgt = b.targets[lo:lo + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent, sc = checkpoint(_head, model, h, tgt, part_noise, use_reentrant=False)
+        if part_noise is None or part_noise.rows("lm_head") is None:
+            lp, ent, sc = lm_head_logprob(h, model.lm_head.weight, tgt, model.lm_head.bias)
+            sc = sc.detach()
+        elif torch.is_grad_enabled() and h.requires_grad:
+            lp, ent, sc = checkpoint(_noisy_head, model, h, tgt, part_noise, use_reentrant=False)
         else:
-            lp, ent, sc = _head(model, h, tgt, part_noise)
+            lp, ent, sc = _noisy_head(model, h, tgt, part_noise)
         logprobs.append(lp)
         entropy.append(ent)
         certainty.append(sc)
@@ -154,7 +163,7 @@ def _heads(model: CausalLM, hidden: torch.Tensor, b: _Batch, noise: BatchNoise |
     return TokenLogprobs(*(torch.cat(x) if x else empty for x in (logprobs, entropy, certainty)), b.lengths)
 
 
-def _head(model: CausalLM, h: torch.Tensor, targets: torch.Tensor, noise: BatchNoise | None):
+def _noisy_head(model: CausalLM, h: torch.Tensor, targets: torch.Tensor, noise: BatchNoise):
     logp = torch.log_softmax(model.logits(h, noise), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(1, targets[:, None]).squeeze(1), entropy, token_self_certainty(logp.detach())
