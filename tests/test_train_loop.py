@@ -34,15 +34,38 @@ def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
                 "tis_weight_mean", "entropy", "time_rollout", "time_reward", "time_learner",
                 "rollout_tokens_per_s"):
         assert key in rows[0], key
+    # TIS's denominator comes from the learner's dual-stream pass; in fp32 it is the sampler's.
+    assert all(r["sampler_logprob_gap"] < 1e-4 for r in rows)
     assert {"problems", "pass@1", "pass@2", "operation_diversity"} <= set(rows[1]["eval"]["sets"]["tiny-arith"])
     assert set(rows[1]["eval"]["average"]) == {"pass@1", "pass@2"}
     assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.pt", "iter-000003.pt"]
     assert (tmp_path / "run" / "config.yaml").is_file()
+    # TensorBoard event files and the reward/sigma PNG, by default and without extra packages.
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    assert b"brain.Event:2" in events.read_bytes() and b"eval/tiny-arith/pass@1" in events.read_bytes()
+    assert (tmp_path / "run" / "reward_sigma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_and_plot_can_be_turned_off(tmp_path):
+    trainer(tmp_path, "off", "train.iterations=1", "eval.every=0", "log.tensorboard=false", "log.plot=false").run()
+    assert not (tmp_path / "off" / "tensorboard").exists() and not (tmp_path / "off" / "reward_sigma.png").exists()
 
 
 def test_plain_grpo_is_the_same_loop_without_noise(tmp_path):
     history = trainer(tmp_path, "plain", "train.iterations=1", "noise.enabled=false").run()
     assert "kl_noisy_clean" not in history[0] and "tis_weight_mean" not in history[0]
+
+
+def test_tis_denominator_from_learner_or_sampler_agree_in_fp32(tmp_path):
+    # One optimizer step per iteration: the old and perturbed log-probs come from the step's own
+    # dual-stream forward (learner) or from the engine (sampler); in fp32 they agree.
+    one_step = ["train.iterations=1", "train.mini_batch_prompts=8", "eval.every=0"]
+    learner = trainer(tmp_path, "learner", *one_step)
+    learner.run()
+    sampler = trainer(tmp_path, "sampler", *one_step, "algo.noisy_logprobs=sampler")
+    sampler.run()
+    for (name, p), q in zip(learner.model.state_dict().items(), sampler.model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_var2_probes_drive_sigma(tmp_path):

@@ -16,8 +16,8 @@ BENCHES = {
     "noisy-gemm": "bench.noisy_gemm",
     "kernel-sass": "bench.kernel_sass",
     "lm-head": "bench.lm_head_logprob",
-    "all": "bench.all",
     "decode": "bench.decode",
+    "all": "bench.all",
 }
 
 
@@ -117,8 +117,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             runs[other] = json.loads(Path(other).read_text())
         try:
             plot_curves(runs, args.plot)
-        except ImportError:
-            raise SystemExit("psnrl eval: --plot needs matplotlib (pip install matplotlib)")
+        except ValueError as e:  # e.g. no k to plot
+            raise SystemExit(f"psnrl eval: --plot: {e}")
     return 0
 
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sentence embedder for the semantic similarity of correct answers "
                          "(auto: MiniLM when installed, else the model's hidden states)")
     ev.add_argument("--output", help="write the results as JSON here")
-    ev.add_argument("--plot", help="write a PNG of pass@k curves here (needs matplotlib)")
+    ev.add_argument("--plot", help="write a PNG of pass@k curves (log2 k axis) here")
     ev.add_argument("--compare", nargs="*", default=[], help="earlier --output JSON files to plot alongside")
     ev.set_defaults(run=_run_eval)
 

@@ -290,7 +290,11 @@ class AlgoConfig(_Section):
     """Advantages and loss. advantage: a trainer.advantages estimator; k: the k of the @k
     estimators (pass_at_k, pkpo, maxpo), null for the others. The rest are
     trainer.losses.LossConfig's fields (tis_cap: null turns TIS off; kl_coef: 0 turns the KL
-    term and the reference model off); its max_len is rollout.max_tokens."""
+    term and the reference model off); its max_len is rollout.max_tokens. noisy_logprobs:
+    where TIS's denominator pi_noisy comes from: "learner" (the dual-stream pass that also
+    gives the clean log-probs, one read of the weights; same numerics as the numerator) or
+    "sampler" (the engine's log-probs of the sampled tokens, which also absorb any
+    engine/learner numerical mismatch)."""
 
     _name = "algo"
     advantage: str = "grpo"
@@ -300,9 +304,11 @@ class AlgoConfig(_Section):
     tis_cap: float | None = 10.0
     kl_coef: float = 1e-4
     aggregation: str = "seq_mean_token_mean"
+    noisy_logprobs: str = "learner"
 
     def _check(self) -> None:
         self._choice("advantage", tuple(ESTIMATORS))
+        self._choice("noisy_logprobs", ("learner", "sampler"))
         # k against G and the loss fields: TrainConfig delegates to their modules.
 
 
@@ -382,12 +388,14 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class LogConfig(_Section):
-    """The run directory (metrics, resolved config), TensorBoard event files, PNG plots."""
+    """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/,
+    trainer.tensorboard) and the reward/sigma PNG (<dir>/reward_sigma.png, trainer.charts); both
+    need no extra package."""
 
     _name = "log"
     dir: str = "runs/tiny"
-    tensorboard: bool = False
-    plot: bool = False
+    tensorboard: bool = True
+    plot: bool = True
 
     def _check(self) -> None:
         self._require(self.dir != "", "dir", "must be a non-empty path")

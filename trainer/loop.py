@@ -3,8 +3,9 @@
 Each iteration draws a noise seed, asks the sigma scheduler for sigma, samples G
 completions per prompt from the engine with NoiseSpec(seed, sigma, targets), scores
 them, and updates the clean policy with the GRPO surrogate corrected by truncated
-importance sampling against the sampler's own log-probs (temperature 1, no
-truncation: they are the perturbed policy's). Plain GRPO is the same loop with
+importance sampling against the perturbed policy's log-probs, which the learner's
+dual-stream pass computes alongside the clean ones (or, with
+``algo.noisy_logprobs=sampler``, the engine's log-probs of the sampled tokens). Plain GRPO is the same loop with
 ``noise.enabled=false``. Engine and learner share one model (colocated), so an
 update is visible to the next rollout at no cost; only the prefix cache, which
 holds KV of the old weights, is dropped.
@@ -25,14 +26,16 @@ from tqdm.auto import tqdm
 from engine.llm import LLM, RequestOutput
 from engine.noise_spec import NoiseSpec
 from trainer.advantages import compute_advantages
+from trainer.charts import line_chart
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, dump_config
 from trainer.datasets import Problem, format_prompt, load_problems
+from trainer.learner import Learner, Rollouts
 from trainer.logprobs import last_hidden, response_logprobs
-from trainer.losses import loss_normalizer, policy_loss
 from trainer.evaluate import pass_at_k_eval
 from trainer.reward import math_reward
 from trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
+from trainer.tensorboard import EventWriter
 from trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
 from kernels.profiling import nvtx_range
 
@@ -89,9 +92,7 @@ class PSNTrainer:
         self.run_dir = Path(cfg.log.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = _tensorboard(self.run_dir) if cfg.log.tensorboard else None
-        if cfg.log.plot:
-            _require_matplotlib()
+        self.writer = EventWriter(self.run_dir / "tensorboard") if cfg.log.tensorboard else None
         torch.manual_seed(cfg.train.seed)
         self.tiny = cfg.model.path == "tiny"
         path = build_checkpoint(self.run_dir / "init-model", seed=cfg.train.seed) if self.tiny else cfg.model.path
@@ -101,9 +102,11 @@ class PSNTrainer:
         if self.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer files; training needs one to read answers")
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas,
-                                           weight_decay=t.weight_decay)
         self.loss_cfg = cfg.loss_config()
+        self.learner = Learner(self.model, self.loss_cfg, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas,
+                               grad_clip=t.grad_clip, micro_batch_tokens=t.micro_batch_tokens,
+                               noisy_logprobs=cfg.algo.noisy_logprobs)
+        self.optimizer = self.learner.optimizer
         n = cfg.noise
         adaptive = {"beta": n.beta, "min_factor": n.sigma_min_factor, "max_factor": n.sigma_max_factor}
         extra = {"var1": {**adaptive, "kl_target": n.kl_target}, "var2": adaptive}
@@ -189,7 +192,7 @@ class PSNTrainer:
         times["reward"] = time.perf_counter() - t
         advantages = compute_advantages(cfg.algo.advantage, rewards, cfg.algo.k)
         t = time.perf_counter()
-        learn = self._learn(outs, advantages, noise is not None)
+        learn = self._learn(outs, advantages)
         times["learner"] = time.perf_counter() - t
         self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
         if noise is not None and cfg.noise.scheduler == "var1":
@@ -232,51 +235,15 @@ class PSNTrainer:
         self.sigma.update(similarity, self_cert)
         return {"probe_similarity": similarity.mean().item(), "probe_self_certainty": self_cert.mean().item()}
 
-    def _learn(self, outs: list[RequestOutput], advantages: torch.Tensor, noisy: bool) -> dict:
-        cfg = self.cfg
-        rows = [(out.prompt_token_ids, c, advantages[i, c.index].item())
+    def _learn(self, outs: list[RequestOutput], advantages: torch.Tensor) -> dict:
+        done = [(out, c, advantages[i, c.index].item())
                 for i, out in enumerate(outs) for c in out.outputs if c.token_ids]
-        seqs = [p + c.token_ids for p, c, _ in rows]
-        plens = [len(p) for p, _, _ in rows]
-        sampler_lp = [torch.tensor(c.logprobs) for _, c, _ in rows]
-        with torch.no_grad():  # the clean policy at rollout time: the ratio's denominator
-            old = response_logprobs(self.model, seqs, plens).split()
-            ref = response_logprobs(self.ref_model, seqs, plens).split() if self.ref_model else None
-        stats: dict[str, float] = {}
-        if noisy:  # Monte Carlo KL(pi_noisy || pi_clean) on the sampled tokens (Var-I's d)
-            stats["kl_noisy_clean"] = torch.cat([s - o for s, o in zip(sampler_lp, old)]).mean().item()
-        tis = self.loss_cfg.tis_cap is not None and noisy
-        loss_cfg = self.loss_cfg if tis else dataclasses.replace(self.loss_cfg, tis_cap=None)
-        per_step = cfg.train.mini_batch_prompts * cfg.rollout.group_size
-        self.model.train()
-        for lo in range(0, len(rows), per_step):
-            idx = list(range(lo, min(lo + per_step, len(rows))))
-            micro = _micro_batches([len(seqs[i]) for i in idx], cfg.train.micro_batch_tokens)
-            masks = [_pad([torch.ones(len(seqs[idx[j]]) - plens[idx[j]]) for j in mb]) for mb in micro]
-            total = sum(loss_normalizer(loss_cfg, m) for m in masks).clamp(min=1)
-            self.optimizer.zero_grad()
-            metrics: dict[str, list[float]] = {}
-            for mb, mask in zip(micro, masks):
-                ids = [idx[j] for j in mb]
-                with nvtx_range("learner/forward"):
-                    cur = response_logprobs(self.model, [seqs[i] for i in ids], [plens[i] for i in ids])
-                    out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([old[i] for i in ids]),
-                                      advantages=torch.tensor([rows[i][2] for i in ids]), mask=mask,
-                                      noisy_logp=_pad([sampler_lp[i] for i in ids]) if tis else None,
-                                      ref_logp=_pad([ref[i] for i in ids]) if ref else None)
-                with nvtx_range("learner/backward"):
-                    (out.loss_sum / total).backward()
-                metrics.setdefault("entropy", []).append(cur.entropy.mean().item())
-                for name, v in out.metrics.items():
-                    metrics.setdefault(name, []).append(v.item())
-            with nvtx_range("optimizer"):
-                if cfg.train.grad_clip is not None:
-                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                        cfg.train.grad_clip).item()
-                self.optimizer.step()
-            stats.update({name: sum(v) / len(v) for name, v in metrics.items()})
-        self.model.eval()
-        return stats
+        rows = Rollouts(seqs=[out.prompt_token_ids + c.token_ids for out, c, _ in done],
+                        prompt_lens=[len(out.prompt_token_ids) for out, _, _ in done],
+                        advantages=[a for _, _, a in done], noise=[out.noise for out, _, _ in done],
+                        sampler_logprobs=[torch.tensor(c.logprobs) for _, c, _ in done])
+        per_step = self.cfg.train.mini_batch_prompts * self.cfg.rollout.group_size
+        return self.learner.update(rows, per_step, self.ref_model)
 
     def evaluate(self) -> dict:
         """pass@k of the clean policy on each eval set (eval.n_samples per problem)."""
@@ -309,6 +276,8 @@ class PSNTrainer:
 
     def _save(self) -> None:
         save_checkpoint(self.ckpt_dir, self.iteration, self.state_dict(), self.cfg.checkpoint.keep)
+        if self.cfg.log.plot:
+            _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -354,61 +323,29 @@ class PSNTrainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
-            for name, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(name, v, metrics["iteration"])
-            for s, r in metrics.get("eval", {}).get("sets", {}).items():
-                for name, v in r.items():
-                    self.writer.add_scalar(f"eval/{s}/{name}", v, metrics["iteration"])
-            self.writer.flush()
+            scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
+            ev = metrics.get("eval", {})
+            for s, r in [*ev.get("sets", {}).items(), ("average", ev.get("average", {}))]:
+                scalars.update({f"eval/{s}/{name}": v for name, v in r.items() if _is_number(v)})
+            self.writer.add_scalars(metrics["iteration"], scalars)
 
 
-def _micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups of sequences with at most max_tokens tokens (a longer one alone)."""
-    groups, cur, size = [], [], 0
-    for i, n in enumerate(lengths):
-        if cur and size + n > max_tokens:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += n
-    return groups + [cur] if cur else groups
-
-
-def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence([r.float() for r in rows], batch_first=True)
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("log.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise ValueError("log.plot=true needs matplotlib (pip install matplotlib)") from e
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _plot(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    """Mean reward per iteration (and its 10-iteration running mean) on the left axis, sigma on the right."""
+    if not metrics_path.exists():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])  # a resume re-runs some
     it = [r["iteration"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(it, [r["reward_mean"] for r in rows], label="reward")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean reward")
-    ax2 = ax.twinx()
-    ax2.plot(it, [r["sigma"] for r in rows], color="tab:orange", label="sigma")
-    ax2.set_ylabel("sigma")
-    fig.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    reward = [r.get("reward_mean", float("nan")) for r in rows]
+    if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
+        return
+    running = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
+    line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
+               secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
+               title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
+               secondary_label="sigma")
