@@ -16,9 +16,23 @@ Prefix cache
     A full block's hash is chained: ``h0 = XXH64(tokens0)``,
     ``hi = XXH64(le64(h(i-1)) + tokens_i)``, tokens as little-endian int64
     (:func:`hash_block`). ``allocate`` reuses a cached block only if its stored
-    token ids and its parent hash are equal too: the hash alone is never trusted.
-    Freed blocks keep their hash and can still be hit until they are handed out
-    again.
+    token ids and its parent link (parent hash, salt, or none) are equal too: the
+    hash alone is never trusted. Freed blocks keep their hash and can still be
+    hit until they are handed out again.
+
+Cache salt
+    The same tokens do not give the same KV under different policies (a request
+    with a NoiseSpec runs theta + eps). ``allocate(..., cache_salt=s)`` tags a
+    sequence with an optional uint64 ``s`` naming its policy: its root block
+    hashes with the salt in the parent slot, ``h0 = XXH64(le64(s) + tokens0)``
+    (``hash_block(s, tokens0)``), and records ``s`` as a salt link, so its whole
+    chain differs from the unsalted chain and from any other salt's. Lookups
+    check the link: an unsalted sequence hits only parentless roots, a salted
+    one only roots linked to the same salt. The blocks a salted sequence
+    publishes (``mark_computed``, ``append_token`` filling a block) chain from
+    its salt, and ``fork`` gives the child the parent's salt. The engine passes
+    no salt for the clean policy and a stable hash of the NoiseSpec otherwise
+    (``engine.llm.noise_cache_salt``).
 
 Cached-prefix rule
     ``allocate`` returns ``min(hit prefix, len(tokens) - 1)`` rounded down to
@@ -65,7 +79,10 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
         """Not enough free blocks; the manager's state is unchanged."""
 
     def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
-        """Chained 64-bit block hash: XXH64(seed 0) of [le64(parent_hash)] + le64(tokens)."""
+        """Chained 64-bit block hash: XXH64(seed 0) of [le64(parent_hash)] + le64(tokens).
+
+        ``parent_hash`` is the previous block's hash; for a sequence's first block it
+        is the sequence's cache salt, or None for an unsalted sequence."""
         ...
 
     class AppendResult:
@@ -113,15 +130,20 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
             ignoring cache hits (conservative). ValueError if num_tokens < 1."""
             ...
 
-        def num_required_blocks(self, token_ids: list[int]) -> int:
-            """Exact free blocks ``allocate(token_ids)`` would take now (cache-aware, no watermark)."""
+        def num_required_blocks(self, token_ids: list[int], cache_salt: int | None = None) -> int:
+            """Exact free blocks ``allocate(token_ids, cache_salt=cache_salt)`` would take now
+            (cache-aware, no watermark)."""
             ...
 
-        def allocate(self, seq_id: int, token_ids: list[int], num_scheduled: int | None = None) -> int:
+        def allocate(self, seq_id: int, token_ids: list[int], num_scheduled: int | None = None,
+                     cache_salt: int | None = None) -> int:
             """Blocks for all tokens of a new sequence, through the prefix cache.
 
             Returns the cached prefix length (multiple of block_size, < len(token_ids)).
+            ``cache_salt`` (uint64 or None): the policy the sequence's KV comes from; it
+            shares cached blocks only with sequences of the same salt (see "Cache salt").
             ValueError: seq_id exists, token_ids empty, num_scheduled out of [0, len].
+            TypeError: cache_salt not in [0, 2**64).
             OutOfBlocks: not enough free blocks (all-or-nothing: state unchanged)."""
             ...
 
@@ -145,7 +167,7 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
             ...
 
         def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
-            """Child shares all the parent's blocks (ref + 1) and its tokens.
+            """Child shares all the parent's blocks (ref + 1), its tokens and its cache salt.
             KeyError: unknown parent; ValueError: child exists."""
             ...
 
@@ -156,6 +178,11 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
         def block_table(self, seq_id: int) -> list[int]: ...
         def token_ids(self, seq_id: int) -> list[int]: ...
         def num_tokens(self, seq_id: int) -> int: ...
+
+        def cache_salt(self, seq_id: int) -> int | None:
+            """The sequence's cache salt (see allocate), or None."""
+            ...
+
         def sequence_ids(self) -> list[int]: ...
         def num_sequences(self) -> int: ...
         def has_sequence(self, seq_id: int) -> bool: ...
@@ -191,7 +218,8 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
 
         def check_invariants(self) -> None:
             """RuntimeError naming the first violated invariant (ref counts vs block tables,
-            free list, hash map, chained hashes)."""
+            free list, hash map, chained hashes, parent links: a salted sequence's root
+            block links to its salt, every other full block to its parent block)."""
             ...
 
         def reset(self) -> None:

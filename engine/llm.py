@@ -8,8 +8,10 @@ of the weights.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
@@ -192,7 +194,7 @@ class LLM:
         seeds = self.sampler.sample_seeds(params)
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
-                       child_seeds=seeds[1:])
+                       cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
         return out, seq
 
@@ -299,6 +301,24 @@ class LLM:
                                  f"got {tuple(tensor.shape)}")
             params[name].copy_(tensor)
         self.blocks.clear_prefix_cache()
+
+
+def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
+    """Prefix-cache salt of the policy a request runs: None for the clean policy (no spec,
+    or sigma 0, which BatchNoise runs clean), else a stable 64-bit digest of the spec.
+
+    The KV of a perturbed policy differs from the clean one's for the same tokens, so the
+    block manager shares cached blocks only between sequences with equal salts. The digest
+    (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted target groups
+    ("all" and its spelled-out groups give the same salt); unlike ``hash()`` it is the same
+    in every process. Specs that differ only in ways that cannot change the noise share a
+    salt; a spec that perturbs only the lm_head is still salted (conservative: no sharing).
+    """
+    if spec is None or spec.sigma == 0:
+        return None
+    payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(sorted(spec.groups)).encode()
+    digest = hashlib.blake2b(payload, digest_size=8, person=b"psnrl-kv-salt").digest()
+    return int.from_bytes(digest, "little")
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:

@@ -110,7 +110,9 @@ class Scheduler:
             if not alone and not self.blocks.can_allocate(seq.num_tokens):
                 break
             try:
-                cached = self.blocks.allocate(seq.seq_id, seq.tokens, num_scheduled=0)
+                # The salt keeps a noisy sequence off blocks computed by another policy.
+                cached = self.blocks.allocate(seq.seq_id, seq.tokens, num_scheduled=0,
+                                              cache_salt=seq.cache_salt)
             except OutOfBlocks:
                 if alone:  # the cache holds max_model_len (checked at start-up); the watermark aside
                     self.waiting.popleft()

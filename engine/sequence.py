@@ -26,6 +26,9 @@ class Sequence:
     params: SamplingParams
     seed: int
     noise: int  # index into the step's noise specs, -1 = clean
+    # Prefix-cache salt of the policy its KV comes from (engine.llm.noise_cache_salt):
+    # None for the clean policy; forks keep it, like the noise.
+    cache_salt: int | None = None
     status: Status = Status.WAITING
     num_computed: int = 0
     logprobs: list[float] = field(default_factory=list)

@@ -430,19 +430,139 @@ def test_reset():
     bm.check_invariants()
 
 
+# ------------------------------------------------------------ cache salt --
+
+
+def test_salted_and_unsalted_sequences_never_share():
+    bm = BlockManager(32, 4)
+    toks = list(range(1, 10))
+    assert bm.allocate(1, toks) == 0
+    assert bm.cache_salt(1) is None
+    # Same tokens, another policy: no hit, no shared block.
+    assert bm.allocate(2, toks, cache_salt=5) == 0
+    assert bm.cache_salt(2) == 5
+    t1, t2 = bm.block_table(1), bm.block_table(2)
+    assert not set(t1) & set(t2)
+    # The salted chain starts from the salt in the parent slot.
+    h0 = hash_block(5, toks[:4])
+    assert bm.block_hash(t2[0]) == h0 and bm.block_hash(t2[1]) == hash_block(h0, toks[4:8])
+    assert bm.block_hash(t1[0]) == hash_block(None, toks[:4])
+    assert all(bm.is_cached(b) for b in t1[:2] + t2[:2])
+    # Salt 0 is a salt, not "no salt".
+    assert bm.allocate(3, toks, cache_salt=0) == 0
+    assert not set(bm.block_table(3)) & (set(t1) | set(t2))
+    # Each kind of lookup finds its own chain, also after the blocks are freed.
+    for sid in (1, 2, 3):
+        bm.free(sid)
+    assert bm.num_required_blocks(toks) == bm.num_required_blocks(toks, cache_salt=5) == 3
+    assert bm.num_required_blocks(toks, cache_salt=6) == 3
+    assert bm.allocate(4, toks) == 8 and bm.block_table(4)[:2] == t1[:2]
+    assert bm.allocate(5, toks, cache_salt=5) == 8 and bm.block_table(5)[:2] == t2[:2]
+    assert bm.allocate(6, toks, cache_salt=6) == 0
+    bm.check_invariants()
+
+
+def test_same_salt_shares_and_different_salts_do_not():
+    bm = BlockManager(32, 4)
+    toks = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    salt = 2**64 - 1
+    assert bm.allocate(1, toks, cache_salt=salt) == 0
+    assert bm.allocate(2, toks, None, salt) == 8  # positional num_scheduled, cache_salt
+    assert bm.block_table(1)[:2] == bm.block_table(2)[:2]
+    assert [bm.ref_count(b) for b in bm.block_table(1)[:2]] == [2, 2]
+    assert bm.allocate(3, toks, cache_salt=salt - 1) == 0
+    assert bm.allocate(4, toks) == 0
+    assert bm.allocate(5, toks, cache_salt=salt - 1) == 8
+    assert bm.block_table(5)[:2] == bm.block_table(3)[:2]
+    tables = [set(bm.block_table(s)[:2]) for s in (1, 3, 4)]
+    assert not (tables[0] & tables[1] or tables[0] & tables[2] or tables[1] & tables[2])
+    # A chunked prefill of a salted sequence publishes its blocks chunk by chunk.
+    other = [7, 7, 7, 7, 8, 8, 8, 8, 9]
+    assert bm.allocate(6, other, num_scheduled=0, cache_salt=salt) == 0
+    assert bm.allocate(7, other, num_scheduled=0, cache_salt=salt) == 0  # nothing computed yet
+    bm.free(7)
+    bm.mark_computed(6, 5)
+    assert bm.allocate(8, other, cache_salt=salt) == 4
+    assert bm.allocate(9, other) == 0
+    bm.check_invariants()
+    with pytest.raises(TypeError):
+        bm.allocate(10, toks, cache_salt=-1)  # a salt is a uint64
+    with pytest.raises(TypeError):
+        bm.allocate(10, toks, cache_salt=2**64)
+    assert 10 not in bm
+
+
+def test_salted_root_never_aliases_a_block_whose_parent_hash_equals_the_salt():
+    # A salted root hashes the same bytes as a non-root block whose parent hash
+    # equals the salt; the parent link (salt or block) still tells them apart.
+    a, b = [1, 2, 3, 4], [5, 6, 7, 8]
+    ha = hash_block(None, a)
+    bm = BlockManager(32, 4)
+    bm.allocate(1, a + [0])  # caches a
+    assert bm.allocate(2, b + [0], cache_salt=ha) == 0
+    root = bm.block_table(2)[0]
+    assert bm.block_hash(root) == hash_block(ha, b) and bm.is_cached(root)
+    # An unsalted lookup of a + b finds the salted root under b's hash: a miss.
+    assert bm.allocate(3, a + b + [0]) == 4
+    assert bm.block_table(3)[1] != root
+    bm.check_invariants()
+    # The other way round: a salted lookup never hits a non-root block.
+    bm = BlockManager(32, 4)
+    bm.allocate(1, a + b + [0])
+    assert bm.allocate(2, b + [0], cache_salt=ha) == 0
+    assert bm.block_table(2)[0] != bm.block_table(1)[1]
+    assert not bm.is_cached(bm.block_table(2)[0])  # its hash is taken: not registered
+    bm.check_invariants()
+
+
+def test_fork_keeps_the_salt():
+    bm = BlockManager(16, 4)
+    salt = 0xDEADBEEF
+    bm.allocate(1, [1, 2], cache_salt=salt)
+    bm.fork(1, 2)
+    assert bm.cache_salt(2) == salt
+    # The child fills the shared partial root block (CoW) and a second block.
+    r = bm.append_token(2, 3)
+    assert r.cow is not None
+    bm.append_token(2, 4)
+    root = bm.block_table(2)[0]
+    h0 = hash_block(salt, [1, 2, 3, 4])
+    assert bm.block_hash(root) == h0 and bm.is_cached(root)
+    for t in (5, 6, 7, 8):
+        bm.append_token(2, t)
+    assert bm.block_hash(bm.block_table(2)[1]) == hash_block(h0, [5, 6, 7, 8])
+    # The child's appended blocks serve sequences of the same salt only.
+    assert bm.allocate(3, [1, 2, 3, 4, 5, 6, 7, 8, 9], cache_salt=salt) == 8
+    assert bm.block_table(3)[:2] == bm.block_table(2)[:2]
+    assert bm.allocate(4, [1, 2, 3, 4, 5, 6, 7, 8, 9]) == 0
+    # A fork of a fork, of an unsalted sequence: no salt.
+    bm.fork(3, 5)
+    bm.fork(4, 6)
+    assert bm.cache_salt(5) == salt and bm.cache_salt(6) is None
+    # The parent fills its own root block: same hash as the child's (a duplicate).
+    bm.append_token(1, 3)
+    bm.append_token(1, 4)
+    assert bm.block_hash(bm.block_table(1)[0]) == h0 and not bm.is_cached(bm.block_table(1)[0])
+    bm.check_invariants()
+    bm.clear_prefix_cache()
+    assert bm.cache_salt(2) == salt
+    bm.check_invariants()
+
+
 # -------------------------------------------------------- randomized test --
 
 
 class RefModel:
     """Pure-Python statement of the manager's policy. The cache is keyed by the
-    exact token prefix, i.e. what a collision-free hash would give."""
+    cache salt and the exact token prefix, i.e. what a collision-free hash would
+    give."""
 
     def __init__(self, num_blocks: int, block_size: int, watermark: float):
         self.nb, self.bs = num_blocks, block_size
         self.wm_blocks = int(watermark * num_blocks)
         self.free = list(range(num_blocks))  # head first
         self.ref = [0] * num_blocks
-        self.key: list[tuple | None] = [None] * num_blocks  # token prefix a full block holds
+        self.key: list[tuple | None] = [None] * num_blocks  # (salt, token prefix) a full block holds
         self.computed = [False] * num_blocks
         self.registered = [False] * num_blocks
         self.stale = [False] * num_blocks
@@ -494,12 +614,12 @@ class RefModel:
     def can_allocate(self, n):
         return len(self.free) - math.ceil(n / self.bs) >= self.wm_blocks
 
-    def allocate(self, sid, toks, sched):
+    def allocate(self, sid, toks, sched, salt=None):
         bs, n = self.bs, len(toks)
         nblocks, nfull = math.ceil(n / bs), n // bs
         hits = []
         for i in range((n - 1) // bs):
-            b = self.cache.get(tuple(toks[: (i + 1) * bs]))
+            b = self.cache.get((salt, tuple(toks[: (i + 1) * bs])))
             if b is None:
                 break
             hits.append(b)
@@ -515,9 +635,9 @@ class RefModel:
             b = self._pop()
             self.ref[b] = 1
             if i < nfull:
-                self.key[b] = tuple(toks[: (i + 1) * bs])
+                self.key[b] = (salt, tuple(toks[: (i + 1) * bs]))
             table.append(b)
-        seq = {"tokens": list(toks), "table": table, "computed": 0}
+        seq = {"tokens": list(toks), "table": table, "computed": 0, "salt": salt}
         self.seqs[sid] = seq
         cached = len(hits) * bs
         self._advance(seq, max(cached, n if sched is None else sched))
@@ -547,7 +667,7 @@ class RefModel:
         seq["tokens"].append(tok)
         b = seq["table"][-1]
         if off == bs - 1:
-            self.key[b] = tuple(seq["tokens"])
+            self.key[b] = (seq["salt"], tuple(seq["tokens"]))
             if len(seq["table"]) > 1 and self.stale[seq["table"][-2]]:
                 self.stale[b] = True
         self._advance(seq, L + 1)
@@ -555,7 +675,8 @@ class RefModel:
 
     def fork(self, parent, child):
         p = self.seqs[parent]
-        self.seqs[child] = {"tokens": list(p["tokens"]), "table": list(p["table"]), "computed": p["computed"]}
+        self.seqs[child] = {"tokens": list(p["tokens"]), "table": list(p["table"]), "computed": p["computed"],
+                            "salt": p["salt"]}
         for b in p["table"]:
             self.ref[b] += 1
 
@@ -581,6 +702,7 @@ def _check_same(bm: BlockManager, model: RefModel):
         assert bm.block_table(sid) == seq["table"], sid
         assert bm.num_tokens(sid) == len(seq["tokens"])
         assert bm.num_computed(sid) == seq["computed"]
+        assert bm.cache_salt(sid) == seq["salt"]
     for b in range(model.nb):
         assert bm.ref_count(b) == model.ref[b], b
         assert bm.is_cached(b) == model.registered[b], b
@@ -592,25 +714,28 @@ def test_random_operations_against_model(seed):
     nb, bs = 32, 4
     bm = BlockManager(nb, bs, watermark=0.05)
     model = RefModel(nb, bs, 0.05)
-    # Simulated KV cache: slot -> (weights version of the writer, token prefix).
-    kv: dict[int, tuple[int, tuple]] = {}
+    # Simulated KV cache: slot -> (weights version, cache salt of the writer, token prefix).
+    # The salt stands for the policy (e.g. a noise spec) the KV was computed with.
+    kv: dict[int, tuple[int, int | None, tuple]] = {}
     version = 0  # bumped by a "weight update" (clear_prefix_cache)
     seq_version: dict[int, int] = {}  # weights version a sequence computes with
+    salts = [None, None, 0, 2**64 - 1]  # None (clean) most often
     stems = [[rng.randrange(6) for _ in range(rng.randrange(4, 17))] for _ in range(5)]
     next_id = 0
-    counts = {"alloc": 0, "oob": 0, "hit_tokens": 0, "cow": 0}
+    counts = {"alloc": 0, "oob": 0, "hit_tokens": 0, "salted_hit_tokens": 0, "other_salt_misses": 0, "cow": 0}
 
     def write(sid, start, end):
         toks = bm.token_ids(sid)
         for p, slot in zip(range(start, end), bm.slot_mapping(sid, start, end)):
-            kv[slot] = (seq_version[sid], tuple(toks[: p + 1]))
+            kv[slot] = (seq_version[sid], bm.cache_salt(sid), tuple(toks[: p + 1]))
 
     def check_kv():
         for sid in bm.sequence_ids():
             toks = bm.token_ids(sid)
             n = bm.num_computed(sid)
+            want_salt = bm.cache_salt(sid)
             for p, slot in enumerate(bm.slot_mapping(sid, 0, n)):
-                assert kv.get(slot) == (seq_version[sid], tuple(toks[: p + 1])), (sid, p)
+                assert kv.get(slot) == (seq_version[sid], want_salt, tuple(toks[: p + 1])), (sid, p)
 
     for _ in range(3000):
         live = sorted(model.seqs)
@@ -619,6 +744,7 @@ def test_random_operations_against_model(seed):
             stem = rng.choice(stems)
             toks = stem[: rng.randrange(len(stem) + 1)] + [rng.randrange(6) for _ in range(rng.randrange(1, 9))]
             sched = None if rng.random() < 0.7 else rng.randrange(len(toks) + 1)
+            salt = rng.choice(salts)
             sid = next_id
             next_id += 1
             assert bm.can_allocate(len(toks)) == model.can_allocate(len(toks))
@@ -630,19 +756,26 @@ def test_random_operations_against_model(seed):
                 bm.check_invariants()
                 _check_same(bm, model)
             before = snapshot(bm)
+            # Another policy holds this prompt's first block: the lookup must miss it.
+            other_salt_holds = len(toks) > bs and any(
+                (x, tuple(toks[:bs])) in model.cache for x in set(salts) - {salt})
             try:
-                want = model.allocate(sid, toks, sched)
+                want = model.allocate(sid, toks, sched, salt)
             except OutOfBlocks:
                 with pytest.raises(OutOfBlocks):
-                    bm.allocate(sid, toks, sched)
+                    bm.allocate(sid, toks, sched, cache_salt=salt)
                 assert snapshot(bm) == before
                 counts["oob"] += 1
             else:
-                assert bm.allocate(sid, toks, sched) == want
+                assert bm.allocate(sid, toks, sched, cache_salt=salt) == want
                 seq_version[sid] = version
                 write(sid, want, bm.num_computed(sid))  # the prefill (first chunk)
                 counts["alloc"] += 1
                 counts["hit_tokens"] += want
+                if salt is not None:
+                    counts["salted_hit_tokens"] += want
+                if other_salt_holds and want == 0:
+                    counts["other_salt_misses"] += 1
         elif op < 0.60:  # append to a fully computed sequence (decode)
             ready = [s for s in live if model.seqs[s]["computed"] == len(model.seqs[s]["tokens"])]
             if not ready:
@@ -670,7 +803,7 @@ def test_random_operations_against_model(seed):
                         if src * bs + o in kv:
                             kv[dst * bs + o] = kv[src * bs + o]
                     counts["cow"] += 1
-                kv[r.slot] = (seq_version[sid], tuple(bm.token_ids(sid)))
+                kv[r.slot] = (seq_version[sid], bm.cache_salt(sid), tuple(bm.token_ids(sid)))
         elif op < 0.68:  # next prefill chunk
             pending = [s for s in live if model.seqs[s]["computed"] < len(model.seqs[s]["tokens"])]
             if not pending:
@@ -703,6 +836,8 @@ def test_random_operations_against_model(seed):
 
     # The run exercised what it is meant to.
     assert counts["alloc"] > 500 and counts["oob"] > 50 and counts["hit_tokens"] > 500 and counts["cow"] > 30
+    assert counts["salted_hit_tokens"] > 100 and counts["hit_tokens"] - counts["salted_hit_tokens"] > 100
+    assert counts["other_salt_misses"] > 50
     assert bm.stats()["evictions"] > 50
     # No leak, no double free.
     for sid in sorted(model.seqs):

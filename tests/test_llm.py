@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine.llm import LLM
+from engine.llm import LLM, noise_cache_salt
 from engine.noise_spec import NoiseSpec
 from engine.sampling import SamplingParams
 from kernels import noise_reference as R
@@ -103,6 +103,59 @@ def test_noisy_and_clean_requests_share_a_batch(checkpoint):
         assert out.noise == n
         assert out.outputs[0].token_ids == hf_greedy(noisy_hf if n else hf, prompt, 12)
     assert outs[0].outputs[0].token_ids != hf_greedy(hf, PROMPTS[0], 12)
+
+
+def test_noisy_requests_never_reuse_kv_of_another_policy(checkpoint):
+    # The prefix cache used to key blocks on token ids only: a noisy request whose
+    # prompt matched a clean one's decoded on the clean policy's prompt KV.
+    _, path = checkpoint
+    prompt = PROMPTS[4]  # 20 tokens: 4 cacheable blocks of 4
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    # Noise on q/k/v/o changes the KV (and is the cheapest to run in the Triton interpreter).
+    spec = NoiseSpec(seed=7, sigma=0.5, targets="attn")
+    other = NoiseSpec(seed=8, sigma=0.5, targets="attn")
+
+    def run(llm, noise):
+        outs = llm.generate([prompt] * len(noise), params, noise=noise, use_tqdm=False)
+        return [o.outputs[0] for o in outs]
+
+    def same(a, b):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+
+    alone = {n: run(make(path), [n])[0] for n in (None, spec, other)}
+    assert len({tuple(c.token_ids) for c in alone.values()}) == 3
+    # One call: clean first (admitted in the same step), then two noisy policies.
+    llm = make(path)
+    for out, n in zip(run(llm, [None, spec, other, spec]), [None, spec, other, spec]):
+        same(out, alone[n])
+    # Clean in one call, noisy in a later one: the cached clean blocks are not hit.
+    llm = make(path)
+    same(run(llm, [None])[0], alone[None])
+    hits = llm.blocks.stats()["prefix_cache_hits"]
+    same(run(llm, [spec])[0], alone[spec])
+    assert llm.blocks.stats()["prefix_cache_hits"] == hits
+    # ... while each policy still hits its own cached prompt.
+    same(run(llm, [spec])[0], alone[spec])
+    assert llm.blocks.stats()["prefix_cache_hits"] == hits + 16
+    same(run(llm, [None])[0], alone[None])
+    assert llm.blocks.stats()["prefix_cache_hits"] == hits + 32
+    # sigma 0 is the clean policy: it shares the clean blocks.
+    same(run(llm, [NoiseSpec(seed=7, sigma=0.0, targets="attn")])[0], alone[None])
+    assert llm.blocks.stats()["prefix_cache_hits"] == hits + 48
+    llm.blocks.check_invariants()
+
+
+def test_noise_cache_salt_is_a_stable_digest_of_the_spec():
+    spec = NoiseSpec(seed=7, sigma=0.5, targets="all")
+    salt = noise_cache_salt(spec)
+    assert salt == 10777858239649562980  # the same in every process (not hash())
+    assert salt == noise_cache_salt(NoiseSpec(seed=7, sigma=0.5, targets=("mlp", "attn", "lm_head")))
+    others = [NoiseSpec(seed=8, sigma=0.5, targets="all"), NoiseSpec(seed=7, sigma=0.25, targets="all"),
+              NoiseSpec(seed=7, sigma=0.5, targets="mlp"), NoiseSpec(seed=7, sigma=0.5, targets="lm_head")]
+    salts = [noise_cache_salt(s) for s in others]
+    assert len(set(salts + [salt])) == 5 and all(0 <= x < 2**64 for x in salts)
+    assert noise_cache_salt(None) is None and noise_cache_salt(NoiseSpec(seed=7, sigma=0.0)) is None
 
 
 def test_bad_requests_finish_with_an_error_and_the_others_run(checkpoint):

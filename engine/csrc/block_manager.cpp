@@ -19,11 +19,28 @@
 // A full block's hash is chained: h_0 = XXH64(tokens_0), h_i =
 // XXH64(le64(h_{i-1}) || tokens_i), tokens as little-endian int64, seed 0. The
 // manager keeps one map hash -> block. A lookup hits only if the candidate
-// block stores exactly the same block_size token ids AND the same parent hash
-// (or also has no parent, for block 0): the hash is never trusted on its own.
-// Because lookups stop at the first miss and each level checks the parent
-// link, a false hit needs a genuine 64-bit collision of two different chains
-// whose blocks also carry identical tokens.
+// block stores exactly the same block_size token ids AND the same parent link
+// (the same parent hash, or also no parent for block 0, or the same salt; see
+// below): the hash is never trusted on its own. Because lookups stop at the
+// first miss and each level checks the parent link, a false hit needs a
+// genuine 64-bit collision of two different chains whose blocks also carry
+// identical tokens.
+//
+// Cache salt: the same tokens do not always give the same KV (a request that
+// runs a perturbed policy, theta + eps, computes other keys and values than
+// the clean policy). allocate(..., cache_salt) gives a sequence an optional
+// uint64 salt for the policy its KV comes from. A salted sequence's root block
+// hashes with the salt in the parent slot, h_0 = XXH64(le64(salt) ||
+// tokens_0), and records the salt as its parent link (tagged as a salt, not a
+// parent block), so every block of its chain differs from the unsalted chain
+// and from the chain of any other salt. Lookups verify the link the same way:
+// an unsalted lookup only hits parentless roots, a salted one only roots that
+// carry the same salt, and deeper levels only blocks whose parent is a block
+// (never a salt) with the expected hash. The salt is a property of the
+// sequence: the blocks it publishes (mark_computed, append_token filling a
+// block) chain from it, and fork() gives the child the parent's salt. The
+// salt is assumed to identify the policy; the engine derives it from the
+// NoiseSpec (see engine/llm.py) and passes none for the clean policy.
 //
 // Only blocks whose KV is (or is being) computed may be shared. Each sequence
 // has a "computed" horizon: the number of leading tokens whose KV is written,
@@ -165,8 +182,10 @@ bool host_is_little_endian() {
     return b == 1;
 }
 
-// Hash of one block: XXH64 over [le64(parent)] + le64(token) * n. A root block
-// (no parent) hashes 8 bytes fewer, so it can never alias a non-root block.
+// Hash of one block: XXH64 over [le64(parent)] + le64(token) * n. An unsalted
+// root block (no parent) hashes 8 bytes fewer, so it can never alias a block
+// that has a parent. `parent` is the parent block's hash, or for the root block
+// of a salted sequence the salt (which the block then records as a salt link).
 uint64_t hash_tokens(const std::optional<uint64_t>& parent, const int64_t* tokens, size_t n,
                      std::vector<uint64_t>& scratch) {
     scratch.clear();
@@ -235,14 +254,15 @@ class BlockManager {
 
     // Exact number of free-pool blocks allocate(token_ids) would take now
     // (fresh blocks + cache hits on free blocks); no watermark.
-    int64_t num_required_blocks(const std::vector<int64_t>& tokens) {
+    int64_t num_required_blocks(const std::vector<int64_t>& tokens,
+                                std::optional<uint64_t> salt) {
         if (tokens.empty()) throw std::invalid_argument("token_ids must be non-empty");
-        Plan plan = make_plan(tokens);
+        Plan plan = make_plan(tokens, salt);
         return plan.required;
     }
 
     int64_t allocate(int64_t seq_id, const std::vector<int64_t>& tokens,
-                     std::optional<int64_t> num_scheduled) {
+                     std::optional<int64_t> num_scheduled, std::optional<uint64_t> salt) {
         if (seqs_.count(seq_id))
             throw std::invalid_argument("sequence " + std::to_string(seq_id) + " is already allocated");
         if (tokens.empty()) throw std::invalid_argument("token_ids must be non-empty");
@@ -251,7 +271,7 @@ class BlockManager {
         if (scheduled < 0 || scheduled > n)
             throw std::invalid_argument("num_scheduled must be in [0, len(token_ids)], got " +
                                         std::to_string(scheduled));
-        Plan plan = make_plan(tokens);
+        Plan plan = make_plan(tokens, salt);
         if (plan.required > free_count_) {
             std::ostringstream os;
             os << "allocate(" << seq_id << "): needs " << plan.required << " free blocks ("
@@ -263,6 +283,7 @@ class BlockManager {
         // fresh blocks cannot evict them.
         Sequence seq;
         seq.tokens = tokens;
+        seq.salt = salt;
         seq.table.reserve(plan.num_blocks);
         for (int32_t b : plan.hits) {
             Block& blk = blocks_[b];
@@ -275,9 +296,10 @@ class BlockManager {
             int32_t b = pop_free();
             blocks_[b].ref = 1;
             if (i < nfull) {
-                std::optional<uint64_t> parent;
-                if (i > 0) parent = plan.hashes[i - 1];
-                set_full(b, plan.hashes[i], parent, tokens.data() + i * block_size_);
+                if (i > 0)
+                    set_full(b, plan.hashes[i], plan.hashes[i - 1], false, tokens.data() + i * block_size_);
+                else
+                    set_full(b, plan.hashes[0], salt, salt.has_value(), tokens.data());
             }
             seq.table.push_back(b);
         }
@@ -340,7 +362,7 @@ class BlockManager {
         res.slot = static_cast<int64_t>(b) * block_size_ + off;
         if (off == block_size_ - 1) {  // the block just became full
             const size_t nb = seq.table.size();
-            std::optional<uint64_t> parent;
+            std::optional<uint64_t> parent = seq.salt;  // the root block chains from the salt
             bool stale = blocks_[b].stale;
             if (nb > 1) {
                 const Block& pb = blocks_[seq.table[nb - 2]];
@@ -349,7 +371,7 @@ class BlockManager {
             }
             const int64_t* toks = seq.tokens.data() + (nb - 1) * block_size_;
             uint64_t h = hash_tokens(parent, toks, block_size_, scratch_);
-            set_full(b, h, parent, toks);
+            set_full(b, h, parent, nb == 1 && seq.salt.has_value(), toks);
             blocks_[b].stale = stale;
         }
         advance_computed(seq, len + 1);
@@ -361,7 +383,7 @@ class BlockManager {
         if (seqs_.count(child_id))
             throw std::invalid_argument("child sequence " + std::to_string(child_id) +
                                         " is already allocated");
-        Sequence child = parent;  // copy before emplace: emplace may rehash
+        Sequence child = parent;  // copy (salt included) before emplace: emplace may rehash
         for (int32_t b : child.table) ++blocks_[b].ref;
         seqs_.emplace(child_id, std::move(child));
     }
@@ -379,6 +401,7 @@ class BlockManager {
     int64_t num_tokens(int64_t seq_id) const {
         return static_cast<int64_t>(get(seq_id).tokens.size());
     }
+    std::optional<uint64_t> cache_salt(int64_t seq_id) const { return get(seq_id).salt; }
     std::vector<int64_t> sequence_ids() const {
         std::vector<int64_t> ids;
         ids.reserve(seqs_.size());
@@ -478,7 +501,7 @@ class BlockManager {
             if (static_cast<int64_t>(s.table.size()) != blocks_for(n))
                 fail(sid + " has " + std::to_string(s.table.size()) + " blocks for " +
                      std::to_string(n) + " tokens");
-            std::optional<uint64_t> parent;
+            std::optional<uint64_t> parent = s.salt;  // the root block chains from the salt
             for (size_t i = 0; i < s.table.size(); ++i) {
                 const int32_t b = s.table[i];
                 if (b < 0 || b >= num_blocks_) fail(sid + " points to invalid " + bid(b));
@@ -496,6 +519,10 @@ class BlockManager {
                     fail(sid + ": " + bid(b) + " stores other tokens than the sequence");
                 if (blk.has_parent != parent.has_value() || (parent && blk.parent_hash != *parent))
                     fail(sid + ": " + bid(b) + " has a wrong parent hash");
+                if (blk.parent_is_salt != (i == 0 && s.salt.has_value()))
+                    fail(sid + ": " + bid(b) +
+                         (blk.parent_is_salt ? " links to a salt but is not the root of a salted sequence"
+                                             : " is the root of a salted sequence but does not link to its salt"));
                 if (blk.hash != hash_tokens(parent, toks, block_size_, scratch))
                     fail(sid + ": " + bid(b) + " hash does not match its tokens");
                 if (static_cast<int64_t>(i + 1) * block_size_ <= s.computed && !blk.computed)
@@ -552,6 +579,8 @@ class BlockManager {
                 fail("hash map entry for " + bid(b) + " does not match the block's hash");
             if (static_cast<int64_t>(blk.tokens.size()) != block_size_)
                 fail("cached " + bid(b) + " does not store a full block of tokens");
+            if (blk.parent_is_salt && !blk.has_parent)
+                fail("cached " + bid(b) + " links to a salt it does not store");
             std::optional<uint64_t> parent;
             if (blk.has_parent) parent = blk.parent_hash;
             if (hash_tokens(parent, blk.tokens.data(), blk.tokens.size(), scratch) != kv.first)
@@ -573,11 +602,12 @@ class BlockManager {
         bool in_free = true;
         bool has_hash = false;    // a full block whose hash/tokens are kept
         bool registered = false;  // hash_to_block_[hash] == this block
-        bool has_parent = false;
+        bool has_parent = false;  // parent_hash is set (a parent block's hash, or a salt)
+        bool parent_is_salt = false;  // root block of a salted sequence: parent_hash is the salt
         bool stale = false;       // KV predates clear_prefix_cache()
         bool computed = false;    // full and inside some sequence's computed horizon
         uint64_t hash = 0;
-        uint64_t parent_hash = 0;
+        uint64_t parent_hash = 0;     // parent block's hash, or the salt (parent_is_salt)
         std::vector<int64_t> tokens;  // block_size ids when has_hash
         int32_t prev = -1, next = -1;  // free-list links
     };
@@ -585,6 +615,7 @@ class BlockManager {
         std::vector<int64_t> tokens;
         std::vector<int32_t> table;
         int64_t computed = 0;  // leading tokens whose KV is written or scheduled
+        std::optional<uint64_t> salt;  // cache salt: the policy its KV comes from (None: clean)
     };
     struct Plan {
         std::vector<uint64_t> hashes;  // of the full blocks
@@ -593,14 +624,14 @@ class BlockManager {
         int64_t required = 0;  // free-pool blocks the allocation consumes
     };
 
-    Plan make_plan(const std::vector<int64_t>& tokens) {
+    Plan make_plan(const std::vector<int64_t>& tokens, const std::optional<uint64_t>& salt) {
         Plan plan;
         const int64_t n = static_cast<int64_t>(tokens.size());
         plan.num_blocks = blocks_for(n);
         const int64_t nfull = n / block_size_;
         const int64_t max_hit = (n - 1) / block_size_;  // blocks entirely before the last token
         plan.hashes.reserve(nfull);
-        std::optional<uint64_t> parent;
+        std::optional<uint64_t> parent = salt;  // the root block chains from the salt
         for (int64_t i = 0; i < nfull; ++i) {
             uint64_t h = hash_tokens(parent, tokens.data() + i * block_size_, block_size_, scratch_);
             plan.hashes.push_back(h);
@@ -612,8 +643,12 @@ class BlockManager {
             if (it == hash_to_block_.end()) break;
             const Block& blk = blocks_[it->second];
             const int64_t* toks = tokens.data() + i * block_size_;
-            const bool same_parent = (i == 0) ? !blk.has_parent
-                                              : (blk.has_parent && blk.parent_hash == plan.hashes[i - 1]);
+            bool same_parent;
+            if (i == 0)  // an unsalted root has no parent; a salted one links to the same salt
+                same_parent = salt ? (blk.has_parent && blk.parent_is_salt && blk.parent_hash == *salt)
+                                   : !blk.has_parent;
+            else
+                same_parent = blk.has_parent && !blk.parent_is_salt && blk.parent_hash == plan.hashes[i - 1];
             if (!same_parent || static_cast<int64_t>(blk.tokens.size()) != block_size_ ||
                 !std::equal(blk.tokens.begin(), blk.tokens.end(), toks))
                 break;
@@ -650,11 +685,15 @@ class BlockManager {
         return blocks_[block_id];
     }
 
-    void set_full(int32_t b, uint64_t h, const std::optional<uint64_t>& parent, const int64_t* toks) {
+    // parent: the parent block's hash, the salt (parent_is_salt: root of a salted
+    // sequence), or none (root of an unsalted sequence).
+    void set_full(int32_t b, uint64_t h, const std::optional<uint64_t>& parent, bool parent_is_salt,
+                  const int64_t* toks) {
         Block& blk = blocks_[b];
         blk.has_hash = true;
         blk.hash = h;
         blk.has_parent = parent.has_value();
+        blk.parent_is_salt = parent_is_salt;
         blk.parent_hash = parent.value_or(0);
         blk.tokens.assign(toks, toks + block_size_);
     }
@@ -694,6 +733,7 @@ class BlockManager {
         blk.has_hash = false;
         blk.computed = false;
         blk.has_parent = false;
+        blk.parent_is_salt = false;
         blk.hash = blk.parent_hash = 0;
         blk.tokens.clear();
     }
@@ -792,8 +832,9 @@ PYBIND11_MODULE(_block_manager, m) {
             return hash_tokens(parent_hash, token_ids.data(), token_ids.size(), scratch);
         },
         py::arg("parent_hash"), py::arg("token_ids"),
-        "Chained block hash: XXH64 (seed 0) of [le64(parent_hash)] + le64(token) for each token; "
-        "parent_hash is None for a sequence's first block.");
+        "Chained block hash: XXH64 (seed 0) of [le64(parent_hash)] + le64(token) for each token. "
+        "parent_hash is the previous block's hash; for a sequence's first block it is the "
+        "sequence's cache salt, or None if it has none.");
 
     py::class_<AppendResult>(m, "AppendResult",
                              "Result of append_token: where the new token's KV goes, and the "
@@ -835,16 +876,21 @@ PYBIND11_MODULE(_block_manager, m) {
              "Whether a new sequence of num_tokens tokens fits while keeping watermark_blocks "
              "free, ignoring possible prefix-cache hits (conservative).")
         .def("num_required_blocks", &BlockManager::num_required_blocks, py::arg("token_ids"),
-             "Exact number of free blocks allocate(token_ids) would take now (fresh blocks plus "
-             "cache hits on free blocks), without the watermark.")
+             py::arg("cache_salt") = py::none(),
+             "Exact number of free blocks allocate(token_ids, cache_salt=cache_salt) would take "
+             "now (fresh blocks plus cache hits on free blocks), without the watermark.")
         .def("allocate", &BlockManager::allocate, py::arg("seq_id"), py::arg("token_ids"),
-             py::arg("num_scheduled") = py::none(),
+             py::arg("num_scheduled") = py::none(), py::arg("cache_salt") = py::none(),
              "Give a new sequence blocks for all its tokens, reusing prefix-cache hits. Returns "
              "the number of leading tokens whose KV is already computed (a multiple of "
              "block_size, always < len(token_ids)). num_scheduled: leading tokens whose KV the "
              "coming step writes (default all; pass less for chunked prefill, then "
-             "mark_computed). ValueError if seq_id exists, token_ids is empty or num_scheduled "
-             "is out of range; OutOfBlocks if the blocks do not fit (state unchanged).")
+             "mark_computed). cache_salt: optional uint64 naming the policy the sequence's KV "
+             "comes from (e.g. a noise spec); the root block hashes with it as its parent, so "
+             "the sequence shares cached blocks only with sequences of the same salt (None "
+             "only with unsalted ones); fork() passes it on. ValueError if seq_id exists, "
+             "token_ids is empty or num_scheduled is out of range; OutOfBlocks if the blocks do "
+             "not fit (state unchanged).")
         .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_id"), py::arg("num_tokens"),
              "The KV of the first num_tokens tokens is written, or is by the step about to run: "
              "their full blocks may be shared through the prefix cache. Never lowers the mark.")
@@ -856,12 +902,15 @@ PYBIND11_MODULE(_block_manager, m) {
              "Add one token; returns AppendResult(slot, block_id, new_block, cow). OutOfBlocks "
              "if a block is needed and none is free (state unchanged).")
         .def("fork", &BlockManager::fork, py::arg("parent_seq_id"), py::arg("child_seq_id"),
-             "The child shares all the parent's blocks (ref + 1) and its token list.")
+             "The child shares all the parent's blocks (ref + 1), its token list and its cache "
+             "salt.")
         .def("free", &BlockManager::free, py::arg("seq_id"),
              "Release the sequence's blocks (ref - 1 each, last block first). KeyError if unknown.")
         .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
         .def("token_ids", &BlockManager::token_ids, py::arg("seq_id"))
         .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
+        .def("cache_salt", &BlockManager::cache_salt, py::arg("seq_id"),
+             "The sequence's cache salt (see allocate), or None.")
         .def("sequence_ids", &BlockManager::sequence_ids)
         .def("num_sequences", &BlockManager::num_sequences)
         .def("has_sequence", &BlockManager::has_sequence, py::arg("seq_id"))
@@ -883,7 +932,9 @@ PYBIND11_MODULE(_block_manager, m) {
              "Counters: prefix_cache_queries/hits (tokens), hit rate, cow_copies, evictions, ...")
         .def("reset_stats", &BlockManager::reset_stats)
         .def("check_invariants", &BlockManager::check_invariants,
-             "Full consistency check (O(blocks + tokens)); RuntimeError naming the first violation.")
+             "Full consistency check (O(blocks + tokens)): ref counts vs block tables, free list, "
+             "hash map, chained hashes and parent links (salted roots link to their sequence's "
+             "salt); RuntimeError naming the first violation.")
         .def("reset", &BlockManager::reset, "Drop every sequence and cache entry; all blocks free.")
         .def("clear_prefix_cache", &BlockManager::clear_prefix_cache,
              "Forget all cached KV (e.g. after a weight update): empties the cache, drops the "
