@@ -27,6 +27,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from trainer import distributed
     from trainer.config import ConfigError, load_config
     from trainer.loop import PSNTrainer
 
@@ -40,10 +41,14 @@ def _run_train(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"psnrl train: {e}")
     except KeyboardInterrupt:
-        print(f"\ninterrupted: checkpoint saved in {trainer.ckpt_dir}; continue with --resume",
+        where = "saved in" if trainer.world == 1 else "the last periodic one is in"
+        print(f"\ninterrupted: checkpoint {where} {trainer.ckpt_dir}; continue with --resume",
               file=sys.stderr)
         return 130
-    _print_summary(history, trainer.run_dir)
+    finally:
+        distributed.shutdown()
+    if trainer.main:
+        _print_summary(history, trainer.run_dir)
     return 0
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from engine.model import CausalLM
 from engine.noise_spec import NoiseSpec
 from kernels.profiling import nvtx_range
+from trainer.distributed import all_reduce, world_size
 from trainer.logprobs import TokenLogprobs, dual_stream_logprobs, response_logprobs
 from trainer.losses import LossConfig, loss_normalizer, policy_loss
 
@@ -43,10 +43,6 @@ class Rollouts:
         return len(self.seqs)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def shard_model(model: CausalLM, param_dtype: torch.dtype | None = None) -> CausalLM:
     """FSDP2: each decoder layer its own unit, then the root (embeddings, norm, lm_head).
 
@@ -62,16 +58,10 @@ def shard_model(model: CausalLM, param_dtype: torch.dtype | None = None) -> Caus
     return model
 
 
-def _reshard(model: nn.Module) -> None:
+def reshard(model: nn.Module) -> None:
     """FSDP2 keeps the root's parameters gathered after a forward without backward: free them."""
     if hasattr(model, "reshard"):
         model.reshard()
-
-
-def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    if world_size() > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
 
 
 def _micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -88,7 +78,7 @@ def _micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 def _padded(groups: list[list[int]]) -> list[list[int] | None]:
     """``groups`` followed by None (padding) up to the largest count of any rank."""
-    count = int(_all_reduce(torch.tensor([len(groups)]), dist.ReduceOp.MAX if world_size() > 1 else None))
+    count = int(all_reduce(torch.tensor([len(groups)]), "max"))
     return groups + [None] * (count - len(groups))
 
 
@@ -116,7 +106,7 @@ class Learner:
         self.grad_clip = grad_clip
         self.micro_batch_tokens = micro_batch_tokens
         self.noisy_logprobs = noisy_logprobs
-        _reshard(model)  # the optimizer must see the sharded parameters
+        reshard(model)  # the optimizer must see the sharded parameters
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
 
     # -- log-probs ---------------------------------------------------------------------------
@@ -142,7 +132,7 @@ class Learner:
                 clean.extend(c.split())
                 if noisy is not None:
                     noisy.extend(n.split())
-        _reshard(model)
+        reshard(model)
         return clean, noisy
 
     # -- the update --------------------------------------------------------------------------
@@ -178,7 +168,7 @@ class Learner:
             micro = [[idx[j] for j in mb] for mb in _micro_batches([len(rows.seqs[i]) for i in idx],
                                                                    self.micro_batch_tokens)]
             masks = [_pad([torch.ones(len(rows.seqs[i]) - rows.prompt_lens[i]) for i in ids]) for ids in micro]
-            total = _all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks), torch.zeros(())).float())
+            total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks), torch.zeros(())).float())
             self.optimizer.zero_grad()
             sums: dict[str, float] = {}
             padded = _padded(micro)
@@ -243,7 +233,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
-    norm = _all_reduce(sq.cpu().double()).sqrt().item()
+    norm = all_reduce(sq.cpu().double()).sqrt().item()
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for g in local:
@@ -254,13 +244,13 @@ def clip_grad_norm(params, max_norm: float) -> float:
 def _token_means(sums: dict[str, float]) -> dict[str, float]:
     """Token-weighted means over every rank's micro-batches of one optimizer step."""
     names = sorted(k for k in sums if k != "tokens")  # the same on every rank
-    totals = _all_reduce(torch.tensor([sums.get("tokens", 0.0)] + [sums[k] for k in names], dtype=torch.float64))
+    totals = all_reduce(torch.tensor([sums.get("tokens", 0.0)] + [sums[k] for k in names], dtype=torch.float64))
     return {k: (totals[j + 1] / totals[0]).item() for j, k in enumerate(names)} if totals[0] > 0 else {}
 
 
 def _global_mean(parts: list[torch.Tensor]) -> float:
     local = torch.cat(parts) if parts else torch.zeros(0)
-    acc = _all_reduce(torch.tensor([local.double().sum().item(), float(local.numel())], dtype=torch.float64))
+    acc = all_reduce(torch.tensor([local.double().sum().item(), float(local.numel())], dtype=torch.float64))
     return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
 
 
@@ -272,7 +262,7 @@ def sync_weights(learner_model: nn.Module, engine_model: nn.Module) -> None:
     the model) and cast to the engine's dtype on the device. Tied weights are copied once.
     Colocated in one process without FSDP, share the model instead and skip this.
     """
-    _reshard(learner_model)
+    reshard(learner_model)
     dst = dict(engine_model.named_parameters())
     src = dict(learner_model.named_parameters())
     if set(src) != set(dst):

@@ -6,9 +6,13 @@ them, and updates the clean policy with the GRPO surrogate corrected by truncate
 importance sampling against the perturbed policy's log-probs, which the learner's
 dual-stream pass computes alongside the clean ones (or, with
 ``algo.noisy_logprobs=sampler``, the engine's log-probs of the sampled tokens). Plain GRPO is the same loop with
-``noise.enabled=false``. Engine and learner share one model (colocated), so an
-update is visible to the next rollout at no cost; only the prefix cache, which
-holds KV of the old weights, is dropped.
+``noise.enabled=false``. In one process, engine and learner share one model
+(colocated), so an update is visible to the next rollout at no cost; only the
+prefix cache, which holds KV of the old weights, is dropped. Under torchrun
+(``torchrun --nproc-per-node N -m trainer.cli train ...``) each rank's engine
+samples its slice of the prompts (a prompt's G samples stay on one rank), the
+learner is FSDP2 over all ranks, and the weights are copied into each engine
+after every update.
 """
 from __future__ import annotations
 
@@ -21,16 +25,20 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from tqdm.auto import tqdm
 
 from engine.llm import LLM, RequestOutput
+from engine.loader import load_model
 from engine.noise_spec import NoiseSpec
 from trainer.advantages import compute_advantages
 from trainer.charts import line_chart
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, dump_config
 from trainer.datasets import Problem, format_prompt, load_problems
-from trainer.learner import Learner, Rollouts
+from trainer import distributed
+from trainer.learner import Learner, Rollouts, reshard, shard_model, sync_weights
 from trainer.logprobs import last_hidden, response_logprobs
 from trainer.evaluate import pass_at_k_eval
 from trainer.reward import math_reward
@@ -91,17 +99,33 @@ class PSNTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.log.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        # Under torchrun: each rank runs an engine on its slice of the prompts and the
+        # learner is FSDP2 over all ranks; rank 0 writes logs and checkpoints.
+        self.rank, self.world = distributed.init_from_env()
+        self.main = self.rank == 0
+        t = cfg.train
+        for name, value in (("rollout.prompts_per_iter", cfg.rollout.prompts_per_iter),
+                            ("train.mini_batch_prompts", t.mini_batch_prompts)):
+            if value % self.world:
+                raise ValueError(f"{name}={value} must be a multiple of the number of processes ({self.world})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = EventWriter(self.run_dir / "tensorboard") if cfg.log.tensorboard else None
+        self.writer = EventWriter(self.run_dir / "tensorboard") if cfg.log.tensorboard and self.main else None
         torch.manual_seed(cfg.train.seed)
         self.tiny = cfg.model.path == "tiny"
-        path = build_checkpoint(self.run_dir / "init-model", seed=cfg.train.seed) if self.tiny else cfg.model.path
-        self.llm = LLM(path, **dataclasses.asdict(cfg.engine_config()))
-        self.model = self.llm.model  # colocated: the learner trains the engine's weights
+        self.model_path = Path(cfg.model.path)
+        if self.tiny:
+            self.model_path = self.run_dir / "init-model"
+            if self.main:
+                build_checkpoint(self.model_path, seed=cfg.train.seed)
+            distributed.barrier()
+        self.llm = LLM(self.model_path, **dataclasses.asdict(cfg.engine_config()))
+        if self.world == 1:
+            self.model = self.llm.model  # colocated: the learner trains the engine's weights
+        else:  # the engine keeps a full copy; weights are synced to it after each update
+            self.model = self._sharded_model()
         self.tokenizer = self.llm.tokenizer
         if self.tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer files; training needs one to read answers")
-        t = cfg.train
+            raise ValueError(f"{self.model_path} has no tokenizer files; training needs one to read answers")
         self.loss_cfg = cfg.loss_config()
         self.learner = Learner(self.model, self.loss_cfg, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas,
                                grad_clip=t.grad_clip, micro_batch_tokens=t.micro_batch_tokens,
@@ -114,7 +138,7 @@ class PSNTrainer:
                                     **(extra.get(n.scheduler, {}) if n.enabled else {}))
         # Var-II: two clean probe rollouts per prompt, compared with a sentence embedder.
         self.probes = n.enabled and n.scheduler == "var2"
-        self.embedder = (make_embedder(n.embedder, hidden_fn=functools.partial(last_hidden, self.model),
+        self.embedder = (make_embedder(n.embedder, hidden_fn=functools.partial(last_hidden, self.llm.model),
                                        device=self.llm.device)
                          if self.probes else None)
         if cfg.data.train == TINY_SET:
@@ -124,6 +148,29 @@ class PSNTrainer:
         self.ref_model = None
         self.iteration = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _sharded_model(self) -> torch.nn.Module:
+        """A learner model sharded over the ranks (FSDP2), loaded from the run's checkpoint."""
+        dtype = self.llm.model.model.embed_tokens.weight.dtype
+        return shard_model(load_model(self.model_path, dtype=dtype, device=self.llm.device))
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        """The reference policy of the KL term: the current weights, frozen."""
+        if self.world == 1:
+            ref = copy.deepcopy(self.model)
+        else:
+            ref = self._sharded_model()
+            reshard(self.model)
+            with torch.no_grad():  # same sharding: each rank copies its own shards
+                for p, q in zip(ref.parameters(), self.model.parameters()):
+                    p.to_local().copy_(q.to_local())
+        return ref.eval().requires_grad_(False)
+
+    def _sync_engine(self) -> None:
+        """The engine's model gets the learner's weights (a no-op when they share storage)."""
+        if self.model is not self.llm.model:
+            sync_weights(self.model, self.llm.model)
+        self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
 
     # -- data, prompts, rewards -------------------------------------------------------------
 
@@ -159,7 +206,7 @@ class PSNTrainer:
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        self.llm.blocks.clear_prefix_cache()
+        self._sync_engine()
         return losses
 
     def _noise(self, k: int, num_prompts: int) -> list[NoiseSpec] | None:
@@ -176,15 +223,19 @@ class PSNTrainer:
         times = {}
         problems = self._problems(cfg.rollout.prompts_per_iter)
         noise = self._noise(k, len(problems))
+        problems = problems[self.rank::self.world]  # this rank's prompts
+        noise = noise[self.rank::self.world] if noise is not None else None
         sigma = self.sigma.sigma
-        params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, 1 << 40) >> 1)
+        params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, (1 << 40) + self.rank) >> 1)
         prompts = [self._prompt(p) for p in problems]
         t = time.perf_counter()
         with nvtx_range("rollout"):
             outs, probe_outs = self._rollout(prompts, params, noise)
         times["rollout"] = time.perf_counter() - t
-        with nvtx_range("sigma_scheduler"):
+        t = time.perf_counter()
+        with nvtx_range("sigma_scheduler"):  # Var-II: scoring the probes (they were in the rollout)
             probe_stats = self._var2_update(probe_outs) if self.probes else {}
+        times["sigma"] = time.perf_counter() - t
         t = time.perf_counter()
         with nvtx_range("reward"):
             rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
@@ -194,11 +245,17 @@ class PSNTrainer:
         t = time.perf_counter()
         learn = self._learn(outs, advantages)
         times["learner"] = time.perf_counter() - t
-        self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
+        t = time.perf_counter()
+        self._sync_engine()
+        times["sync"] = time.perf_counter() - t
         if noise is not None and cfg.noise.scheduler == "var1":
             with nvtx_range("sigma_scheduler"):
                 self.sigma.update(learn["kl_noisy_clean"])
         lengths = [len(c.token_ids) for o in outs for c in o.outputs]
+        if self.world > 1:  # every rank reports the whole batch
+            parts = distributed.gather_objects((rewards, lengths))
+            rewards = torch.cat([r for r, _ in parts])
+            lengths = [n for _, ns in parts for n in ns]
         self.iteration += 1
         return {"iteration": self.iteration, "reward_mean": rewards.mean().item(),
                 "solve_rate": (rewards.max(dim=1).values > 0).float().mean().item(),
@@ -212,26 +269,36 @@ class PSNTrainer:
         """The G rollouts per prompt, and for Var-II two clean probes per prompt in the same batches."""
         if not self.probes:
             return self.llm.generate(prompts, params, noise=noise, use_tqdm=False), []
-        probe = dataclasses.replace(params, n=2, seed=_mix(self.cfg.train.seed, self.iteration, 2 << 40) >> 1)
+        probe = dataclasses.replace(params, n=2, seed=_mix(self.cfg.train.seed, self.iteration,
+                                                          (2 << 40) + self.rank) >> 1)
         both = self.llm.generate(prompts + prompts, [params] * len(prompts) + [probe] * len(prompts),
                                  noise=(noise or [None] * len(prompts)) + [None] * len(prompts), use_tqdm=False)
         return both[:len(prompts)], both[len(prompts):]
 
     def _var2_update(self, probe_outs: list[RequestOutput]) -> dict:
-        """Semantic similarity and self-certainty of the two clean probes of each prompt -> sigma."""
+        """Semantic similarity and self-certainty of the two clean probes of each prompt -> sigma.
+
+        Every rank measures its own prompts on its engine's (clean, current) model; the
+        scheduler then sees all prompts, so sigma stays the same on every rank.
+        """
         pairs = [o for o in probe_outs if len(o.outputs) == 2 and all(c.token_ids for c in o.outputs)]
-        if not pairs:
+        similarity, self_cert = torch.zeros(0), torch.zeros(0)
+        if pairs:
+            seqs = [o.prompt_token_ids + c.token_ids for o in pairs for c in o.outputs]
+            plens = [len(o.prompt_token_ids) for o in pairs for _ in o.outputs]
+            with torch.no_grad():
+                certainty = response_logprobs(self.llm.model, seqs, plens).sequence_self_certainty()
+            if isinstance(self.embedder, HiddenStateEmbedder):
+                emb = self.embedder.embed(token_ids=[s[n:] for s, n in zip(seqs, plens)])
+            else:
+                emb = self.embedder.embed(texts=[c.text for o in pairs for c in o.outputs])
+            similarity = semantic_similarity(emb[0::2], emb[1::2]).cpu()
+            self_cert = torch.tensor(certainty).view(-1, 2).mean(dim=1)
+        if self.world > 1:
+            parts = distributed.gather_objects((similarity, self_cert))
+            similarity, self_cert = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        if not len(similarity):
             return {}
-        seqs = [o.prompt_token_ids + c.token_ids for o in pairs for c in o.outputs]
-        plens = [len(o.prompt_token_ids) for o in pairs for _ in o.outputs]
-        with torch.no_grad():
-            certainty = response_logprobs(self.model, seqs, plens).sequence_self_certainty()
-        if isinstance(self.embedder, HiddenStateEmbedder):
-            emb = self.embedder.embed(token_ids=[s[n:] for s, n in zip(seqs, plens)])
-        else:
-            emb = self.embedder.embed(texts=[c.text for o in pairs for c in o.outputs])
-        similarity = semantic_similarity(emb[0::2], emb[1::2])
-        self_cert = torch.tensor(certainty).view(-1, 2).mean(dim=1)
         self.sigma.update(similarity, self_cert)
         return {"probe_similarity": similarity.mean().item(), "probe_self_certainty": self_cert.mean().item()}
 
@@ -256,28 +323,37 @@ class PSNTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    def _state_options(self) -> StateDictOptions:
+        # Full (unsharded) state dicts: one checkpoint format for any number of processes.
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.world > 1)
+
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "sigma": self.sigma.state_dict(),
-                "data": self.data.state_dict(), "ref_model": self.ref_model.state_dict() if self.ref_model else None,
+        """The run's state (under torchrun a collective: every rank calls it, rank 0 gets it)."""
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        ref = get_model_state_dict(self.ref_model, options=self._state_options()) if self.ref_model else None
+        return {"iteration": self.iteration, "model": model, "optimizer": optimizer,
+                "sigma": self.sigma.state_dict(), "data": self.data.state_dict(), "ref_model": ref,
                 "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=options)
         self.sigma.load_state_dict(state["sigma"])
         self.data.load_state_dict(state["data"])
         if state["ref_model"] is not None:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.ref_model.load_state_dict(state["ref_model"])
+            self.ref_model = self._frozen_copy()
+            set_model_state_dict(self.ref_model, state["ref_model"], options=options)
         torch.set_rng_state(state["torch_rng"])
-        self.llm.blocks.clear_prefix_cache()
+        self._sync_engine()
 
     def _save(self) -> None:
-        save_checkpoint(self.ckpt_dir, self.iteration, self.state_dict(), self.cfg.checkpoint.keep)
-        if self.cfg.log.plot:
-            _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+        state = self.state_dict()
+        if self.main:
+            save_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.checkpoint.keep)
+            if self.cfg.log.plot:
+                _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -289,33 +365,40 @@ class PSNTrainer:
         if last is not None:
             self.load_state_dict(load_checkpoint(last))
         else:
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            if self.main:
+                if self.metrics_path.exists():
+                    self.metrics_path.unlink()
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if cfg.train.sft_warmup_steps:
                 self.sft_warmup()
             if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
-                self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+                self.ref_model = self._frozen_copy()
         history = []
-        bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="psn-grpo", unit="it")
+        bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="psn-grpo", unit="it",
+                   disable=not self.main)
         try:
             while self.iteration < cfg.train.iterations:
                 metrics = self.step()
                 it = self.iteration
-                if cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
+                if self.main and cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
                     metrics["eval"] = self.evaluate()
                 history.append(metrics)
-                self._log(metrics)
+                if self.main:
+                    self._log(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sigma=f"{metrics['sigma']:.4g}")
                 bar.update(1)
                 if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
                     self._save()
         except KeyboardInterrupt:
-            self._save()  # nothing is lost on Ctrl-C: --resume continues from here
+            # Nothing is lost on Ctrl-C: --resume continues from here. Under torchrun the ranks
+            # stop at different points, so a collective save could hang: the last periodic
+            # checkpoint is the resume point there.
+            if self.world == 1:
+                self._save()
             raise
         finally:
             bar.close()
-        if cfg.log.plot:
+        if cfg.log.plot and self.main:
             _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
         return history
 
