@@ -18,6 +18,7 @@ from engine.attention import AttentionMetadata
 from engine.model import CausalLM
 from engine.noise_spec import BatchNoise, NoiseSpec
 from kernels.lm_head_logprob import lm_head_logprob
+from kernels.profiling import nvtx_range
 from trainer.sigma import token_self_certainty
 
 
@@ -150,7 +151,8 @@ def _heads(model: CausalLM, hidden: torch.Tensor, b: _Batch, noise: BatchNoise |
         h = hidden[part.to(device)]
         tgt = b.targets[lo:lo + chunk_tokens]
         if part_noise is None or part_noise.rows("lm_head") is None:
-            lp, ent, sc = lm_head_logprob(h, model.lm_head.weight, tgt, model.lm_head.bias)
+            with nvtx_range("lm_head_logprob"):
+                lp, ent, sc = lm_head_logprob(h, model.lm_head.weight, tgt, model.lm_head.bias)
             sc = sc.detach()
         elif torch.is_grad_enabled() and h.requires_grad:
             lp, ent, sc = checkpoint(_noisy_head, model, h, tgt, part_noise, use_reentrant=False)
