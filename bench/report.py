@@ -9,7 +9,9 @@ Result files (``bench/results/<name>-<device slug>.json``), by kind:
               noisy_over_cublas, extra_bytes, ...                     (bench/noisy_gemm.py)
   decode      rows: model, batch, prompt_len, output_len, mode (clean|noisy|mixed|hf, or
               ours-clean|ours-noisy|ours-mixed), tokens_per_s, step_ms, gbps, over_hf, over_clean
-  learner     rows: model, tokens, mode (plain|psn|naive), peak_bytes, step_ms; "mismatch": {...}
+  learner     rows: model, tokens, mode (plain|psn|naive), peak_bytes, step_ms (also saved_bytes,
+              over_plain_mem, over_plain_time, ...); "mismatch": {flat name: value}
+              (bench/learner.py: engine vs learner log-probs of the same noisy policy)
   step        rows: model, mode (plain|psn|psn-var2), phases_ms {rollout, reward, learner, sync},
               step_ms, peak_bytes
   lm_head     rows: tokens, vocab, hidden, impl, peak_bytes, ms       (lm_head_logprob-<device>.json;
@@ -457,8 +459,8 @@ def learner_table(doc: dict) -> str:
                  rows, "lrlrrrr")
     mismatch = doc.get("mismatch")
     if isinstance(mismatch, dict) and mismatch:
-        text += "\n\nPSN vs naive mismatch: " + ", ".join(f"{k} = {fmt(v, '.3g') if _num(v) is not None else v}"
-                                                          for k, v in mismatch.items())
+        text += "\n\nMismatch: " + ", ".join(f"{k} = {fmt(v, '.3g') if _num(v) is not None else v}"
+                                               for k, v in mismatch.items())
     return text
 
 
