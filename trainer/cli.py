@@ -17,6 +17,7 @@ BENCHES = {
     "kernel-sass": "bench.kernel_sass",
     "lm-head": "bench.lm_head_logprob",
     "decode": "bench.decode",
+    "step": "bench.step",
     "learner": "bench.learner",
     "all": "bench.all",
 }
