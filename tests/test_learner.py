@@ -121,3 +121,16 @@ def test_fsdp_two_processes_equal_one(ckpt, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(got["learner_lp"], response_logprobs(model, seqs, plens).logprobs,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("noisy_logprobs", ["learner", "sampler"])
+def test_update_on_cuda_matches_cpu(ckpt, noisy_logprobs, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = load_model(ckpt, dtype=torch.float32, device=device)
+        learner = Learner(model, loss_config(), lr=1e-2, micro_batch_tokens=24, noisy_logprobs=noisy_logprobs)
+        results[device] = learner.update(rows_of(list(range(8))), ROWS_PER_STEP)
+    for key in ("kl_noisy_clean", "tis_weight_mean", "entropy"):
+        assert results["cuda"][key] == pytest.approx(results["cpu"][key], rel=1e-3, abs=1e-4), key

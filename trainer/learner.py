@@ -152,7 +152,9 @@ class Learner:
         # With one optimizer step the policy is still the rollout's, so both come from the
         # step's own forward; later steps are off-policy and need them up front.
         self._old: list[torch.Tensor | None] = [None] * len(rows)
-        self._noisy: list[torch.Tensor | None] = (list(rows.sampler_logprobs) if noisy and not learner_noisy
+        device = next(self.model.parameters()).device
+        self._noisy: list[torch.Tensor | None] = ([lp.to(device) for lp in rows.sampler_logprobs]
+                                                  if noisy and not learner_noisy
                                                   else [None] * len(rows))
         self._ref = self.logprobs_no_grad(ref_model, rows.seqs, rows.prompt_lens)[0] if ref_model else None
         if len(steps) > 1:
@@ -181,10 +183,10 @@ class Learner:
             stats.update(_token_means(sums))
         self.model.eval()
         if noisy:  # Monte Carlo KL(pi_noisy || pi_clean) on the sampled tokens (Var-I's d)
-            stats["kl_noisy_clean"] = _global_mean([n - o for n, o in zip(self._noisy, self._old)])
+            stats["kl_noisy_clean"] = _global_mean([n.cpu() - o.cpu() for n, o in zip(self._noisy, self._old)])
         if learner_noisy:  # how far the engine's numerics are from the learner's, same policy
             stats["sampler_logprob_gap"] = _global_mean([(s - n).abs() for s, n in
-                                                         zip(rows.sampler_logprobs, self._noisy)])
+                                                         zip(rows.sampler_logprobs, (n.cpu() for n in self._noisy))])
         return stats
 
     def _micro_step(self, rows: Rollouts, ids: list[int] | None, mask: torch.Tensor | None, loss_cfg: LossConfig,
@@ -194,7 +196,7 @@ class Learner:
             if ids is None:
                 cur, _ = self._forward(self.model, [_PAD_SEQ[0]], [_PAD_SEQ[1]], None)
                 lp = cur.logprobs[None]
-                out = policy_loss(loss_cfg, logp=lp, old_logp=lp.detach(), advantages=torch.zeros(1),
+                out = policy_loss(loss_cfg, logp=lp, old_logp=lp.detach(), advantages=lp.new_zeros(1),
                                   mask=torch.zeros_like(lp), noisy_logp=lp.detach() if loss_cfg.tis_cap else None,
                                   ref_logp=lp.detach() if self._ref is not None else None)
                 tokens = 0
@@ -208,8 +210,10 @@ class Learner:
                         self._old[i] = lp.detach()
                         if cur_noisy is not None:
                             self._noisy[i] = cur_noisy.split()[k]
+                lp_device = cur.logprobs.device
                 out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([self._old[i] for i in ids]),
-                                  advantages=torch.tensor([rows.advantages[i] for i in ids]), mask=mask,
+                                  advantages=torch.tensor([rows.advantages[i] for i in ids], device=lp_device),
+                                  mask=mask.to(lp_device),
                                   noisy_logp=_pad([self._noisy[i] for i in ids]) if loss_cfg.tis_cap else None,
                                   ref_logp=_pad([self._ref[i] for i in ids]) if self._ref is not None else None)
                 tokens = cur.entropy.numel()
