@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,6 +41,7 @@ class ModelConfig:
     attention_bias: bool
     mlp_bias: bool
     dtype: torch.dtype
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before the rotary embedding
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -77,10 +78,11 @@ class ModelConfig:
             rope=_rope_from_hf(raw, source),
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama says so in attention_bias.
+            # Qwen2 always has q/k/v biases; Qwen3 and Llama say so in attention_bias.
             attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             dtype=_DTYPES[dtype_name],
+            qk_norm=arch == "Qwen3ForCausalLM",
         )
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for Qwen2/Qwen2.5 and Llama checkpoints.
+"""Decoder-only transformer for Qwen2/Qwen2.5, Qwen3 (dense) and Llama checkpoints.
 
 Tokens of a step are flattened ([tokens]); attention reads and writes a paged KV
 cache (engine/attention.py). Every linear layer is a StreamLinear, so each token
@@ -27,6 +27,10 @@ class Attention(nn.Module):
         # Qwen2's o_proj has no bias; Llama's follows attention_bias.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
         self.o_proj = StreamLinear(cfg.num_heads * d, cfg.hidden_size, o_bias, f"{p}.o_proj.weight", "attn")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.scale = d ** -0.5
 
     def forward(self, h: Hidden, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -36,6 +40,8 @@ class Attention(nn.Module):
             n = q.shape[0]
             q = q.view(n, self.num_heads, self.head_dim)
             k = k.view(n, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = rope(positions, q, k)
             o = paged_attention(q, k, v.view(n, self.num_kv_heads, self.head_dim), kv, meta, self.scale)
             return o.reshape(n, -1)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
@@ -25,6 +26,12 @@ def tiny_hf(arch: str, tie: bool = False, seed: int = 0):
                   tie_word_embeddings=tie)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+    elif arch == "qwen3":  # head_dim 32 is not hidden / heads, as in the real Qwen3 configs
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, rope_theta=1000000.0))
+        with torch.no_grad():  # non-trivial q/k norms, so a skipped one cannot pass
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.uniform_(0.5, 1.5)
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -36,7 +43,7 @@ def tiny_hf(arch: str, tie: bool = False, seed: int = 0):
     return model.float().eval()
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen2-tied"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen2-tied", "qwen3-tied"])
 def models(request, tmp_path_factory):
     arch = request.param.split("-")[0]
     hf = tiny_hf(arch, tie=request.param.endswith("tied"))
