@@ -7,6 +7,7 @@ import torch
 
 from kernels.attention_reference import store_kv, varlen_causal_attention
 from kernels.paged_attention import paged_attention as attend
+from kernels.paged_attention import paged_decode_attention, store_kv_skip_padding
 
 
 @dataclass
@@ -18,6 +19,10 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # [B] int32: tokens in the cache for b after this step
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, -1 padded
     slot_mapping: torch.Tensor | None = None  # [tokens] int64 cache slot of each new token
+    # CUDA-graph decode (engine/cuda_graphs.py): one new token per sequence, padding rows
+    # have slot -1 and context 0, and attention runs the split-K decode kernel with this
+    # many splits, without the checks that read the device. None: any step (eager).
+    decode_splits: int | None = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -26,11 +31,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Store the step's K/V in the paged cache, then attend (q: [tokens, heads, head_dim]).
 
     Triton kernels on CUDA (decode: split-K; otherwise varlen prefill), the torch
-    reference on a CPU. Without a cache: causal attention within each sequence
-    (training, differentiable).
+    reference on a CPU. With ``meta.decode_splits``: the graph-capturable decode path
+    (padding rows skipped, no host sync). Without a cache: causal attention within each
+    sequence (training, differentiable).
     """
     if kv_cache is None:
         return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
+    if meta.decode_splits is not None:
+        store_kv_skip_padding(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.context_lens,
+                                      scale, num_splits=meta.decode_splits, check=False)
     store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     return attend(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.context_lens,
                   meta.block_tables, scale)

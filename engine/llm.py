@@ -47,6 +47,10 @@ class EngineConfig:
     seed: int = 0  # seeds requests that have no SamplingParams.seed
     device: str | None = None  # default: cuda if available
     logprobs_mode: str = "sampled"  # see engine.sampling.sample
+    # False: on CUDA, pure decode steps replay CUDA graphs captured per batch-size bucket
+    # (engine/cuda_graphs.py), lazily, at the first step of each kind. True: every step runs
+    # eagerly (debugging, profiling single kernels). A CPU always runs eagerly.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -108,7 +112,8 @@ class LLM:
         self.num_kv_blocks = num_blocks
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.watermark)
         self.runner = ModelRunner(self.model, self.model.allocate_kv_cache(num_blocks, cfg.block_size),
-                                  cfg.block_size)
+                                  cfg.block_size, use_cuda_graphs=not cfg.enforce_eager,
+                                  max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
                                    self.blocks)
         self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import cuda_graphs
 from engine.attention import AttentionMetadata
 from engine.model import CausalLM
 from engine.noise_spec import BatchNoise, NoiseSpec
@@ -10,12 +11,22 @@ from engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:
+    """Runs scheduled steps. With ``use_cuda_graphs`` on CUDA, pure decode steps of up to
+    ``max_num_seqs`` sequences replay CUDA graphs (engine/cuda_graphs.py); other steps,
+    and every step on a CPU, run eagerly."""
+
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int):
+                 block_size: int, *, use_cuda_graphs: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = model.model.embed_tokens.weight.device
+        self.graphs: cuda_graphs.DecodeGraphs | None = None
+        if cuda_graphs.enabled(self.device, enforce_eager=not use_cuda_graphs):
+            self.graphs = cuda_graphs.DecodeGraphs(
+                model, kv_caches, block_size, max_num_seqs,
+                max_model_len or model.config.max_position_embeddings)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate KV blocks (src -> dst) in every layer before the step."""
@@ -31,6 +42,10 @@ class ModelRunner:
     def run(self, seqs: list[ScheduledSeq], block_tables: list[list[int]],
             specs: list[NoiseSpec | None]) -> torch.Tensor:
         """Logits (fp32) [num sampling seqs, vocab], in the order of the sampling entries of ``seqs``."""
+        if self.graphs is not None:
+            logits = self.graphs.run(seqs, block_tables, specs)
+            if logits is not None:
+                return logits
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []

@@ -116,6 +116,29 @@ def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return list(zip(starts, ends, values))
 
 
+def pack_work_tiles(ids: Sequence[int], block_m: int, slots: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The work tiles of ``StreamRows.work_tiles`` for host-side ids (a list), as lists:
+    ([T, 2] row ranges, [T, slots] stream ids padded with -1). At most
+    ``max_work_tiles(len(ids), block_m, slots)`` tiles."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(ids):
+        if runs and runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        else:
+            runs.append((i, i + 1, s))
+    return _pack(runs, block_m, slots)
+
+
+def max_work_tiles(rows: int, block_m: int, slots: int) -> int:
+    """Most tiles ``_pack`` makes of ``rows`` rows, whatever their ids.
+
+    A block closes when it holds ``block_m`` rows or when a row of a new stream finds
+    ``slots`` streams in it (then it holds at least ``slots`` rows): every block but
+    the last holds at least min(block_m, slots) rows.
+    """
+    return triton.cdiv(rows, max(1, min(block_m, slots))) if rows else 0
+
+
 def _pack(runs: list[tuple[int, int, int]], block_m: int, slots: int):
     """Greedy row blocks: a block closes when it holds block_m rows or would need slots + 1 streams."""
     ranges: list[list[int]] = []
@@ -203,6 +226,10 @@ def _noisy_linear_kernel(
     rows = (row_offset + rn).to(tl.uint32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
+    # An unused tile of a fixed-size table (CUDA-graph decode) has no rows: it skips the
+    # K loop (no weight reads) and stores nothing. (A branch to an early return instead
+    # costs the large-M variant register spills.)
+    k_end = tl.where(row_end > row_start, k_end, k_begin)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_begin + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_begin + rk)[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -373,8 +400,14 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         bias = bias.contiguous()
     if rows is None:
         rows = StreamRows.clean(x2d.shape[0], x.device)
-    y = _NoisyLinearFn.apply(x2d, weight, bias, rows, param_key, row_offset, col_offset,
-                             in_features, tiles)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, weight, bias)):
+        y = _NoisyLinearFn.apply(x2d, weight, bias, rows, param_key, row_offset, col_offset,
+                                 in_features, tiles)
+    else:
+        # No graph to record (no_grad / inference_mode, e.g. generation): the launch alone,
+        # without the autograd Function, which would look for clean rows on the device.
+        y = noisy_linear_forward(x2d, weight, bias, rows, param_key, row_offset, col_offset,
+                                 in_features, tiles)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -417,21 +417,30 @@ def _runs_triton(q: torch.Tensor) -> bool:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           config: DecodeConfig | None = None, check: bool = True) -> torch.Tensor:
     """One query token per sequence over its whole cached context (q: [B, H, D] -> [B, H, D]).
 
-    ``context_lens[b]`` counts the cached tokens of sequence b, its new token included.
-    ``num_splits``: parts the context is cut into (split-K); None picks them from the
-    batch, KV heads and the longest context (``pick_num_splits``).
+    ``context_lens[b]`` counts the cached tokens of sequence b, its new token included
+    (0: a padding row, whose output is 0). ``num_splits``: parts the context is cut
+    into (split-K); None picks them from the batch, KV heads and the longest context
+    (``pick_num_splits``).
+
+    ``check=False`` (with ``num_splits`` given) skips the checks of the lengths and
+    block ids, which read the device: the call then never synchronizes and can be
+    captured in a CUDA graph (engine/cuda_graphs.py validates on the host instead).
     """
     batch = q.shape[0] if q.dim() == 3 else -1
     _check_cache_and_q(q, k_cache, v_cache, block_tables, context_lens, batch)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if not check and num_splits is None:
+        raise ValueError("check=False needs num_splits: picking them reads the longest context")
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     heads = q.shape[1]
-    ones = torch.ones(batch, dtype=torch.int32, device=q.device)
-    max_ctx, _ = _check_lengths(ones, context_lens, block_tables, block_size, num_blocks)
+    max_ctx = 0
+    if check:
+        ones = torch.ones(batch, dtype=torch.int32, device=q.device)
+        max_ctx, _ = _check_lengths(ones, context_lens, block_tables, block_size, num_blocks)
     if batch == 0 or heads == 0:
         return torch.empty_like(q)
     if not _runs_triton(q):
@@ -468,6 +477,52 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             S_PAD=triton.next_power_of_2(num_splits), num_warps=4,
         )
     return out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return  # a padding row
+    offs = tl.arange(0, BLOCK)
+    ok = offs < ROW
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_k + offs, mask=ok)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_v + offs, mask=ok)
+    tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+def store_kv_skip_padding(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``store_kv`` of the reference, except that rows with a negative slot are not written.
+
+    k, v: [tokens, kv_heads, head_dim]; slot_mapping: [tokens] int32/int64. One kernel
+    that reads nothing back on the host: the store of CUDA-graph decode, whose padding
+    rows have slot -1. On a CPU without the Triton interpreter, torch indexing.
+    """
+    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:] \
+            or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"store_kv_skip_padding: k {_describe(k)}, v {_describe(v)}, cache "
+                         f"{_describe(k_cache)}, slot_mapping {_describe(slot_mapping)} do not match")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if k.shape[0] == 0:
+        return
+    if not _runs_triton(k):
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep].long()
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+        return
+    k2 = k.reshape(k.shape[0], -1)
+    v2 = v.reshape(v.shape[0], -1)
+    k2 = k2 if k2.stride(1) == 1 else k2.contiguous()
+    v2 = v2 if v2.stride(1) == 1 else v2.contiguous()
+    row = k2.shape[1]
+    _store_kv_kernel[(k.shape[0],)](k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0), v2.stride(0),
+                                    ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
 
 
 def _check_cu_seqlens(cu_seqlens_q: torch.Tensor, q: torch.Tensor, batch: int) -> None:
