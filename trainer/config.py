@@ -221,7 +221,8 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class RolloutConfig(_Section):
     """Sampling G = group_size completions for each of prompts_per_iter prompts per iteration,
-    and the engine's cache. max_model_len: null = the model's max_position_embeddings."""
+    and the engine's cache. max_model_len: null = the model's max_position_embeddings.
+    enforce_eager: decode without CUDA graphs (they are used on a GPU otherwise)."""
 
     _name = "rollout"
     group_size: int = 8
@@ -232,6 +233,7 @@ class RolloutConfig(_Section):
     max_model_len: int | None = 64
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
+    enforce_eager: bool = False
 
     def _check(self) -> None:
         self._require(self.group_size >= 2, "group_size",
@@ -480,7 +482,7 @@ class TrainConfig:
         with _blame(keys | _keys("model", "dtype"), "rollout"):
             return EngineConfig(dtype=self.model.dtype, max_model_len=r.max_model_len,
                                 gpu_memory_utilization=r.gpu_memory_utilization, block_size=r.block_size,
-                                seed=self.train.seed)
+                                enforce_eager=r.enforce_eager, seed=self.train.seed)
 
     def loss_config(self) -> LossConfig:
         """The learner's loss; max_len (Dr. GRPO's constant normalizer) is rollout.max_tokens."""
