@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
@@ -95,6 +96,8 @@ class CausalLM(nn.Module):
         self.lm_head = StreamLinear(cfg.hidden_size, cfg.vocab_size, False, "lm_head.weight", "lm_head")
         self._tie_weights()
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+        # Training: keep only each decoder layer's input for backward and recompute the rest.
+        self.activation_checkpointing = False
 
     def _tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -127,8 +130,12 @@ class CausalLM(nn.Module):
         if dual:
             h = Streams(h, h.detach())
         caches = kv_caches if kv_caches is not None else [None] * len(self.model.layers)
+        recompute = self.activation_checkpointing and kv_caches is None and torch.is_grad_enabled()
         for layer, kv in zip(self.model.layers, caches):
-            h = layer(h, positions, self.rope, kv, meta, noise)
+            if recompute:
+                h = checkpoint(layer, h, positions, self.rope, kv, meta, noise, use_reentrant=False)
+            else:
+                h = layer(h, positions, self.rope, kv, meta, noise)
         return per_stream(self.model.norm, h)
 
     def logits(self, hidden: torch.Tensor, noise: BatchNoise | None = None) -> torch.Tensor:

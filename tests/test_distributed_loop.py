@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_prompts=4",
-        "train.sft_warmup_steps=3", "eval.n_samples=2", "eval.ks=[1, 2]", "algo.kl_coef=1e-3"]
+        "train.sft_warmup_steps=3", "eval.n_samples=2", "eval.ks=[1, 2]", "algo.kl_coef=1e-3",
+        "train.activation_checkpointing=true"]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

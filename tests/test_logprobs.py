@@ -191,3 +191,23 @@ def test_dual_stream_rejects_missing_noise(checkpoint):
         dual_stream_logprobs(model, SEQS, PROMPT_LENS, [SPEC, None, SPEC])
     with pytest.raises(ValueError, match="one NoiseSpec or one per sequence"):
         dual_stream_logprobs(model, SEQS, PROMPT_LENS, [SPEC])
+
+
+def test_activation_checkpointing_same_gradients_less_saved(checkpoint):
+    _, path = checkpoint
+    model = load_model(path, dtype=torch.float32)
+    seqs = [list(range(1, 60)), list(range(100, 140))]
+
+    def grads_and_saved():
+        model.zero_grad()
+        box = {}
+        saved = saved_bytes(lambda: box.update(out=dual_stream_logprobs(model, seqs, [5, 7], SPEC)))
+        box["out"].clean.logprobs.sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+    full, full_saved = grads_and_saved()
+    model.activation_checkpointing = True
+    recomputed, recomputed_saved = grads_and_saved()
+    for name in full:
+        torch.testing.assert_close(recomputed[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert recomputed_saved < full_saved / 2, (recomputed_saved, full_saved)

@@ -318,7 +318,8 @@ class AlgoConfig(_Section):
 class TrainingConfig(_Section):
     """The ``train`` section. Each iteration's prompts_per_iter x G rollouts are split into
     optimizer steps of mini_batch_prompts prompts; a step accumulates micro-batches of at most
-    micro_batch_tokens tokens (prompt + response, clean rows). AdamW (lr, weight_decay, betas);
+    micro_batch_tokens tokens (prompt + response, clean rows); activation_checkpointing keeps
+    only each decoder layer's input for backward and recomputes the rest. AdamW (lr, weight_decay, betas);
     grad_clip: max gradient norm, null = off. sft_warmup_steps: supervised steps on reference
     solutions before RL at learning rate sft_lr (the tiny model starts from random weights).
     seed: everything random."""
@@ -327,6 +328,7 @@ class TrainingConfig(_Section):
     iterations: int = 150
     mini_batch_prompts: int = 32
     micro_batch_tokens: int = 1024
+    activation_checkpointing: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

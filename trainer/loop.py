@@ -123,6 +123,7 @@ class PSNTrainer:
             self.model = self.llm.model  # colocated: the learner trains the engine's weights
         else:  # the engine keeps a full copy; weights are synced to it after each update
             self.model = self._sharded_model()
+        self.model.activation_checkpointing = t.activation_checkpointing
         self.tokenizer = self.llm.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer files; training needs one to read answers")
