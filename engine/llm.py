@@ -309,19 +309,18 @@ class LLM:
 
 
 def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
-    """Prefix-cache salt of the policy a request runs: None for the clean policy (no spec,
-    or sigma 0, which BatchNoise runs clean), else a stable 64-bit digest of the spec.
+    """Prefix-cache salt of the KV a request's policy writes: None where it is the clean
+    policy's (no spec, sigma 0, or noise on the lm_head alone, which never reaches K/V),
+    else a stable 64-bit digest of the spec.
 
-    The KV of a perturbed policy differs from the clean one's for the same tokens, so the
-    block manager shares cached blocks only between sequences with equal salts. The digest
-    (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted target groups
-    ("all" and its spelled-out groups give the same salt); unlike ``hash()`` it is the same
-    in every process. Specs that differ only in ways that cannot change the noise share a
-    salt; a spec that perturbs only the lm_head is still salted (conservative: no sharing).
+    The block manager shares cached blocks only between sequences with equal salts. The
+    digest (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted groups
+    that shape K/V (mlp, attn); unlike ``hash()`` it is the same in every process.
     """
-    if spec is None or spec.sigma == 0:
+    groups = sorted(spec.groups - {"lm_head"}) if spec is not None and spec.sigma != 0 else []
+    if not groups:
         return None
-    payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(sorted(spec.groups)).encode()
+    payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(groups).encode()
     digest = hashlib.blake2b(payload, digest_size=8, person=b"psnrl-kv-salt").digest()
     return int.from_bytes(digest, "little")
 

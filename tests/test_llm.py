@@ -143,19 +143,28 @@ def test_noisy_requests_never_reuse_kv_of_another_policy(checkpoint):
     # sigma 0 is the clean policy: it shares the clean blocks.
     same(run(llm, [NoiseSpec(seed=7, sigma=0.0, targets="attn")])[0], alone[None])
     assert llm.blocks.stats()["prefix_cache_hits"] == hits + 48
+    # Noise on the lm_head alone leaves K/V clean: it shares the clean blocks, and its
+    # tokens are those it gets without any cached prefix.
+    head_only = NoiseSpec(seed=7, sigma=0.5, targets="lm_head")
+    head_alone = run(make(path), [head_only])[0]
+    same(run(llm, [head_only])[0], head_alone)
+    assert llm.blocks.stats()["prefix_cache_hits"] == hits + 64
     llm.blocks.check_invariants()
 
 
 def test_noise_cache_salt_is_a_stable_digest_of_the_spec():
     spec = NoiseSpec(seed=7, sigma=0.5, targets="all")
     salt = noise_cache_salt(spec)
-    assert salt == 10777858239649562980  # the same in every process (not hash())
+    assert salt == 16051026203305404914  # the same in every process (not hash())
     assert salt == noise_cache_salt(NoiseSpec(seed=7, sigma=0.5, targets=("mlp", "attn", "lm_head")))
+    # lm_head noise never reaches K/V: the same KV as without it.
+    assert salt == noise_cache_salt(NoiseSpec(seed=7, sigma=0.5, targets=("mlp", "attn")))
     others = [NoiseSpec(seed=8, sigma=0.5, targets="all"), NoiseSpec(seed=7, sigma=0.25, targets="all"),
-              NoiseSpec(seed=7, sigma=0.5, targets="mlp"), NoiseSpec(seed=7, sigma=0.5, targets="lm_head")]
+              NoiseSpec(seed=7, sigma=0.5, targets="mlp"), NoiseSpec(seed=7, sigma=0.5, targets="attn")]
     salts = [noise_cache_salt(s) for s in others]
     assert len(set(salts + [salt])) == 5 and all(0 <= x < 2**64 for x in salts)
     assert noise_cache_salt(None) is None and noise_cache_salt(NoiseSpec(seed=7, sigma=0.0)) is None
+    assert noise_cache_salt(NoiseSpec(seed=7, sigma=0.5, targets="lm_head")) is None
 
 
 def test_bad_requests_finish_with_an_error_and_the_others_run(checkpoint):
