@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: result file names, atomic writes, argument parsing, rounding.
+"""Helpers shared by the benchmarks: result file names, atomic writes, argument parsing, rounding,
+table cells.
 
 Every bench writes ``bench/results/<name>-<device slug>.json`` and ``.md`` with
 ``write_result_files``; the JSON is written with ``allow_nan=False`` so a broken
@@ -85,3 +86,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def round_or_none(value: float | None, digits: int) -> float | None:
     return None if value is None else round(float(value), digits)
+
+
+def fmt_cell(value, spec: str) -> str:
+    """A markdown table cell: ``value`` formatted with ``spec``, or an em dash when it is missing."""
+    return "—" if value is None else format(value, spec)

@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, device_slug, positive_int, ratio, results_document,
+from bench.common import (RESULTS_DIR, device_slug, fmt_cell, positive_int, ratio, results_document,
                           round_or_none, split_list, write_result_files)
 
 NAME = "decode"
@@ -309,10 +309,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def render_model_table(rows: Sequence[dict]) -> str:
     """One line per (batch, lengths) of one model, the modes side by side."""
     cols = [("batch", None, None)]
@@ -334,7 +330,7 @@ def render_model_table(rows: Sequence[dict]) -> str:
         cells = [str(batch)]
         for _, mode, key in cols[1:]:
             row = by_mode.get(mode)
-            cells.append("—" if row is None else _fmt(row.get(key), formats[key]))
+            cells.append("—" if row is None else fmt_cell(row.get(key), formats[key]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -428,7 +424,7 @@ class Runner:
             self.log(f"{row['model']} batch {row['batch']} {row['mode']}: {row['error']}")
         else:
             self.log(f"{row['model']} batch {row['batch']} {row['mode']}: "
-                     f"{row['tokens_per_s']:,.1f} tok/s, {_fmt(row['step_ms'], '.2f')} ms/step")
+                     f"{row['tokens_per_s']:,.1f} tok/s, {fmt_cell(row['step_ms'], '.2f')} ms/step")
         write_results(self.args.out_dir, self.meta, self.rows)
 
     def model(self, model: str, path: Path) -> None:

@@ -62,7 +62,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, positive_int, ratio, results_document, round_or_none,
+from bench.common import (RESULTS_DIR, fmt_cell, positive_int, ratio, results_document, round_or_none,
                           split_list, write_result_files)
 
 NAME = "learner"
@@ -393,10 +393,6 @@ def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> 
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _mib(value) -> str:
     return "—" if value is None else f"{value / 2**20:,.1f}"
 
@@ -407,9 +403,9 @@ def render_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            str(r["model"]), str(r["tokens"]), r["mode"], _mib(r.get("peak_bytes")), _fmt(r.get("step_ms"), ",.1f"),
-            _fmt(r.get("over_plain_mem"), ".3f"), _fmt(r.get("over_plain_time"), ".3f"), _mib(r.get("saved_bytes")),
-            _fmt(r.get("over_plain_saved"), ".3f"), _mib(r.get("weight_copy_bytes"))]) + " |")
+            str(r["model"]), str(r["tokens"]), r["mode"], _mib(r.get("peak_bytes")), fmt_cell(r.get("step_ms"), ",.1f"),
+            fmt_cell(r.get("over_plain_mem"), ".3f"), fmt_cell(r.get("over_plain_time"), ".3f"), _mib(r.get("saved_bytes")),
+            fmt_cell(r.get("over_plain_saved"), ".3f"), _mib(r.get("weight_copy_bytes"))]) + " |")
     return "\n".join(lines)
 
 
@@ -422,7 +418,7 @@ def target_lines(rows: Sequence[dict]) -> list[str]:
                                  ("step time", "over_plain_time", TIME_TARGET)):
             value = r.get(key)
             verdict = "not measured" if value is None else "met" if value <= limit else "MISSED"
-            lines.append(f"- {r['model']} {r['tokens']} tokens: {what} PSN/plain = {_fmt(value, '.3f')} "
+            lines.append(f"- {r['model']} {r['tokens']} tokens: {what} PSN/plain = {fmt_cell(value, '.3f')} "
                          f"(target <= {limit:.2f}): {verdict}")
     return lines
 
@@ -438,13 +434,13 @@ def render_mismatch(m: dict) -> list[str]:
     lines = ["## Engine vs learner mismatch", "",
              f"{m['model']}, {m['dtype']}, NoiseSpec(sigma={m['sigma']}, targets={m['targets']!r}); "
              f"{m['prompts']} random prompts of {m['prompt_len']} tokens, {m['tokens']} sampled tokens "
-             f"(temperature 1, ignore_eos). Mean engine log-prob {_fmt(m.get('engine_logprob_mean'), '.3f')}.", "",
+             f"(temperature 1, ignore_eos). Mean engine log-prob {fmt_cell(m.get('engine_logprob_mean'), '.3f')}.", "",
              "| quantity | mean | p99 | max |", "|---|---:|---:|---:|"]
     for title, key in rows:
-        lines.append(f"| {title} | " + " | ".join(_fmt(m.get(f"{key}_{s}"), ".3e") for s in ("mean", "p99", "max"))
+        lines.append(f"| {title} | " + " | ".join(fmt_cell(m.get(f"{key}_{s}"), ".3e") for s in ("mean", "p99", "max"))
                      + " |")
     lines += ["", f"Engine/learner mismatch over the PSN effect (means): "
-                  f"{_fmt(m.get('engine_vs_learner_over_effect'), '.3g')}.", ""]
+                  f"{fmt_cell(m.get('engine_vs_learner_over_effect'), '.3g')}.", ""]
     return lines
 
 

@@ -44,6 +44,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from bench.common import fmt_cell
+
 SOL = "GPU Speed Of Light Throughput"
 MWA = "Memory Workload Analysis"
 OCC = "Occupancy"
@@ -194,10 +196,6 @@ def digest_report(report: Path, kernels: list[dict]) -> dict:
     return {"report": report.name, "case": report.stem, "kernels": kernels}
 
 
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def render_markdown(digests: list[dict]) -> str:
     lines = ["# Nsight Compute digest", "",
              "DRAM / SM = % of peak (GPU Speed Of Light); occupancy = achieved % of warp slots; "
@@ -207,9 +205,9 @@ def render_markdown(digests: list[dict]) -> str:
     for d in digests:
         for k in d["kernels"]:
             lines.append(f"| {d['case']} | `{k['kernel']}` | {k.get('grid_size') or '—'} | "
-                         f"{k.get('block_size') or '—'} | {_fmt(k['dram_throughput_pct'], '.1f')} | "
-                         f"{_fmt(k['sm_throughput_pct'], '.1f')} | {_fmt(k['achieved_occupancy_pct'], '.1f')} | "
-                         f"{_fmt(k['duration_us'], '.2f')} |")
+                         f"{k.get('block_size') or '—'} | {fmt_cell(k['dram_throughput_pct'], '.1f')} | "
+                         f"{fmt_cell(k['sm_throughput_pct'], '.1f')} | {fmt_cell(k['achieved_occupancy_pct'], '.1f')} | "
+                         f"{fmt_cell(k['duration_us'], '.2f')} |")
         if not d["kernels"]:
             lines.append(f"| {d['case']} | (no kernel profiled) | | | | | | |")
     return "\n".join(lines) + "\n"

@@ -56,7 +56,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, device_slug, positive_int, ratio, results_document,
+from bench.common import (RESULTS_DIR, device_slug, fmt_cell, positive_int, ratio, results_document,
                           round_or_none, split_list, write_result_files)
 
 NAME = "step"
@@ -162,12 +162,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _fmt(value, spec: str) -> str:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "—"
-    return format(value, spec)
-
-
 def _gib(value) -> str:
     return "—" if value is None else f"{value / (1 << 30):.2f}"
 
@@ -184,11 +178,11 @@ def render_model_table(rows: Sequence[dict]) -> str:
         target = r.get("target")
         verdict = "—" if target is None else (
             f"<= {target:.2f} " + ("met" if r.get("met") else "missed" if r.get("met") is False else "?"))
-        cells = [r["mode"], _fmt(r.get("step_ms"), ",.1f"),
-                 *[_fmt(ph.get(p), ",.1f") for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
+        cells = [r["mode"], fmt_cell(r.get("step_ms"), ",.1f"),
+                 *[fmt_cell(ph.get(p), ",.1f") for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
                  _gib(r.get("peak_bytes")), _gib(r.get("kv_cache_bytes")),
-                 _fmt(r.get("response_length"), ".1f"), _fmt(r.get("rollout_tokens_per_s"), ",.0f"),
-                 _fmt(r.get("over_plain"), ".3f"), verdict]
+                 fmt_cell(r.get("response_length"), ".1f"), fmt_cell(r.get("rollout_tokens_per_s"), ",.0f"),
+                 fmt_cell(r.get("over_plain"), ".3f"), verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -351,10 +345,10 @@ class Runner:
             self.log(f"{row['model']} {row['mode']}: {row['error']}")
         else:
             ph = row["phases_ms"]
-            self.log(f"{row['model']} {row['mode']}: {_fmt(row['step_ms'], ',.1f')} ms/step (rollout "
-                     f"{_fmt(ph['rollout'], ',.1f')}, sigma {_fmt(ph['sigma'], ',.1f')}, reward "
-                     f"{_fmt(ph['reward'], ',.1f')}, learner {_fmt(ph['learner'], ',.1f')}, sync "
-                     f"{_fmt(ph['sync'], ',.1f')}), peak {_gib(row['peak_bytes'])} GiB")
+            self.log(f"{row['model']} {row['mode']}: {fmt_cell(row['step_ms'], ',.1f')} ms/step (rollout "
+                     f"{fmt_cell(ph['rollout'], ',.1f')}, sigma {fmt_cell(ph['sigma'], ',.1f')}, reward "
+                     f"{fmt_cell(ph['reward'], ',.1f')}, learner {fmt_cell(ph['learner'], ',.1f')}, sync "
+                     f"{fmt_cell(ph['sync'], ',.1f')}), peak {_gib(row['peak_bytes'])} GiB")
         write_results(self.args.out_dir, self.meta, self.rows)
 
     def model(self, model: str, path: Path, work: Path) -> None:
