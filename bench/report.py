@@ -7,8 +7,9 @@ Result files (``bench/results/<name>-<device slug>.json``), by kind:
 
   noisy_gemm  rows: shape, M, N, K, cublas_us, clean_us, noisy_us, mixed_us, materialized_us,
               noisy_over_cublas, extra_bytes, ...                     (bench/noisy_gemm.py)
-  decode      rows: model, batch, prompt_len, output_len, mode (clean|noisy|mixed|hf, or
-              ours-clean|ours-noisy|ours-mixed), tokens_per_s, step_ms, gbps, over_hf, over_clean
+  decode      rows: model, workload (fixed|nano-vllm), batch, prompt_len, output_len, mode
+              (clean|noisy|mixed|hf, or ours-clean|ours-noisy|ours-mixed), tok_s, hf_tok_s,
+              roofline_frac, step_ms, gbps, over_hf, over_clean
   learner     rows: model, tokens, mode (plain|psn|naive), peak_bytes, step_ms (also saved_bytes,
               over_plain_mem, over_plain_time, ...); "mismatch": {flat name: value}
               (bench/learner.py: engine vs learner log-probs of the same noisy policy)
@@ -57,6 +58,9 @@ GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO = 256, 1.10
 GEMM_LEARNER_MIN_M, GEMM_LEARNER_RATIO = 4096, 1.50
 LEARNER_MEMORY_RATIO, LEARNER_TIME_RATIO = 1.02, 1.15
 STEP_PSN_RATIO, STEP_VAR2_RATIO = 1.05, 1.10
+DECODE_NOISE_RATIO = 0.90                    # noisy and mixed tok/s over clean, at least
+DECODE_ROOFLINE_MODEL, DECODE_ROOFLINE = "Qwen2.5-7B", 0.70  # batch-1 decode, fraction of peak HBM
+DECODE_HF_BATCH, DECODE_HF_RATIO = 256, 20.0  # ours over transformers generate, at least
 
 PHASES = ("rollout", "reward", "learner", "sync")
 
@@ -212,6 +216,12 @@ def decode_mode(mode) -> str:
     return mode[len("ours-"):] if mode.startswith("ours-") else mode.lower() if mode.lower() == "hf" else mode
 
 
+def _workload_tag(row: dict) -> str:
+    """" nano-vllm" for rows of a workload other than the default fixed one."""
+    workload = row.get("workload", "fixed")
+    return "" if workload == "fixed" else f" {workload}"
+
+
 def _rows(doc: dict | None) -> list[dict]:
     return [r for r in (doc or {}).get("rows", []) if isinstance(r, dict)]
 
@@ -231,10 +241,42 @@ class Target:
     where: str
     value: float | None
     limit: float
+    at_least: bool = False  # the value must reach the limit (else stay under it)
 
     @property
     def ok(self) -> bool:
-        return self.value is not None and self.value <= self.limit
+        if self.value is None:
+            return False
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+
+def _decode_targets(rows: list[dict]) -> list[Target]:
+    """Issue targets of the decode bench: noise costs <= 10%, the 7B batch-1 roofline, ours vs HF."""
+    out: list[Target] = []
+    speed = {(r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
+              r.get("output_len"), decode_mode(r.get("mode"))): r.get("tok_s") for r in rows}
+    for r in rows:
+        mode, model, batch = decode_mode(r.get("mode")), r.get("model"), r.get("batch")
+        workload = r.get("workload", "fixed")
+        where = f"{model} {workload} batch {batch}"
+        group = (model, workload, batch, r.get("prompt_len"), r.get("output_len"))
+        if mode in ("noisy", "mixed"):
+            value = _num(r.get("over_clean"))
+            if value is None:
+                value = ratio(r.get("tok_s"), speed.get((*group, "clean")))
+            out.append(Target("decode", f"{mode}/clean tok/s >= {DECODE_NOISE_RATIO:.2f}", where, value,
+                              DECODE_NOISE_RATIO, at_least=True))
+        if mode in ("clean", "noisy") and batch == 1 and model == DECODE_ROOFLINE_MODEL and workload == "fixed":
+            out.append(Target("decode", f"batch-1 {DECODE_ROOFLINE_MODEL} decode >= {DECODE_ROOFLINE:.0%} of "
+                              f"peak HBM bandwidth", f"{model} {mode}", _num(r.get("roofline_frac")),
+                              DECODE_ROOFLINE, at_least=True))
+        if mode in ("clean", "noisy") and batch == DECODE_HF_BATCH and workload == "fixed":
+            value = _num(r.get("over_hf"))
+            if value is None:
+                value = ratio(r.get("tok_s"), speed.get((*group, "hf")))
+            out.append(Target("decode", f"batch {DECODE_HF_BATCH}: ours/HF tok/s >= {DECODE_HF_RATIO:.0f}",
+                              f"{model} {mode}", value, DECODE_HF_RATIO, at_least=True))
+    return out
 
 
 def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
@@ -253,6 +295,7 @@ def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
         elif m >= GEMM_LEARNER_MIN_M:
             out.append(Target("noisy_gemm", f"noisy/cuBLAS <= {GEMM_LEARNER_RATIO:.2f} at M >= {GEMM_LEARNER_MIN_M}",
                               where, value, GEMM_LEARNER_RATIO))
+    out += _decode_targets([r for r in _rows(current.get("decode")) if _ok(r)])
     learner = [r for r in _rows(current.get("learner")) if _ok(r)]
     by = {(r.get("model"), r.get("tokens"), r.get("mode")): r for r in learner}
     for (model, tokens, mode), row in by.items():
@@ -309,8 +352,8 @@ def _step_phase(phase: str) -> Callable[[dict], object]:
 # kind -> how a row is named in the regression table (its key: the same fields)
 ROW_LABELS: dict[str, Callable[[dict], str]] = {
     "noisy_gemm": lambda r: f"{r.get('shape')} M={r.get('M')}",
-    "decode": lambda r: (f"{r.get('model')} batch {r.get('batch')} prompt {r.get('prompt_len')} "
-                         f"output {r.get('output_len')} {decode_mode(r.get('mode'))}"),
+    "decode": lambda r: (f"{r.get('model')}{_workload_tag(r)} batch {r.get('batch')} prompt "
+                         f"{r.get('prompt_len')} output {r.get('output_len')} {decode_mode(r.get('mode'))}"),
     "learner": lambda r: f"{r.get('model')} {r.get('tokens')} tokens {r.get('mode')}",
     "step": lambda r: f"{r.get('model')} {r.get('mode')}",
     "lm_head": lambda r: f"{r.get('tokens')} x {r.get('vocab')} (hidden {r.get('hidden')}) {r.get('impl')}",
@@ -321,9 +364,9 @@ COMPARISONS: dict[str, tuple[Callable[[dict], tuple], list[tuple[str, Callable[[
     "noisy_gemm": (lambda r: (r.get("shape"), r.get("M")),
                    [("noisy_us", lambda r: r.get("noisy_us"), LOWER),
                     ("noisy_over_cublas", lambda r: r.get("noisy_over_cublas"), LOWER)]),
-    "decode": (lambda r: (r.get("model"), r.get("batch"), r.get("prompt_len"), r.get("output_len"),
-                          decode_mode(r.get("mode"))),
-               [("tokens_per_s", lambda r: r.get("tokens_per_s"), HIGHER)]),
+    "decode": (lambda r: (r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
+                          r.get("output_len"), decode_mode(r.get("mode"))),
+               [("tok_s", lambda r: r.get("tok_s"), HIGHER)]),
     "learner": (lambda r: (r.get("model"), r.get("tokens"), r.get("mode")),
                 [("step_ms", lambda r: r.get("step_ms"), LOWER),
                  ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
@@ -437,12 +480,13 @@ def noisy_gemm_table(doc: dict) -> str:
 def decode_table(doc: dict) -> str:
     rows = []
     for r in _rows(doc):
-        rows.append([str(r.get("model", "?")), fmt(r.get("batch"), "g"), fmt(r.get("prompt_len"), "g"),
-                     fmt(r.get("output_len"), "g"), decode_mode(r.get("mode")), fmt(r.get("tokens_per_s"), ",.0f"),
-                     fmt(r.get("step_ms"), ".2f"), fmt(r.get("gbps"), ",.0f"), fmt(r.get("over_hf"), ".2f"),
+        rows.append([str(r.get("model", "?")) + _workload_tag(r), fmt(r.get("batch"), "g"),
+                     fmt(r.get("prompt_len"), "g"), fmt(r.get("output_len"), "g"), decode_mode(r.get("mode")),
+                     fmt(r.get("tok_s"), ",.0f"), fmt(r.get("step_ms"), ".2f"), fmt(r.get("gbps"), ",.0f"),
+                     fmt(r.get("roofline_frac"), ".1%"), fmt(r.get("over_hf"), ".2f"),
                      fmt(r.get("over_clean"), ".3f")])
-    return table(["model", "batch", "prompt", "output", "mode", "tok/s", "ms/step", "GB/s", "over HF",
-                  "over clean"], rows, "lrrrlrrrrr")
+    return table(["model", "batch", "prompt", "output", "mode", "tok/s", "ms/step", "GB/s", "roofline",
+                  "over HF", "over clean"], rows, "lrrrlrrrrrr")
 
 
 def learner_table(doc: dict) -> str:
@@ -520,13 +564,13 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
         specs.append(("noisy_gemm", "noisy_gemm_ratio.png", "line_chart",
                       dict(series=lines, title="noisy / cuBLAS time vs M", xlabel="M (rows)",
                            ylabel="noisy / cuBLAS", logx=True)))
-    decode = [r for r in _rows(current.get("decode")) if _ok(r)]
+    decode = [r for r in _rows(current.get("decode")) if _ok(r) and r.get("workload", "fixed") == "fixed"]
     for model in dict.fromkeys(str(r.get("model", "?")) for r in decode):
         mine = [r for r in decode if str(r.get("model", "?")) == model]
         lengths = sorted({(r.get("prompt_len"), r.get("output_len")) for r in mine}, key=str)
         lines = {}
         for r in mine:
-            x, y = _num(r.get("batch")), _num(r.get("tokens_per_s"))
+            x, y = _num(r.get("batch")), _num(r.get("tok_s"))
             if x is None or y is None:
                 continue
             name = decode_mode(r.get("mode"))

@@ -2,6 +2,7 @@
 CPU smoke run of the whole bench (tiny model); the real run on a GPU."""
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -164,36 +165,86 @@ def timing(tps_tokens=100, total=2.0, steps=(10.0, 12.0, 11.0), prefill=0.5):
                         output_tokens=tps_tokens)
 
 
+def work(batch=8, prompt_len=128, output_len=256, group_size=10):
+    return bench.fixed_workload(batch, prompt_len, output_len, group_size, vocab_size=1000, seed=0)
+
+
 def fixture_rows(model="Qwen2.5-0.5B", batch=8):
     speeds = {"clean": 4.0, "noisy": 5.0, "mixed": 5.0, "hf": 10.0}  # total seconds for 100 tokens
-    rows = [bench.build_row(model, batch, 128, 256, mode, [timing(total=t)], 1_000_000_000, 3350.0)
+    rows = [bench.build_row(model, work(batch), mode, [timing(total=t)], 1_000_000_000, 3350.0)
             for mode, t in speeds.items()]
     return rows
 
 
+def test_fixed_workload_groups_share_a_prompt():
+    w = work(batch=23, prompt_len=5, output_len=7, group_size=10)
+    assert (w.name, w.batch, w.prompt_len, w.output_len, w.output_tokens) == ("fixed", 23, 5, 7, 161)
+    firsts = [w.prompts[i] for i in (0, 10, 20)]
+    assert all(w.prompts[i] is firsts[i // 10] for i in range(23))  # one list object per group
+    assert len({tuple(p) for p in firsts}) == 3 and all(len(p) == 5 for p in firsts)
+    assert w.prompts[3] == work(batch=23, prompt_len=5, output_len=7).prompts[3]  # seeded
+
+
+def test_nano_vllm_workload_has_uniform_random_lengths():
+    w = bench.nano_vllm_workload(vocab_size=50, seed=3)
+    assert (w.name, w.batch, w.group_size) == ("nano-vllm", 256, 1)
+    prompt_lens = [len(p) for p in w.prompts]
+    for lengths in (prompt_lens, w.output_lens):
+        assert min(lengths) >= 100 and max(lengths) <= 1024
+        # uniform on [100, 1024]: mean 562, std 267; 256 draws put the mean within 4 sigma/16 = 67
+        assert abs(statistics.fmean(lengths) - 562) < 67
+    assert len({tuple(p) for p in w.prompts}) == 256 and max(max(p) for p in w.prompts) < 50
+    assert w.output_lens == bench.nano_vllm_workload(vocab_size=50, seed=3).output_lens
+    small = bench.nano_vllm_workload(vocab_size=50, seed=3, seqs=4, lengths=(2, 3))
+    assert small.batch == 4 and {len(p) for p in small.prompts} <= {2, 3}
+
+
+def test_sequence_noise_and_requests():
+    spec = object()
+    assert bench.sequence_noise(3, "clean", spec, 10, 2) == [None] * 3
+    assert bench.sequence_noise(3, "noisy", spec, 10, 2) == [spec] * 3
+    mixed = bench.sequence_noise(23, "mixed", spec, 10, 2)
+    assert mixed == ([spec] * 8 + [None] * 2) * 2 + [spec] * 3  # 8 noisy + 2 clean probes per group
+    assert bench.sequence_noise(1, "mixed", spec, 10, 2) == [spec]
+    with pytest.raises(ValueError, match="not an engine mode"):
+        bench.sequence_noise(1, "hf", spec, 10, 2)
+    w = work(batch=23, prompt_len=5, output_len=7)
+    requests = bench.engine_requests(w, mixed)
+    assert [(n, length, s) for _, n, length, s in requests] == [
+        (8, 7, spec), (2, 7, None), (8, 7, spec), (2, 7, None), (3, 7, spec)]
+    assert [r[0] for r in requests] == [w.prompts[i] for i in (0, 8, 10, 18, 20)]
+    nano = bench.nano_vllm_workload(vocab_size=50, seed=0, seqs=3, lengths=(2, 9))
+    assert [n for _, n, _, _ in bench.engine_requests(nano, [None] * 3)] == [1, 1, 1]
+
+
 def test_build_row_and_ratios():
-    row = bench.build_row("Qwen2.5-0.5B", 8, 128, 256, "noisy",
+    row = bench.build_row("Qwen2.5-0.5B", work(), "noisy",
                           [timing(total=2.0), timing(total=4.0), timing(total=3.0)], 2_000_000_000, 4000.0)
     assert set(bench.ROW_KEYS) <= set(row)
-    assert row["tokens_per_s"] == pytest.approx(100 / 3.0, abs=0.01)  # median over repeats
+    assert (row["workload"], row["batch"], row["prompt_len"], row["output_len"]) == ("fixed", 8, 128, 256)
+    assert row["tok_s"] == pytest.approx(100 / 3.0, abs=0.01)  # median over repeats
     assert row["step_ms"] == 11.0  # median over all decode steps
     assert row["gbps"] == pytest.approx(2e9 / 11e-3 / 1e9, abs=1e-4)
-    assert row["pct_peak"] == pytest.approx(100 * row["gbps"] / 4000, abs=0.01)
+    assert row["roofline_frac"] == pytest.approx(row["gbps"] / 4000, abs=1e-4)
     assert row["decode_steps"] == 3 and row["repeats"] == 3
+    nano = bench.build_row("Qwen2.5-0.5B", bench.nano_vllm_workload(100, 0, seqs=4), "clean",
+                           [timing()], None, 4000.0)
+    assert nano["workload"] == "nano-vllm" and nano["gbps"] is None and nano["roofline_frac"] is None
 
     rows = bench.add_ratios(fixture_rows() + fixture_rows(batch=32)[:1])
     by = {(r["batch"], r["mode"]): r for r in rows}
     assert by[(8, "clean")]["over_hf"] == 2.5 and by[(8, "clean")]["over_clean"] is None
+    assert by[(8, "clean")]["hf_tok_s"] == 10.0
     assert by[(8, "noisy")]["over_hf"] == 2.0 and by[(8, "noisy")]["over_clean"] == 0.8
     assert by[(8, "mixed")]["over_noisy"] == 1.0 and by[(8, "mixed")]["over_clean"] == 0.8
     assert by[(8, "hf")]["over_hf"] is None and by[(8, "hf")]["over_clean"] is None
-    assert by[(32, "clean")]["over_hf"] is None  # no HF row for batch 32
+    assert by[(32, "clean")]["over_hf"] is None and by[(32, "clean")]["hf_tok_s"] is None
 
 
 def test_markdown_puts_modes_side_by_side_and_lists_errors():
     meta = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "transformers": "5.17",
             "dtype": "bf16", "peak_gbps": 3350.0, "peak_source": "PEAK_GBPS table", "method": "M."}
-    err = bench.error_row("Qwen2.5-0.5B", 256, 128, 256, "hf", RuntimeError("CUDA out of memory"))
+    err = bench.error_row("Qwen2.5-0.5B", work(256), "hf", RuntimeError("CUDA out of memory"))
     assert set(bench.ROW_KEYS) <= set(err)
     md = bench.render_markdown(meta, fixture_rows() + [err])
     assert "# decode on NVIDIA H100 80GB HBM3" in md
@@ -202,7 +253,7 @@ def test_markdown_puts_modes_side_by_side_and_lists_errors():
     line8 = next(line for line in md.splitlines() if line.startswith("| 8 |"))
     assert "| 25 | 20 | 20 | 10 |" in line8 and "| 2.50 | 2.00 | 0.800 | 0.800 | 1.000 |" in line8
     assert "3,350 GB/s" in md
-    assert "- Qwen2.5-0.5B batch 256 hf: RuntimeError: CUDA out of memory" in md
+    assert "- Qwen2.5-0.5B fixed batch 256 hf: RuntimeError: CUDA out of memory" in md
 
 
 def test_write_results_and_merge(tmp_path):
@@ -213,10 +264,17 @@ def test_write_results_and_merge(tmp_path):
     assert list(doc)[:4] == list(bench.META_KEYS) and doc["rows"][1]["over_clean"] == 0.8
     with pytest.raises(ValueError, match="transformers"):
         bench.write_results(tmp_path, {"device": "x", "torch": "", "triton": ""}, [])
-    args = bench.parse_args(["--models", "0.5B", "--batches", "8", "--modes", "hf",
-                             "--out-dir", str(tmp_path)])
+    args = bench.parse_args(["--models", "0.5B", "--batches", "8", "--modes", "hf", "--prompt-len", "128",
+                             "--output-len", "256", "--out-dir", str(tmp_path)])
     kept = bench.previous_rows(args, "NVIDIA H200")
     assert [(r["batch"], r["mode"]) for r in kept] == [(8, "clean"), (8, "noisy"), (8, "mixed")]
+    nano = bench.build_row("Qwen2.5-0.5B", bench.nano_vllm_workload(100, 0, seqs=4), "clean",
+                           [timing()], None, None)
+    bench.write_results(tmp_path, meta, fixture_rows() + [nano])
+    kept = bench.previous_rows(bench.parse_args(["--models", "0.5B", "--modes", "clean", "--batches", "8",
+                                                 "--out-dir", str(tmp_path)]), "NVIDIA H200")
+    assert nano["workload"] not in {r["workload"] for r in kept}  # measured again: replaced
+    assert len(kept) == 4  # the fixed rows at prompt 128 / output 256 are not planned
 
 
 # ---------------------------------------------------------------------------
@@ -233,14 +291,20 @@ def test_main_without_cuda_returns_2_with_message(capsys, tmp_path):
 
 def test_arguments():
     args = bench.parse_args([])
-    assert args.models == ["Qwen2.5-0.5B", "Qwen2.5-1.5B"] and args.batches == [1, 8, 32, 128, 256]
+    assert args.models == ["Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B"] and args.batches == [1, 16, 64, 256]
     assert args.modes == ["clean", "noisy", "mixed", "hf"] and args.dtype == "bf16"
-    assert (args.prompt_len, args.output_len, args.sigma, args.targets) == (128, 256, 0.004, "mlp")
+    assert (args.prompt_len, args.output_len, args.sigma, args.targets) == (512, 512, 0.004, "mlp")
+    assert (args.group_size, args.probes, args.nano_vllm_model) == (10, 2, "Qwen2.5-0.5B")
+    assert (args.nano_vllm_seqs, args.nano_vllm_lengths) == (256, [100, 1024])
     args = bench.parse_args(["--models", "7b,tiny", "--batches", "32", "1,8", "--modes", "hf", "clean"])
     assert args.models == ["Qwen2.5-7B", "tiny"] and args.batches == [1, 8, 32]
-    assert args.modes == ["clean", "hf"]
+    assert args.modes == ["clean", "hf"] and args.nano_vllm_model is None  # 0.5B not among the models
+    assert bench.parse_args(["--models", "0.5B", "--nano-vllm-model", "none"]).nano_vllm_model is None
     for bad in (["--models", "13B"], ["--modes", "vllm"], ["--batches", "0"], ["--sigma", "0"],
-                ["--targets", "embed"], ["--models", "tiny", "--prompt-len", "1000"]):
+                ["--targets", "embed"], ["--models", "tiny", "--prompt-len", "1000"],
+                ["--probes", "10"], ["--group-size", "2", "--probes", "2"],
+                ["--models", "1.5B", "--nano-vllm-model", "0.5B"],
+                ["--nano-vllm-lengths", "9", "3"], ["--models", "tiny", "--nano-vllm-model", "tiny"]):
         with pytest.raises(SystemExit) as exc:
             bench.parse_args(bad)
         assert exc.value.code == 2, bad
@@ -257,8 +321,9 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
     # The engine's CPU reference paths instead of the (slow) Triton interpreter.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "results"
-    rc = bench.main(["--device", "cpu", "--models", "tiny", "--batches", "1", "2", "--prompt-len", "4",
+    rc = bench.main(["--device", "cpu", "--models", "tiny", "--batches", "1", "12", "--prompt-len", "4",
                      "--output-len", "3", "--dtype", "fp32", "--warmup", "0", "--peak-gbps", "50",
+                     "--nano-vllm-model", "tiny", "--nano-vllm-seqs", "5", "--nano-vllm-lengths", "2", "6",
                      "--out-dir", str(out)])
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
@@ -267,34 +332,43 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(bench.META_KEYS) | {"rows"} <= set(doc) and doc["device"] == "cpu"
     assert doc["torch"] == torch.__version__ and doc["peak_gbps"] == 50
     rows = doc["rows"]
-    assert [(r["batch"], r["mode"]) for r in rows] == [
-        (1, "clean"), (1, "noisy"), (1, "mixed"), (2, "clean"), (2, "noisy"), (2, "mixed"),
-        (1, "hf"), (2, "hf")]
-    by = {(r["batch"], r["mode"]): r for r in rows}
+    assert [(r["workload"], r["batch"], r["mode"]) for r in rows] == [
+        ("fixed", 1, "clean"), ("fixed", 1, "noisy"), ("fixed", 1, "mixed"),
+        ("fixed", 12, "clean"), ("fixed", 12, "noisy"), ("fixed", 12, "mixed"),
+        ("nano-vllm", 5, "clean"), ("nano-vllm", 5, "noisy"), ("nano-vllm", 5, "mixed"),
+        ("fixed", 1, "hf"), ("fixed", 12, "hf")]
+    by = {(r["workload"], r["batch"], r["mode"]): r for r in rows}
     for row in rows:
         assert set(bench.ROW_KEYS) <= set(row) and "error" not in row
-        assert (row["model"], row["prompt_len"], row["output_len"]) == ("tiny", 4, 3)
-        assert row["tokens_per_s"] > 0 and row["step_ms"] > 0 and row["gbps"] > 0
-        assert row["decode_steps"] == 2  # the first token comes with the prefill
-        assert row["pct_peak"] == pytest.approx(100 * row["gbps"] / 50, abs=0.02)
-        if row["mode"] != "hf":
-            hf = by[(row["batch"], "hf")]["tokens_per_s"]
-            assert row["over_hf"] == pytest.approx(row["tokens_per_s"] / hf, rel=1e-3)
+        assert row["tok_s"] > 0 and row["step_ms"] > 0
         if row["mode"] in ("noisy", "mixed"):
-            clean = by[(row["batch"], "clean")]["tokens_per_s"]
-            assert row["over_clean"] == pytest.approx(row["tokens_per_s"] / clean, rel=1e-3)
+            clean = by[(row["workload"], row["batch"], "clean")]["tok_s"]
+            assert row["over_clean"] == pytest.approx(row["tok_s"] / clean, rel=1e-3)
+        if row["workload"] == "nano-vllm":
+            assert row["gbps"] is None and row["hf_tok_s"] is None and row["over_hf"] is None
+            assert 2 <= row["prompt_len"] <= 6 and 2 <= row["output_len"] <= 6
+            continue
+        assert (row["model"], row["prompt_len"], row["output_len"]) == ("tiny", 4, 3)
+        assert row["decode_steps"] == 2 and row["gbps"] > 0  # the first token comes with the prefill
+        assert row["roofline_frac"] == pytest.approx(row["gbps"] / 50, abs=2e-4)
+        hf = by[("fixed", row["batch"], "hf")]["tok_s"]
+        assert row["hf_tok_s"] == hf
+        if row["mode"] != "hf":
+            assert row["over_hf"] == pytest.approx(row["tok_s"] / hf, rel=1e-3)
     md = (out / "decode-cpu.md").read_text()
-    assert "## tiny, prompt 4, output 3" in md and "| 2 |" in md and "Errors" not in md
+    assert "## tiny, prompt 4, output 3" in md and "| 12 |" in md and "Errors" not in md
+    nano_table = md.split("## tiny, nano-vllm setting")[1]
+    assert "| 5 |" in nano_table and "hf tok/s" not in nano_table  # no HF column for nano-vllm
 
 
 @pytest.mark.gpu
 def test_main_on_a_small_subset(tmp_path):
     rc = bench.main(["--models", "0.5B", "--batches", "1", "8", "--prompt-len", "16", "--output-len", "16",
-                     "--out-dir", str(tmp_path)])
+                     "--nano-vllm-seqs", "8", "--nano-vllm-lengths", "16", "32", "--out-dir", str(tmp_path)])
     assert rc == 0
     slug = bench.device_slug(torch.cuda.get_device_name())
     doc = json.loads((tmp_path / f"decode-{slug}.json").read_text())
     assert (tmp_path / f"decode-{slug}.md").exists()
-    assert len(doc["rows"]) == 2 * 4
+    assert len(doc["rows"]) == 2 * 4 + 3  # fixed: 2 batches x 4 modes; nano-vllm: 3 engine modes
     for row in doc["rows"]:
-        assert "error" not in row and row["tokens_per_s"] > 0 and row["step_ms"] > 0
+        assert "error" not in row and row["tok_s"] > 0 and row["step_ms"] > 0

@@ -32,7 +32,8 @@ def test_markdown_tables_hold_the_figures(tmp_path):
     assert "| Qwen2.5-1.5B/gate_up | 256 | 30.0 | 29.4 | 34.5 | 34.5 | 135.0 | 1.150 | 0 |" in text
     assert "| Qwen2.5-1.5B/down | 4096 | 260.0 | 254.8 | 351.0 | — | 1170.0 | 1.350 | 0 |" in text
     # decode: tokens/s, ours over HF, a row without gbps
-    assert "| Qwen2.5-1.5B | 32 | 128 | 256 | noisy | 3,800 | 8.30 | — | 4.22 | 0.974 |" in text
+    assert "| Qwen2.5-1.5B | 32 | 128 | 256 | noisy | 3,800 | 8.30 | — | — | 4.22 | 0.974 |" in text
+    assert "| Qwen2.5-7B | 1 | 128 | 256 | clean | 105 | 9.40 | 1,625 | 48.5% | — | — |" in text
     # learner: peak GiB and the ratios to plain; the mismatch figures
     assert "| Qwen2.5-1.5B | 8192 | psn | 20.20 | 930.0 | 1.010 | 1.094 |" in text
     assert "loss_rel_diff = 1.2e-06" in text
@@ -49,6 +50,13 @@ def test_targets_met_and_missed(tmp_path):
     assert "- **met** (learner): step time PSN/plain <= 1.15 (1 checked)" in text
     assert "- **met** (step): step time PSN/plain <= 1.05 (1 checked)" in text
     assert "- **missed** (step): step time Var-II/plain <= 1.10: 1 of 1 (Qwen2.5-1.5B: 1.150)" in text
+    # decode: noise within 10% of clean, ours vs HF at batch 256, the 7B batch-1 roofline (at least)
+    assert "- **missed** (decode): noisy/clean tok/s >= 0.90: 1 of 4 (Qwen2.5-1.5B fixed batch 256: 0.792)" in text
+    assert "- **missed** (decode): batch 256: ours/HF tok/s >= 20: 1 of 2 (Qwen2.5-1.5B noisy: 19.000)" in text
+    assert ("- **missed** (decode): batch-1 Qwen2.5-7B decode >= 70% of peak HBM bandwidth: 2 of 2 "
+            "(Qwen2.5-7B clean: 0.485; Qwen2.5-7B noisy: 0.480)") in text
+    assert report.Target("decode", "t", "w", 0.9, 0.9, at_least=True).ok
+    assert not report.Target("decode", "t", "w", None, 0.9, at_least=True).ok
 
 
 def test_regressions_over_ten_percent_are_flagged_and_smaller_changes_not(tmp_path):
@@ -57,18 +65,18 @@ def test_regressions_over_ten_percent_are_flagged_and_smaller_changes_not(tmp_pa
     assert flagged == {
         ("noisy_gemm", "Qwen2.5-1.5B/gate_up M=256", "noisy_us"),  # 29 -> 34.5 us: +19%
         ("noisy_gemm", "Qwen2.5-1.5B/gate_up M=256", "noisy_over_cublas"),
-        ("decode", "Qwen2.5-1.5B batch 32 prompt 128 output 256 noisy", "tokens_per_s"),  # 4500 -> 3800: -15.6%
+        ("decode", "Qwen2.5-1.5B batch 32 prompt 128 output 256 noisy", "tok_s"),  # 4500 -> 3800: -15.6%
     }
     assert "**3 regression(s) over 10%:**" in text
     assert "| noisy_gemm | Qwen2.5-1.5B/gate_up M=256 | noisy_us | 29 | 34.5 | +19.0% | **REGRESSION** |" in text
-    assert "| tokens_per_s | 4500 | 3800 | -15.6% | **REGRESSION** |" in text
+    assert "| tok_s | 4500 | 3800 | -15.6% | **REGRESSION** |" in text
     # under 10%: gate_up M=1 +3%, step psn +7.2% (rollout +9.0%), decode batch 1 clean -3.2%
     changes = report.compare(load("current"), load("baseline"))
     by = {(c.bench, c.row, c.metric): c for c in changes}
     for key, expected in [(("noisy_gemm", "Qwen2.5-1.5B/gate_up M=1", "noisy_us"), 0.03),
                           (("step", "Qwen2.5-1.5B psn", "step_ms"), 10400 / 9700 - 1),
                           (("step", "Qwen2.5-1.5B psn", "rollout_ms"), 7300 / 6700 - 1),
-                          (("decode", "Qwen2.5-1.5B batch 1 prompt 128 output 256 clean", "tokens_per_s"),
+                          (("decode", "Qwen2.5-1.5B batch 1 prompt 128 output 256 clean", "tok_s"),
                            150 / 155 - 1)]:
         assert by[key].change == pytest.approx(expected)
         assert not by[key].regression
@@ -100,7 +108,8 @@ def test_pngs_are_written_and_linked(tmp_path):
     text, _ = summary(tmp_path)
     fig_dir = tmp_path / f"summary-{SLUG}"
     names = {p.name for p in fig_dir.glob("*.png")}
-    assert names == {"noisy_gemm_ratio.png", "decode_qwen2-5-1-5b.png", "learner_memory.png", "step_phases.png"}
+    assert names == {"noisy_gemm_ratio.png", "decode_qwen2-5-1-5b.png", "decode_qwen2-5-7b.png", "learner_memory.png",
+                     "step_phases.png"}
     for name in names:
         assert (fig_dir / name).read_bytes()[:8] == PNG
         assert f"(summary-{SLUG}/{name})" in text
@@ -190,7 +199,7 @@ def test_all_without_a_gpu_builds_the_summary_from_existing_results(tmp_path, mo
     assert rc == 0
     out = capsys.readouterr()
     assert "no CUDA GPU here" in out.err
-    assert "REGRESSION decode Qwen2.5-1.5B batch 32 prompt 128 output 256 noisy tokens_per_s" in out.out
+    assert "REGRESSION decode Qwen2.5-1.5B batch 32 prompt 128 output 256 noisy tok_s" in out.out
     text = (results / f"summary-{SLUG}.md").read_text()
     assert "| noisy-gemm | skipped |" in text
     assert bench_all.main(["--results-dir", str(results), "--baseline", str(FIXTURES / "baseline"),
