@@ -1,7 +1,9 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, without spills.
 
 The interpreter runs kernels as numpy code and accepts things the GPU compiler
-rejects; compiling to a cubin catches those without a GPU. It runs in a fresh
+rejects; compiling to a cubin catches those without a GPU. Besides hand-typed
+noisy_linear and fill signatures, the report compiles every launch that the public
+wrappers make (``bench.kernel_sass.compile_all_launches``). It runs in a fresh
 process because this one runs Triton in interpreter mode.
 """
 import json
@@ -11,14 +13,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"_fill_kernel", "_noisy_linear_kernel", "_decode_kernel", "_decode_reduce_kernel",
+           "_prefill_kernel", "_store_kv_kernel", "_partials_kernel", "_grad_logits_kernel"}
 
 
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "bench.kernel_sass", "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout, out.stderr[-3000:]
     report = json.loads(out.stdout)
+    assert not report["failures"], "\n\n".join(f"{f['dtype']} {f['case']}: {f['error'][-3000:]}"
+                                               for f in report["failures"])
+    assert out.returncode == 0, out.stderr[-3000:]
     linear = [r for r in report["rows"] if r["kernel"] == "noisy_linear"]
     assert len(linear) == 8
     for row in linear:
@@ -27,3 +34,11 @@ def test_kernels_compile_for_sm90_without_spills():
     fill = {r["variant"]: r for r in report["rows"] if r["kernel"] == "fill_noise"}
     # Pairing makes two normals per hash: it must stay well under the per-element path.
     assert fill["paired"]["instructions_per_element"] < 0.7 * fill["unpaired"]["instructions_per_element"]
+
+    launches = report["launches"]
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert {r["kernel"] for r in launches if r["dtype"] == dtype} == KERNELS, dtype
+    for row in launches:
+        # Only the fp32 noisy_linear (the exact reference path) spills today.
+        if not (row["dtype"] == "fp32" and row["kernel"] == "_noisy_linear_kernel"):
+            assert row["stack"] == 0 and row["local"] == 0, row
