@@ -42,7 +42,7 @@ from kernels import noise  # noqa: E402
 from kernels.lm_head_logprob import lm_head_logprob  # noqa: E402
 from kernels.noise import _fill_kernel  # noqa: E402
 from kernels.noisy_linear import (NoiseStream, StreamRows, _noisy_linear_kernel, dual_linear,  # noqa: E402
-                                  noisy_linear, pick_tiles)
+                                  noisy_gate_up, noisy_linear, pick_tiles)
 from kernels.paged_attention import (paged_attention, paged_decode_attention, pick_num_splits,  # noqa: E402
                                      prefill_attention, store_kv_skip_padding)
 
@@ -91,7 +91,7 @@ def noisy_linear_kernel(dtype: str, m: int, n: int, k: int, slots: int = 1, pair
     types.update({name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")})
     types["sigma_ptr"] = "*fp32"
     constexprs = dict(HAS_BIAS=False, PAIRED=paired, IEEE=dtype == "fp32", SLOTS=slots,
-                      PARTIAL=cfg.split_k > 1, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
+                      PARTIAL=cfg.split_k > 1, GLU=False, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
     if constexprs["PARTIAL"]:
         types["y_ptr"] = "*fp32"
     return cfg, compile_for(_noisy_linear_kernel, types, constexprs, num_warps=cfg.num_warps,
@@ -158,6 +158,16 @@ def _linear(dtype: torch.dtype, m: int, n: int, k: int, streams: list[int], bias
     x = torch.empty(m, k, dtype=dtype, requires_grad=grad)
     b = torch.empty(n, dtype=dtype) if bias else None
     noisy_linear(x, torch.empty(n, k, dtype=dtype), b, rows=rows, param_key=7)
+
+
+def _gate_up(dtype: torch.dtype, m: int, streams: list[int], n: int = _INTER, k: int = _HIDDEN) -> None:
+    """noisy_gate_up (SiLU(gate) * up in one kernel) of [m, k] rows by two [n, k] weights, as the
+    engine's MLP."""
+    ids = torch.tensor(streams, dtype=torch.int32).repeat_interleave(m // len(streams))
+    rows = StreamRows(ids, [NoiseStream(s, 1e-3) for s in range(1, int(ids.max()) + 1)])
+    with torch.no_grad():
+        noisy_gate_up(torch.empty(m, k, dtype=dtype), torch.empty(n, k, dtype=dtype),
+                      torch.empty(n, k, dtype=dtype), rows=rows, gate_key=7, up_key=8)
 
 
 def _dual_linear(dtype: torch.dtype, m: int, n: int, k: int) -> None:
@@ -242,6 +252,12 @@ def launch_cases() -> list[tuple[str, Callable[[torch.dtype], None]]]:
         ("noisy_linear M=4096 q_proj+bias, 1 noisy stream, autograd",
          lambda dt: _linear(dt, 4096, h, h, [1], bias=True, grad=True)),
         ("dual_linear M=4096 up_proj, clean | noisy", lambda dt: _dual_linear(dt, 4096, i, h)),
+        ("noisy_gate_up M=1, 1 noisy stream", lambda dt: _gate_up(dt, 1, [1])),
+        ("noisy_gate_up M=1 at Qwen2.5-0.5B's MLP, 1 noisy stream (split-K)",
+         lambda dt: _gate_up(dt, 1, [1], 4864, 896)),
+        ("noisy_gate_up M=64, clean + 2 streams", lambda dt: _gate_up(dt, 64, [0, 1, 2, 0])),
+        ("noisy_gate_up M=256, 8 noisy + 2 clean per group", lambda dt: _gate_up(dt, 250, [1] * 8 + [0] * 2)),
+        ("noisy_gate_up M=4096, 1 noisy stream", lambda dt: _gate_up(dt, 4096, [1])),
         (f"lm_head_logprob T=16 V={_VOCAB} forward", lambda dt: _logprob(dt, 16, _VOCAB, h, False)),
         (f"lm_head_logprob T=256 V={_VOCAB} forward", lambda dt: _logprob(dt, 256, _VOCAB, h, False)),
         # The backward's matmuls are slow in bf16 on a CPU: V=19456 and H=128 keep the kernels those

@@ -174,14 +174,24 @@ class TileConfig:
 DEFAULT_SMS = 132
 
 
-def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None = None) -> TileConfig:
+def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None = None,
+               glu: bool = False) -> TileConfig:
     """Tile shape by problem size.
 
     BN x BK stays small enough that the noise tile lives in registers without
     spilling (``psnrl bench kernel-sass`` checks it for sm_90). Decode-sized M
     splits K so that about two programs per SM stream the weight. fp32 (tests,
-    references) uses small tiles: its exact dot has no tensor-core path.
+    references) uses small tiles: its exact dot has no tensor-core path. ``glu``
+    (gate and up in one program, two accumulators) caps BN at 64; BM, which the
+    CUDA-graph tile tables depend on, stays the same.
     """
+    cfg = _pick_tiles(m, n, k, dtype, sms)
+    if glu and cfg.block_n > 64:
+        return TileConfig(cfg.block_m, 64, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k)
+    return cfg
+
+
+def _pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None) -> TileConfig:
     if sms is None:
         sms = torch.cuda.get_device_properties(0).multi_processor_count \
             if torch.cuda.is_available() else DEFAULT_SMS
@@ -202,14 +212,17 @@ def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None = Non
     return TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, split)
 
 
-@triton.jit(do_not_specialize=["pkey", "row_offset", "col_offset"])
+@triton.jit(do_not_specialize=["pkey", "pkey_up", "row_offset", "col_offset"])
 def _noisy_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, row_stream_ptr, tile_range_ptr, tile_slot_ptr, seed_ptr, sigma_ptr,
     pkey, N, K, stride_xm, stride_wn, stride_ym, stride_ysplit, k_per_split,
-    row_offset, col_offset, in_features,
+    row_offset, col_offset, in_features, up_ptr, pkey_up,
     HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, SLOTS: tl.constexpr,
-    PARTIAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PARTIAL: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    # GLU: w is the gate weight and up_ptr the up weight (same shape and strides, own noise
+    # key); the program keeps both accumulators and stores SiLU(gate) * up, or under
+    # PARTIAL both partial sums (gate in columns [0, N), up in [N, 2N)).
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -223,6 +236,7 @@ def _noisy_linear_kernel(
     if SLOTS > 1:
         row_stream = tl.load(row_stream_ptr + rm, mask=m_ok, other=-1)
     key = pkey.to(tl.uint32, bitcast=True)
+    key_up = pkey_up.to(tl.uint32, bitcast=True)
     rows = (row_offset + rn).to(tl.uint32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
@@ -231,60 +245,91 @@ def _noisy_linear_kernel(
     # costs the large-M variant register spills.)
     k_end = tl.where(row_end > row_start, k_end, k_begin)
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_begin + rk)[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_begin + rk)[None, :]
+    w_offsets = rn[:, None].to(tl.int64) * stride_wn + (k_begin + rk)[None, :]
+    w_ptrs = w_ptr + w_offsets
+    u_ptrs = up_ptr + w_offsets
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         k_ok = (k0 + rk) < k_end
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if GLU:
+            u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         col0 = (col_offset + k0).to(tl.uint32)
         for j in tl.static_range(SLOTS):
             s = tl.load(tile_slot_ptr + pid_t * SLOTS + j)  # -1: empty slot
             sigma = tl.load(sigma_ptr + tl.maximum(s, 0))
             w_s = w
+            if GLU:
+                u_s = u
             if sigma > 0:
                 lo = tl.load(seed_ptr + 2 * s).to(tl.uint32, bitcast=True)
                 hi = tl.load(seed_ptr + 2 * s + 1).to(tl.uint32, bitcast=True)
                 k1, k2 = noise.stream_keys(lo, hi, key)
                 e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
                 w_s = (w.to(tl.float32) + sigma * e).to(w.dtype)
+                if GLU:
+                    k1, k2 = noise.stream_keys(lo, hi, key_up)
+                    e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
+                    u_s = (u.to(tl.float32) + sigma * e).to(u.dtype)
             if SLOTS > 1:
                 x_s = tl.where((row_stream == s)[:, None], x, 0.0)
             else:
                 x_s = x
             if IEEE:
                 acc += tl.dot(x_s, tl.trans(w_s), input_precision="ieee")
+                if GLU:
+                    acc_up += tl.dot(x_s, tl.trans(u_s), input_precision="ieee")
             else:
                 acc += tl.dot(x_s, tl.trans(w_s))
+                if GLU:
+                    acc_up += tl.dot(x_s, tl.trans(u_s))
         x_ptrs += BK
         w_ptrs += BK
+        if GLU:
+            u_ptrs += BK
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         y_ptrs = y_ptr + pid_k * stride_ysplit + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc, mask=mask)
+        if GLU:
+            tl.store(y_ptrs + N, acc_up, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            # Rounded as F.silu(gate) * up rounds gate, up and SiLU(gate) in the input dtype,
+            # so the engine's activations match the learner's, which runs gate and up apart.
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            up = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = act * up
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          rows: StreamRows, pkey: int, row_offset: int, col_offset: int,
-                         in_features: int, tiles: TileConfig | None = None) -> torch.Tensor:
-    """Launch the kernel on checked, row-major 2-D inputs (no autograd)."""
+                         in_features: int, tiles: TileConfig | None = None,
+                         up: torch.Tensor | None = None, up_key: int = 0) -> torch.Tensor:
+    """Launch the kernel on checked, row-major 2-D inputs (no autograd).
+
+    With ``up`` (a gated MLP's up weight, ``weight`` being its gate, no bias): SiLU(gate) * up.
+    """
     m, k = x2d.shape
     n = weight.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    cfg = tiles or pick_tiles(m, n, k, x2d.dtype)
+    glu = up is not None
+    cfg = tiles or pick_tiles(m, n, k, x2d.dtype, glu=glu)
     tile_ranges, tile_slots = rows.work_tiles(cfg.block_m)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
     partial = split > 1
     if partial:
         # Split-K: fp32 partial sums per split, reduced below (decode-sized M only).
-        y = torch.empty(split, m, n, dtype=torch.float32, device=x2d.device)
+        y = torch.empty(split, m, 2 * n if glu else n, dtype=torch.float32, device=x2d.device)
     else:
         y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     grid = (tile_ranges.shape[0], triton.cdiv(n, cfg.block_n), split)
@@ -292,8 +337,9 @@ def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         x2d, weight, bias if bias is not None else weight, y, rows.ids, tile_ranges, tile_slots,
         rows.seeds, rows.sigmas, noise.as_int32(pkey), n, k, x2d.stride(0), weight.stride(0),
         y.stride(-2), y.stride(0) if partial else 0, k_per_split, row_offset, col_offset, in_features,
+        up if glu else weight, noise.as_int32(up_key),
         HAS_BIAS=bias is not None, PAIRED=in_features % 2 == 0 and col_offset % 2 == 0,
-        IEEE=x2d.dtype == torch.float32, SLOTS=tile_slots.shape[1], PARTIAL=partial,
+        IEEE=x2d.dtype == torch.float32, SLOTS=tile_slots.shape[1], PARTIAL=partial, GLU=glu,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -301,6 +347,8 @@ def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         y = y.sum(0)
         if bias is not None:
             y += bias.float()
+        if glu:  # rounded as the unfused path rounds (see the kernel's epilogue)
+            return torch.nn.functional.silu(y[:, :n].to(x2d.dtype)) * y[:, n:].to(x2d.dtype)
         y = y.to(x2d.dtype)
     return y
 
@@ -409,6 +457,46 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         y = noisy_linear_forward(x2d, weight, bias, rows, param_key, row_offset, col_offset,
                                  in_features, tiles)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def noisy_gate_up(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
+                  rows: StreamRows | None = None, gate_key: int = 0, up_key: int = 0,
+                  row_offset: int = 0, col_offset: int = 0, in_features: int | None = None,
+                  tiles: TileConfig | None = None) -> torch.Tensor:
+    """A gated MLP's activation SiLU(x Wg~^T) * (x Wu~^T), W~ = W + sigma_s E_s per row's stream.
+
+    One kernel reads x and both weights once and writes only the activation: the
+    [rows, 2 x intermediate] gate/up outputs never reach memory. Rounded like
+    ``F.silu(gate) * up`` on the two ``noisy_linear`` outputs. No autograd (generation and
+    the learner's no-grad noisy stream). Arguments as ``noisy_linear``; both weights have
+    the same shape and sharding, each its own ``param_key``.
+    """
+    _check_inputs(x, gate_weight, None, rows)
+    if up_weight.shape != gate_weight.shape or up_weight.dtype != gate_weight.dtype \
+            or up_weight.device != gate_weight.device:
+        raise ValueError(f"up weight {_describe(up_weight)} must match gate weight {_describe(gate_weight)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, up_weight)):
+        raise ValueError("noisy_gate_up has no backward: call it under torch.no_grad() or "
+                         "torch.inference_mode(), or use noisy_linear for gate and up")
+    k = gate_weight.shape[1]
+    in_features = k if in_features is None else in_features
+    noise.check_shard(gate_weight.shape[0], k, row_offset, col_offset, in_features)
+    noise.check_param_key(gate_key)
+    noise.check_param_key(up_key)
+    if not noise.runs_triton(x):
+        from kernels.noisy_linear_reference import noisy_gate_up_reference
+        return noisy_gate_up_reference(x, gate_weight, up_weight, rows=rows, gate_key=gate_key,
+                                       up_key=up_key, row_offset=row_offset, col_offset=col_offset,
+                                       in_features=in_features, dtype=x.dtype)
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    gate_weight, up_weight = gate_weight.contiguous(), up_weight.contiguous()
+    if rows is None:
+        rows = StreamRows.clean(x2d.shape[0], x.device)
+    y = noisy_linear_forward(x2d, gate_weight, None, rows, gate_key, row_offset, col_offset,
+                             in_features, tiles, up=up_weight, up_key=up_key)
+    return y.reshape(*x.shape[:-1], gate_weight.shape[0])
 
 
 class _DualLinearFn(torch.autograd.Function):

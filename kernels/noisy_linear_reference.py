@@ -38,3 +38,16 @@ def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         else:
             y[sel] = torch.nn.functional.linear(x2d[sel], w, b)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def noisy_gate_up_reference(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
+                            rows: StreamRows | None = None, gate_key: int = 0, up_key: int = 0,
+                            row_offset: int = 0, col_offset: int = 0,
+                            in_features: int | None = None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SiLU(x Wg~^T) * (x Wu~^T): the two noisy linears (fp32), rounded to ``dtype`` as the
+    unfused model rounds them, then the gated activation in ``dtype``."""
+    shard = dict(rows=rows, row_offset=row_offset, col_offset=col_offset, in_features=in_features)
+    gate = noisy_linear_reference(x, gate_weight, param_key=gate_key, **shard).to(dtype)
+    up = noisy_linear_reference(x, up_weight, param_key=up_key, **shard).to(dtype)
+    return torch.nn.functional.silu(gate) * up
