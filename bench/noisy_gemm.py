@@ -12,6 +12,12 @@ For each (shape, M) it times, in one run on one GPU:
   materialized_us  W + sigma*E materialized into a temporary buffer (kernels.noise.fill_noise,
                    then add W) followed by torch.matmul, all timed together
 
+and for gate_up, whose weight is the gate [I, H] over the up [I, H], the gated activation
+SiLU(gate) * up of one noisy stream (the engine's MLP), two ways:
+
+  glu_unfused_us   gate and up by two noisy_linear calls, then F.silu(gate) * up
+  glu_fused_us     noisy_gate_up: both weights and the activation in one kernel
+
 and writes ``bench/results/noisy_gemm-<device>.json`` plus a markdown summary beside it.
 
 Run it with ``psnrl bench noisy-gemm [options]`` or ``python -m bench.noisy_gemm``; it needs a
@@ -64,9 +70,11 @@ MIXED_RATIO = 1.02            # mixed no slower than noisy, with 2% allowed for 
 
 ROW_KEYS = ("shape", "M", "N", "K", "cublas_us", "clean_us", "noisy_us", "mixed_us",
             "materialized_us", "noisy_over_cublas", "mixed_over_noisy", "extra_bytes",
-            "materialized_extra_bytes", "noisy_gbps", "noisy_tflops")
+            "materialized_extra_bytes", "noisy_gbps", "noisy_tflops", "glu_unfused_us", "glu_fused_us",
+            "glu_fused_over_unfused")
 META_KEYS = ("device", "torch", "triton", "dtype", "sigma", "method")
 TIMED = ("cublas", "clean", "noisy", "mixed", "materialized")
+GLU_TIMED = ("glu_unfused", "glu_fused")  # gate_up only
 
 MIXED_NOTE = ("mixed = half the rows clean, half on one noisy stream, interleaved (even rows noisy, "
               "odd rows clean, so every row block holds both streams); at M = 1 the single row is "
@@ -227,9 +235,9 @@ def mixed_row_streams(m: int, device: torch.device | str) -> torch.Tensor:
 
 def make_fns(case: Case, dtype: torch.dtype, sigma: float, device: torch.device | str,
              seed: int = NOISE_SEED) -> dict[str, Callable[[], torch.Tensor]]:
-    """The five timed callables of a case. StreamRows are built here, outside any timed region."""
+    """The timed callables of a case. StreamRows are built here, outside any timed region."""
     from kernels import noise
-    from kernels.noisy_linear import NoiseStream, StreamRows, noisy_linear
+    from kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up, noisy_linear
 
     gen = torch.Generator(device=device).manual_seed(case.m * 1_000_003 + case.n * 101 + case.k)
     weight = torch.randn(case.n, case.k, generator=gen, device=device, dtype=dtype).mul_(0.02)
@@ -247,13 +255,21 @@ def make_fns(case: Case, dtype: torch.dtype, sigma: float, device: torch.device 
         w_noisy.add_(weight)
         return torch.matmul(x, w_noisy.t())
 
-    return {
+    fns = {
         "cublas": lambda: torch.matmul(x, wt),
         "clean": lambda: noisy_linear(x, weight, rows=clean_rows, param_key=key),
         "noisy": lambda: noisy_linear(x, weight, rows=noisy_rows, param_key=key),
         "mixed": lambda: noisy_linear(x, weight, rows=mixed_rows, param_key=key),
         "materialized": materialized,
     }
+    if case.shape == "gate_up":
+        gate, up = weight.chunk(2)
+        up_key = noise.param_key(case.param_name.replace("gate_up", "up"))
+        fns["glu_unfused"] = lambda: torch.nn.functional.silu(
+            noisy_linear(x, gate, rows=noisy_rows, param_key=key)) * noisy_linear(
+            x, up, rows=noisy_rows, param_key=up_key)
+        fns["glu_fused"] = lambda: noisy_gate_up(x, gate, up, rows=noisy_rows, gate_key=key, up_key=up_key)
+    return fns
 
 
 def sanity_check(fns: dict[str, Callable[[], torch.Tensor]], sigma: float) -> None:
@@ -273,7 +289,7 @@ def time_case(case: Case, *, dtype: torch.dtype, sigma: float, device: torch.dev
     with torch.inference_mode():
         fns = make_fns(case, dtype, sigma, device)
         sanity_check(fns, sigma)
-        times = {name: timer(fns[name]) for name in TIMED}
+        times = {name: timer(fns[name]) for name in TIMED + GLU_TIMED if name in fns}
         extra = extra_bytes(fns["noisy"])
         materialized_extra = extra_bytes(fns["materialized"])
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -295,6 +311,9 @@ def build_row(case: Case, times_us: dict[str, float], extra_bytes: int,
     row["materialized_extra_bytes"] = int(materialized_extra_bytes)
     row["noisy_gbps"] = _round(moved / (noisy * 1e-6) / 1e9 if noisy > 0 else None, 1)
     row["noisy_tflops"] = _round(flops / (noisy * 1e-6) / 1e12 if noisy > 0 else None, 3)
+    for name in GLU_TIMED:
+        row[f"{name}_us"] = _round(times_us.get(name), 3)
+    row["glu_fused_over_unfused"] = _round(_ratio(times_us.get("glu_fused"), times_us.get("glu_unfused")), 4)
     return row
 
 
@@ -372,6 +391,8 @@ _TABLE_COLUMNS = (
     ("noisy_over_cublas", "noisy/cuBLAS", "{:.3f}"), ("mixed_over_noisy", "mixed/noisy", "{:.3f}"),
     ("extra_bytes", "extra B", "{:,}"), ("materialized_extra_bytes", "materialized extra B", "{:,}"),
     ("noisy_gbps", "noisy GB/s", "{:.0f}"), ("noisy_tflops", "noisy TFLOP/s", "{:.2f}"),
+    ("glu_unfused_us", "SiLU·up unfused µs", "{:.1f}"), ("glu_fused_us", "SiLU·up fused µs", "{:.1f}"),
+    ("glu_fused_over_unfused", "fused/unfused", "{:.3f}"),
 )
 
 
@@ -402,7 +423,9 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
         "clean / all rows on one noisy stream / mixed; materialized = fill W + sigma*E into a "
         "temporary buffer (kernels.noise.fill_noise, then add W) and torch.matmul, timed together. "
         f"{MIXED_NOTE} {EXTRA_NOTE} GB/s counts weight + activation + output bytes; TFLOP/s is "
-        "2*M*N*K; both for the noisy kernel.",
+        "2*M*N*K; both for the noisy kernel. SiLU·up (gate_up rows): the gated activation of one "
+        "noisy stream, unfused = gate and up by two noisy_linear calls then F.silu(gate) * up, "
+        "fused = noisy_gate_up (one kernel, no gate/up outputs in memory).",
         "",
         render_table(rows),
         "",
