@@ -14,6 +14,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.layers import Hidden, RMSNorm, RotaryEmbedding, Streams, StreamLinear, per_stream
 from engine.noise_spec import BatchNoise
+from kernels.noisy_linear import noisy_gate_up
 
 
 class Attention(nn.Module):
@@ -61,7 +62,15 @@ class MLP(nn.Module):
         self.down_proj = StreamLinear(im, hs, b, f"{p}.down_proj.weight", "mlp")
 
     def forward(self, h: Hidden, noise: BatchNoise | None) -> Hidden:
-        act = per_stream(_silu_mul, self.gate_proj(h, noise), self.up_proj(h, noise))
+        rows = noise.rows("mlp") if noise is not None else None
+        if rows is not None and isinstance(h, torch.Tensor) and not torch.is_grad_enabled() \
+                and self.gate_proj.bias is None:
+            # Generation with noisy MLP rows: gate, up and SiLU(gate) * up in one kernel that
+            # reads both weights once and writes only the activation (kernels/README.md).
+            act = noisy_gate_up(h, self.gate_proj.weight, self.up_proj.weight, rows=rows,
+                                gate_key=self.gate_proj.key, up_key=self.up_proj.key)
+        else:
+            act = per_stream(_silu_mul, self.gate_proj(h, noise), self.up_proj(h, noise))
         return self.down_proj(act, noise)
 
 

@@ -11,9 +11,11 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.loader import load_model
+from engine import model as engine_model
 from engine.noise_spec import BatchNoise, NoiseSpec
 from kernels import noise_reference as R
 from kernels.noise import param_key
+from kernels.noisy_linear import noisy_gate_up
 
 BLOCK = 4
 PROMPTS = [[5, 17, 33, 2, 9, 100, 7], [42], [300, 301, 302, 303, 11], [8, 8, 8, 8, 8, 8, 8, 8, 8]]
@@ -138,10 +140,13 @@ def perturbed_hf(hf, seed: int, sigma: float, groups: set[str]):
 
 
 @pytest.mark.parametrize("targets", ["mlp", "attn", "all"])
-def test_noisy_rows_match_hf_with_perturbed_weights_in_a_mixed_batch(models, targets):
+def test_noisy_rows_match_hf_with_perturbed_weights_in_a_mixed_batch(models, targets, monkeypatch):
     hf, ours, _ = models
     if targets == "all" and hf.config.tie_word_embeddings:
         pytest.skip("a tied lm_head shares the embedding: perturbing it alone has no HF twin")
+    fused_calls = []  # noisy MLP rows take the one-kernel gate/up/SiLU path (no grad)
+    monkeypatch.setattr(engine_model, "noisy_gate_up",
+                        lambda *a, **k: fused_calls.append(1) or noisy_gate_up(*a, **k))
     spec = NoiseSpec(seed=2**40 + 7, sigma=0.05, targets=targets)
     oracle = perturbed_hf(hf, spec.seed, spec.sigma, set(spec.groups))
     cache = Cache(ours, len(PROMPTS))
@@ -157,6 +162,7 @@ def test_noisy_rows_match_hf_with_perturbed_weights_in_a_mixed_batch(models, tar
     for b, prompt in enumerate(PROMPTS):
         ref = hf_logits(oracle if which[b] == 0 else hf, prompt + [nxt[b]])[-1]
         torch.testing.assert_close(logits[b], ref, atol=1e-4, rtol=1e-4)
+    assert len(fused_calls) == (2 * hf.config.num_hidden_layers if targets != "attn" else 0)
 
 
 def test_config_errors_name_the_problem(tmp_path, models):
