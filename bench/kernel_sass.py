@@ -143,8 +143,13 @@ _HIDDEN, _INTER, _VOCAB = _QWEN["hidden_size"], _QWEN["intermediate_size"], _QWE
 _BLOCK = 16  # engine.llm's default KV block size
 
 
-def _attention_shape(model: str) -> tuple[int, int, int]:
+AttentionModel = str | tuple[int, int, int]  # a model name, or (query heads, KV heads, head_dim)
+
+
+def _attention_shape(model: AttentionModel) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim): all that attention kernels specialise on of a model."""
+    if isinstance(model, tuple):
+        return model
     cfg = model_configs.get_config(model)
     return cfg["num_attention_heads"], cfg["num_key_value_heads"], model_configs.head_dim(cfg)
 
@@ -179,7 +184,7 @@ def _dual_linear(dtype: torch.dtype, m: int, n: int, k: int) -> None:
                 weight, rows=rows, param_key=7)
 
 
-def _paged(dtype: torch.dtype, model: str, context_lens: list[int]) -> dict:
+def _paged(dtype: torch.dtype, model: AttentionModel, context_lens: list[int]) -> dict:
     """Queries for one token per context and a paged KV cache holding each sequence's blocks in a
     row (contents unset)."""
     heads, kv_heads, head_dim = _attention_shape(model)
@@ -196,12 +201,12 @@ def _paged(dtype: torch.dtype, model: str, context_lens: list[int]) -> dict:
                 scale=head_dim ** -0.5)
 
 
-def _decode(dtype: torch.dtype, model: str, context_lens: list[int]) -> None:
+def _decode(dtype: torch.dtype, model: AttentionModel, context_lens: list[int]) -> None:
     c = _paged(dtype, model, context_lens)
     paged_decode_attention(c["q"], c["k_cache"], c["v_cache"], c["block_tables"], c["context_lens"], c["scale"])
 
 
-def _graph_decode(dtype: torch.dtype, model: str, bucket: int, max_model_len: int) -> None:
+def _graph_decode(dtype: torch.dtype, model: AttentionModel, bucket: int, max_model_len: int) -> None:
     """A CUDA-graph decode step (engine/cuda_graphs.py): the store that skips padding rows
     (slot -1, context 0), then decode with the graph's fixed splits and no checks."""
     live = bucket // 2
@@ -216,7 +221,7 @@ def _graph_decode(dtype: torch.dtype, model: str, bucket: int, max_model_len: in
                            c["scale"], num_splits=splits, check=False)
 
 
-def _prefill(dtype: torch.dtype, model: str, q_lens: list[int], context_lens: list[int],
+def _prefill(dtype: torch.dtype, model: AttentionModel, q_lens: list[int], context_lens: list[int],
              dispatch: bool = False) -> None:
     """Attention of q_lens new tokens per sequence: prefill_attention, or the dispatcher (which
     takes the decode kernel when every sequence has one new token)."""
@@ -281,6 +286,9 @@ def launch_cases() -> list[tuple[str, Callable[[torch.dtype], None]]]:
             (f"{model} paged_attention: chunked prefill",
              lambda dt, m=model: _prefill(dt, m, [64, 1], [128, 9], True)),
         ]
+    mha = (8, 8, 128)  # multi-head attention (GROUP 1), as Llama-2-style checkpoints have
+    cases += [("MHA 8/8 paged_decode_attention (split-K)", lambda dt: _decode(dt, mha, [4096, 100])),
+              ("MHA 8/8 prefill_attention", lambda dt: _prefill(dt, mha, [300, 37], [300, 100]))]
     return cases
 
 

@@ -38,6 +38,9 @@ def test_kernels_compile_for_sm90_without_spills():
     launches = report["launches"]
     for dtype in ("bf16", "fp16", "fp32"):
         assert {r["kernel"] for r in launches if r["dtype"] == dtype} == KERNELS, dtype
+        # the gated-MLP epilogue (noisy_gate_up), with and without split-K
+        glu = {r["constexprs"]["PARTIAL"] for r in launches if r["dtype"] == dtype and r["constexprs"].get("GLU")}
+        assert glu == {False, True}, dtype
     for row in launches:
         # Only the fp32 noisy_linear (the exact reference path) spills today.
         if not (row["dtype"] == "fp32" and row["kernel"] == "_noisy_linear_kernel"):

@@ -246,46 +246,7 @@ def test_bad_input_raises(device):
 
 
 # ---------------------------------------------------------------------------
-# 4. sm_90 compilation (the interpreter accepts code the GPU compiler rejects)
-# ---------------------------------------------------------------------------
-
-def test_kernels_compile_for_sm90_without_spills():
-    """Both kernels, with pick_tiles' GPU tiles, as a launch specializes them (pointers, H and
-    row strides divisible by 16, which is what makes the loads pipelined)."""
-    code = """
-import json, torch, triton
-from triton.compiler import ASTSource
-from bench.kernel_sass import HOPPER, resources
-from kernels.lm_head_logprob import _grad_logits_kernel, _partials_kernel, pick_tiles
-rows = []
-for dtype, tokens in (("bf16", 8192), ("bf16", 16), ("fp32", 100)):
-    cfg = pick_tiles(tokens, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-    for fn in (_partials_kernel, _grad_logits_kernel):
-        types = {n: "*fp32" if n in ("part_ptr", "coef_ptr") else "*i64" if n == "tgt_ptr"
-                 else f"*{dtype}" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-        const = dict(HAS_BIAS=True, IEEE=dtype == "fp32", BT=cfg.block_t, BV=cfg.block_v, BH=cfg.block_h)
-        sig = {n: "constexpr" if n in const else types[n] for n in fn.arg_names}
-        idx = {n: i for i, n in enumerate(fn.arg_names)}
-        div = [n for n in fn.arg_names if n.endswith("_ptr") or n in ("H", "stride_h", "stride_w", "stride_g")]
-        src = ASTSource(fn=fn, signature=sig, constexprs={(idx[k],): v for k, v in const.items()},
-                        attrs={(idx[n],): [["tt.divisibility", 16]] for n in div})
-        kernel = triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps,
-                                                                 num_stages=cfg.num_stages))
-        rows.append(dict(kernel=fn.__name__, dtype=dtype, tokens=tokens, **resources(kernel)))
-print(json.dumps(rows))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6
-    for row in rows:
-        assert row["stack"] == 0 and row["local"] == 0, row
-
-
-# ---------------------------------------------------------------------------
-# 5. The benchmark's CPU-side parts
+# 4. The benchmark's CPU-side parts
 # ---------------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -315,7 +276,7 @@ def test_bench_results_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 6. GPU: bf16 / fp16 (the interpreter's tl.dot is wrong for them), real sizes, memory
+# 5. GPU: bf16 / fp16 (the interpreter's tl.dot is wrong for them), real sizes, memory
 # ---------------------------------------------------------------------------
 
 GPU_SHAPES = [(300, 5000, 256), (1, 151936, 896), (1000, 1000, 129)]
