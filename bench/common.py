@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,3 +91,12 @@ def round_or_none(value: float | None, digits: int) -> float | None:
 def fmt_cell(value, spec: str) -> str:
     """A markdown table cell: ``value`` formatted with ``spec``, or an em dash when it is missing."""
     return "—" if value is None else format(value, spec)
+
+
+def device_and_sync(device: str) -> tuple[str, Callable[[], None]]:
+    """The name of ``device`` ("cuda" or "cpu") and a function that waits for its queued work."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(), torch.cuda.synchronize
+    return "cpu", lambda: None

@@ -55,8 +55,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, device_slug, fmt_cell, positive_int, ratio, results_document,
-                          round_or_none, split_list, write_result_files)
+from bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, positive_int, ratio,
+                          results_document, round_or_none, split_list, write_result_files)
 
 NAME = "decode"
 DEFAULT_OUT_DIR = RESULTS_DIR
@@ -790,16 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import triton
 
-    if args.device == "cuda":
-        device_name = torch.cuda.get_device_name()
-
-        def sync():
-            torch.cuda.synchronize()
-    else:
-        device_name = "cpu"
-
-        def sync():
-            pass
+    device_name, sync = device_and_sync(args.device)
     peak = args.peak_gbps if args.peak_gbps is not None else peak_gbps(device_name)
     args.peak = peak
     meta = {
