@@ -100,3 +100,14 @@ def device_and_sync(device: str) -> tuple[str, Callable[[], None]]:
     if device == "cuda":
         return torch.cuda.get_device_name(), torch.cuda.synchronize
     return "cpu", lambda: None
+
+
+def free_memory(device: str) -> None:
+    """Drop unreferenced objects and, on CUDA, return cached blocks (between measurements)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()

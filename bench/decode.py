@@ -40,7 +40,6 @@ with ``--device cpu`` (a smoke run: ``--device cpu --models tiny --batches 1 2 -
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import statistics
@@ -55,8 +54,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, positive_int, ratio,
-                          results_document, round_or_none, split_list, write_result_files)
+from bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
+                          ratio, results_document, round_or_none, split_list, write_result_files)
 
 NAME = "decode"
 DEFAULT_OUT_DIR = RESULTS_DIR
@@ -488,30 +487,6 @@ def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path
 # Running it
 # ---------------------------------------------------------------------------
 
-def checkpoint_dir(model: str, dtype: str, seed: int, cache: str | None, device: str,
-                   tmp_root: Path) -> Path:
-    """A random checkpoint of ``model``: reused from ``cache`` when complete there, else written."""
-    cfg = model_configs.get_config(model)
-    tag = {"config": cfg, "dtype": dtype, "seed": seed}
-    if cache:
-        path = Path(cache) / f"{model}-{dtype}-seed{seed}"
-        marker = path / ".psnrl-random-checkpoint.json"
-        if marker.is_file() and json.loads(marker.read_text()) == tag:
-            return path
-    else:
-        path = tmp_root / model
-    model_configs.write_random_checkpoint(cfg, path, dtype=dtype, seed=seed, device=device)
-    if cache:
-        (path / ".psnrl-random-checkpoint.json").write_text(json.dumps(tag))
-    return path
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
 class Runner:
     """Runs every workload and mode of one model and appends rows; writes results after each."""
 
@@ -573,9 +548,9 @@ class Runner:
                     return time_engine(llm, w, n, greedy=a.greedy, seed=a.seed, sync=self.sync)
                 if not self.measure(model, work, mode, once, once) and llm.scheduler.has_work():
                     llm = None  # a failed generate leaves requests behind: a fresh engine next
-                    _free(a.device)
+                    free_memory(a.device)
         llm = None
-        _free(a.device)
+        free_memory(a.device)
         if "hf" in a.modes:
             self.run_hf(model, path, [w for w in works if w.name == FIXED])
 
@@ -597,7 +572,7 @@ class Runner:
                                seed=a.seed, sync=self.sync)
             self.measure(model, work, "hf", once, warm)
         hf = None
-        _free(a.device)
+        free_memory(a.device)
 
     def engine(self, path: Path, works: list[Workload]):
         """An engine with KV blocks for the largest workload, all its sequences at full length."""
@@ -827,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             log(f"{model}: writing random {args.dtype} weights")
             try:
-                path = checkpoint_dir(model, args.dtype, args.seed, args.ckpt_dir,
+                path = model_configs.cached_random_checkpoint(model, args.dtype, args.seed, args.ckpt_dir,
                                       args.device, Path(tmp))
             except Exception as exc:
                 for work in runner.workloads(model):

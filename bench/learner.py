@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import math
 import statistics
 import sys
@@ -62,8 +61,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, fmt_cell, positive_int, ratio, results_document, round_or_none,
-                          split_list, write_result_files)
+from bench.common import (RESULTS_DIR, fmt_cell, free_memory, positive_int, ratio, results_document,
+                          round_or_none, split_list, write_result_files)
 
 NAME = "learner"
 DEFAULT_OUT_DIR = RESULTS_DIR
@@ -373,7 +372,7 @@ def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> 
             del noisy_model
     finally:
         del llm
-        _free(args.device)
+        free_memory(args.device)
     eng = torch.cat(engine_lp)
     noisy, clean = dual.noisy.logprobs.double().cpu(), dual.clean.logprobs.double().cpu()
     naive = naive.double().cpu()
@@ -474,12 +473,6 @@ def write_results(out_dir, meta: dict, rows: Sequence[dict], mismatch: dict | No
 # Running it
 # ---------------------------------------------------------------------------
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Callable[[dict], None],
               log: Callable[[str], None]) -> None:
     from engine.loader import load_model
@@ -495,7 +488,7 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Ca
         for seq_len, case in cases:
             for mode in args.modes:
                 record(error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, mode, exc))
-        _free(args.device)
+        free_memory(args.device)
         return
     try:
         for seq_len, case in cases:
@@ -510,10 +503,10 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Ca
                     learner.optimizer.zero_grad(set_to_none=True)
                     learner.noisy_logprobs = "learner"
                 record(row)
-                _free(args.device)
+                free_memory(args.device)
     finally:
         del learner, net
-        _free(args.device)
+        free_memory(args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -643,7 +636,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"saved {row['saved_bytes'] / 2**20:,.1f} MiB")
         write_results(args.out_dir, meta, rows, state["mismatch"])
 
-    from bench.decode import checkpoint_dir
 
     models = list(args.models)
     if not args.no_mismatch and args.mismatch_model not in models:
@@ -652,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             log(f"{model}: random {args.dtype} weights")
             try:
-                path = checkpoint_dir(model, DTYPES[args.dtype], args.seed, args.ckpt_dir, args.device, Path(tmp))
+                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir, args.device, Path(tmp))
             except Exception as exc:
                 if model in args.models:
                     for n in args.seq_lens:
@@ -668,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
                     log(f"mismatch failed: {state['mismatch']['error']}")
-                _free(args.device)
+                free_memory(args.device)
             if model in args.models:
                 run_model(model, path, args, args.spec, record, log)
             if not args.ckpt_dir:

@@ -320,3 +320,29 @@ def write_random_checkpoint(model: str | Mapping, directory: str | os.PathLike,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def cached_random_checkpoint(model: str, dtype: str, seed: int, cache: str | None, device: str,
+                             tmp_root: Path, tokenizer=None) -> Path:
+    """A random checkpoint of ``model`` (with ``tokenizer`` saved beside it, if given): reused
+    from the ``cache`` folder when a complete one is there, else written (under ``tmp_root``
+    without a cache)."""
+    cfg = get_config(model)
+    tag = {"config": cfg, "dtype": dtype, "seed": seed}
+    name = f"{model}-{dtype}-seed{seed}"
+    if tokenizer is not None:
+        tag["tokenizer"] = tokenizer.get_vocab()
+        name += "-tok"
+    if cache:
+        path = Path(cache) / name
+        marker = path / ".psnrl-random-checkpoint.json"
+        if marker.is_file() and json.loads(marker.read_text()) == tag:
+            return path
+    else:
+        path = tmp_root / model
+    write_random_checkpoint(cfg, path, dtype=dtype, seed=seed, device=device)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if cache:
+        (path / ".psnrl-random-checkpoint.json").write_text(json.dumps(tag))
+    return path

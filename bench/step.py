@@ -43,7 +43,6 @@ hidden: the trainer uses a GPU whenever torch sees one).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import statistics
@@ -56,8 +55,8 @@ from typing import Callable, Sequence
 import torch
 
 from bench import model_configs
-from bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, positive_int, ratio,
-                          results_document, round_or_none, split_list, write_result_files)
+from bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
+                          ratio, results_document, round_or_none, split_list, write_result_files)
 
 NAME = "step"
 DEFAULT_OUT_DIR = RESULTS_DIR
@@ -240,25 +239,11 @@ def prompt_tokens() -> int:
 
 def checkpoint_dir(model: str, dtype: str, seed: int, cache: str | None, device: str,
                    tmp_root: Path) -> Path:
-    """A random checkpoint of ``model`` with the character tokenizer of trainer/tiny.py.
+    """A random checkpoint of ``model`` with the character tokenizer of trainer/tiny.py."""
+    from trainer.tiny import build_tokenizer
 
-    Reused from ``cache`` when a complete one is there, else written."""
-    from trainer.tiny import VOCAB, build_tokenizer
-
-    cfg = model_configs.get_config(model)
-    tag = {"config": cfg, "dtype": dtype, "seed": seed, "tokenizer": VOCAB}
-    if cache:
-        path = Path(cache) / f"{model}-{dtype}-seed{seed}-chartok"
-        marker = path / ".psnrl-random-checkpoint.json"
-        if marker.is_file() and json.loads(marker.read_text()) == tag:
-            return path
-    else:
-        path = tmp_root / model
-    model_configs.write_random_checkpoint(cfg, path, dtype=dtype, seed=seed, device=device)
-    build_tokenizer().save_pretrained(path)
-    if cache:
-        (path / ".psnrl-random-checkpoint.json").write_text(json.dumps(tag))
-    return path
+    return model_configs.cached_random_checkpoint(model, dtype, seed, cache, device, tmp_root,
+                                                  tokenizer=build_tokenizer())
 
 
 def config_overrides(args: argparse.Namespace, path: Path, mode: str, log_dir: Path) -> list[str]:
@@ -287,12 +272,6 @@ def setup_fields(args: argparse.Namespace) -> dict:
             "rollouts": args.prompts * args.group_size, "prompt_tokens": args.prompt_tokens,
             "max_tokens": args.max_tokens, "micro_batch_tokens": args.micro_batch_tokens,
             "mini_batch_prompts": args.mini_batch_prompts, "warmup": args.warmup}
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
@@ -330,7 +309,7 @@ def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
                                        "allocated_before_bytes": before}
     finally:
         del trainer
-        _free(args.device)
+        free_memory(args.device)
 
 
 class Runner:
@@ -360,7 +339,7 @@ class Runner:
                 row = build_row(model, mode, records, setup=setup_fields(a), **memory)
             except Exception as exc:  # OOM, a kernel failure: keep going
                 row = error_row(model, mode, exc, setup_fields(a))
-            _free(a.device)  # after the except block, whose traceback held the trainer
+            free_memory(a.device)  # after the except block, whose traceback held the trainer
             self.record(row)
 
 
