@@ -5,8 +5,8 @@ from setuptools import setup
 
 ext_modules = [
     Pybind11Extension(
-        "engine._block_manager",
-        ["engine/csrc/block_manager.cpp"],
+        "psnrl.engine._block_manager",
+        ["psnrl/engine/csrc/block_manager.cpp"],
         cxx_std=17,
         extra_compile_args=["-O2"],
     ),

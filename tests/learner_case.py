@@ -1,9 +1,9 @@
 """The shared case of the learner tests: rows of a perturbed rollout batch on the tiny model."""
 import torch
 
-from engine.noise_spec import NoiseSpec
-from trainer.learner import Rollouts
-from trainer.losses import LossConfig
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.trainer.learner import Rollouts
+from psnrl.trainer.losses import LossConfig
 
 SPEC = NoiseSpec(seed=5, sigma=0.05, targets="all")
 ROWS_PER_STEP = 4  # two optimizer steps over 8 rows

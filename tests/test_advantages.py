@@ -1,4 +1,4 @@
-"""trainer.advantages: brute-force definitions, centering, degenerate groups, and Monte Carlo
+"""psnrl.trainer.advantages: brute-force definitions, centering, degenerate groups, and Monte Carlo
 unbiasedness on a softmax bandit whose max@k gradient is known in closed form."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.advantages import ESTIMATORS, compute_advantages
+from psnrl.trainer.advantages import ESTIMATORS, compute_advantages
 
 F64 = torch.float64
 

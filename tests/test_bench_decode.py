@@ -1,4 +1,4 @@
-"""bench/decode.py and bench/model_configs.py: configs, random checkpoints, rows, markdown, and a
+"""psnrl/bench/decode.py and psnrl/bench/model_configs.py: configs, random checkpoints, rows, markdown, and a
 CPU smoke run of the whole bench (tiny model); the real run on a GPU."""
 import json
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bench import decode as bench
-from bench import model_configs as mc
+from psnrl.bench import decode as bench
+from psnrl.bench import model_configs as mc
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -81,7 +81,7 @@ def _file_tensors(path):
 
 @pytest.mark.parametrize("shard", [False, True], ids=["single-file", "sharded"])
 def test_random_checkpoint_loads_in_the_engine(tmp_path, shard):
-    from engine.loader import load_model
+    from psnrl.engine.loader import load_model
 
     options = {"max_shard_bytes": 20_000} if shard else {}
     path = mc.write_random_checkpoint("tiny", tmp_path / "ck", dtype="fp32", seed=3, **options)
@@ -116,8 +116,8 @@ def test_random_checkpoint_untied_and_transformers_agree(tmp_path):
     greedy tokens equal transformers' (wide weights, so argmax ties cannot flip)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.llm import LLM
-    from engine.sampling import SamplingParams
+    from psnrl.engine.llm import LLM
+    from psnrl.engine.sampling import SamplingParams
 
     cfg = {**mc.get_config("tiny"), "tie_word_embeddings": False}
     path = mc.write_random_checkpoint(cfg, tmp_path / "untied", dtype=torch.float32, seed=1, std=0.3)
@@ -311,9 +311,9 @@ def test_arguments():
 
 
 def test_registered_in_the_cli():
-    from trainer.cli import BENCHES
+    from psnrl.trainer.cli import BENCHES
 
-    assert BENCHES["decode"] == "bench.decode"
+    assert BENCHES["decode"] == "psnrl.bench.decode"
 
 
 def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):

@@ -1,14 +1,14 @@
-"""bench/learner.py: the CPU smoke run of every mode end to end (rows, JSON, markdown, the
+"""psnrl/bench/learner.py: the CPU smoke run of every mode end to end (rows, JSON, markdown, the
 saved-for-backward proxy, the engine/learner mismatch), the naive perturbed copy, no-CUDA exit."""
 import json
 
 import pytest
 import torch
 
-from bench import learner as bench
-from bench import report
-from engine.noise_spec import NoiseSpec
-from trainer.cli import BENCHES
+from psnrl.bench import learner as bench
+from psnrl.bench import report
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.trainer.cli import BENCHES
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def smoke(tmp_path_factory):
 
 
 def test_registered_as_a_bench():
-    assert BENCHES["learner"] == "bench.learner"
+    assert BENCHES["learner"] == "psnrl.bench.learner"
 
 
 def test_cpu_smoke_run_writes_every_mode(smoke):
@@ -81,16 +81,16 @@ def test_markdown_and_report(smoke):
     assert "| tiny | 48 | psn | — |" in md
     assert "## Engine vs learner mismatch" in md and "PSN effect" in md
     assert "step time PSN/plain" in md
-    # bench/report.py reads the file: its table and the mismatch line.
+    # psnrl/bench/report.py reads the file: its table and the mismatch line.
     text = report.learner_table(report.load_results(out, "cpu")["learner"])
     assert "| tiny | 48 | psn | — |" in text
     assert "Mismatch: model = tiny" in text
 
 
 def test_perturbed_copy_shares_all_but_the_targeted_weights(tmp_path):
-    from bench import model_configs
-    from engine.loader import load_model
-    from kernels import noise_reference as R
+    from psnrl.bench import model_configs
+    from psnrl.engine.loader import load_model
+    from psnrl.kernels import noise_reference as R
 
     model = load_model(model_configs.write_random_checkpoint("tiny", tmp_path, dtype=torch.float32))
     spec = NoiseSpec(7, 0.01, "mlp")

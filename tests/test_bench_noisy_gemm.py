@@ -1,10 +1,10 @@
-"""bench/noisy_gemm.py: case list, markdown, results files on the CPU; the run itself on a GPU."""
+"""psnrl/bench/noisy_gemm.py: case list, markdown, results files on the CPU; the run itself on a GPU."""
 import json
 
 import pytest
 import torch
 
-from bench import noisy_gemm as bench
+from psnrl.bench import noisy_gemm as bench
 
 HAS_CUDA = torch.cuda.is_available()
 

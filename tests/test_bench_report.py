@@ -1,4 +1,4 @@
-"""bench/report.py and bench/all.py on the CPU: tables, targets, regressions, charts, missing files."""
+"""psnrl/bench/report.py and psnrl/bench/all.py on the CPU: tables, targets, regressions, charts, missing files."""
 import json
 import shutil
 import subprocess
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import all as bench_all
-from bench import report
+from psnrl.bench import all as bench_all
+from psnrl.bench import report
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 SLUG = "nvidia-h100-80gb-hbm3"
@@ -180,9 +180,9 @@ def test_all_reports_missing_and_failed_benches_without_stopping(monkeypatch):
         calls.append(cmd)
         return types.SimpleNamespace(returncode=1 if cmd[4] == "noisy-gemm" else 0)
 
-    monkeypatch.setattr(bench_all, "module_exists", lambda module: module != "bench.gone")
-    benches = {"noisy-gemm": "bench.noisy_gemm", "decode": "bench.decode", "step": "bench.gone",
-               "lm-head-logprob": "bench.lm_head"}
+    monkeypatch.setattr(bench_all, "module_exists", lambda module: module != "psnrl.bench.gone")
+    benches = {"noisy-gemm": "psnrl.bench.noisy_gemm", "decode": "psnrl.bench.decode", "step": "psnrl.bench.gone",
+               "lm-head-logprob": "psnrl.bench.lm_head"}
     status = bench_all.run_benches(list(bench_all.GPU_BENCHES), benches, {"decode": ["--batches", "1"]},
                                    runner=runner)
     assert [(s["bench"], s["status"]) for s in status] == [
@@ -208,8 +208,8 @@ def test_all_without_a_gpu_builds_the_summary_from_existing_results(tmp_path, mo
 
 
 def test_all_is_registered_in_the_cli():
-    from trainer.cli import BENCHES
-    assert BENCHES["all"] == "bench.all"
+    from psnrl.trainer.cli import BENCHES
+    assert BENCHES["all"] == "psnrl.bench.all"
 
 
 def test_lm_head_wide_rows_of_the_bench_are_read_per_impl(tmp_path):

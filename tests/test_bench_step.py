@@ -1,12 +1,12 @@
-"""bench/step.py: rows, ratios, markdown, the random checkpoint's tokenizer, and a CPU smoke run of
+"""psnrl/bench/step.py: rows, ratios, markdown, the random checkpoint's tokenizer, and a CPU smoke run of
 the whole bench (the tiny model through PSNTrainer, every mode); the real run on a GPU."""
 import json
 
 import pytest
 import torch
 
-from bench import report
-from bench import step as bench
+from psnrl.bench import report
+from psnrl.bench import step as bench
 
 HAS_CUDA = torch.cuda.is_available()
 SMOKE = ["--models", "tiny", "--dtype", "fp32", "--prompts", "2", "--group-size", "2",
@@ -79,7 +79,7 @@ def test_markdown_and_report_read_the_rows(tmp_path):
     assert "| psn | 1,030.0 | 600.0 | 0.0 | 10.0 | 300.0 | 0.0 | 120.0 | 20.00 | 8.00 | 256.0 | 1,000 | 1.030 | <= 1.05 met |" in text
     assert "| psn-var2 | 1,150.0 | 600.0 | 50.0 |" in text and "1.150 | <= 1.10 missed |" in text
     assert "- Qwen2.5-0.5B psn: RuntimeError: boom" in text
-    # bench/report.py: its table, its targets
+    # psnrl/bench/report.py: its table, its targets
     current = report.load_results(tmp_path, "nvidia-h100-80gb-hbm3")
     table = report.step_table(current["step"])
     assert "| Qwen2.5-1.5B | psn | 1,030.0 | 600.0 | 10.0 | 300.0 | 0.0 | 20.00 | 1.030 |" in table
@@ -105,7 +105,7 @@ def test_checkpoint_has_a_char_tokenizer_and_unknown_ids_decode_to_nothing(tmp_p
 
 
 def test_overrides_build_a_valid_config(tmp_path):
-    from trainer.config import load_config
+    from psnrl.trainer.config import load_config
 
     args = bench.parse_args(SMOKE + ["--device", "cpu", "--set", "algo.kl_coef=0"])
     assert args.prompt_tokens == bench.prompt_tokens() > 100 and args.mini_batch_prompts == 2
@@ -130,9 +130,9 @@ def test_bad_arguments_are_rejected(bad, capsys):
 
 
 def test_registered_as_a_bench():
-    from trainer.cli import BENCHES
+    from psnrl.trainer.cli import BENCHES
 
-    assert BENCHES["step"] == "bench.step"
+    assert BENCHES["step"] == "psnrl.bench.step"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the no-CUDA message needs a machine without CUDA")
@@ -176,7 +176,7 @@ def test_cpu_smoke_runs_every_mode_end_to_end(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_run_of_the_tiny_model(tmp_path):
-    from bench.common import device_slug
+    from psnrl.bench.common import device_slug
 
     assert bench.main(SMOKE + ["--device", "cuda", "--out-dir", str(tmp_path)]) == 0
     rows = _check_smoke(tmp_path, device_slug(torch.cuda.get_device_name()))

@@ -1,4 +1,4 @@
-"""The C++ KV-cache block manager (engine/csrc/block_manager.cpp).
+"""The C++ KV-cache block manager (psnrl/engine/csrc/block_manager.cpp).
 
 Unit tests for each operation, then a randomized operation-sequence test that
 runs the manager against a pure-Python reference model (exact block tables, ref
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.block_manager import AppendResult, BlockManager, OutOfBlocks, hash_block
+from psnrl.engine.block_manager import AppendResult, BlockManager, OutOfBlocks, hash_block
 
 
 def snapshot(bm: BlockManager) -> tuple:
@@ -34,7 +34,7 @@ def snapshot(bm: BlockManager) -> tuple:
 
 
 def test_extension_is_built_and_reexported():
-    import engine._block_manager as ext
+    import psnrl.engine._block_manager as ext
 
     assert ext.BlockManager is BlockManager
     assert ext.OutOfBlocks is OutOfBlocks
@@ -43,8 +43,8 @@ def test_extension_is_built_and_reexported():
 
 
 def test_wrapper_says_how_to_build_when_extension_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "engine._block_manager", None)  # makes the import fail
-    path = Path(__file__).resolve().parents[1] / "engine" / "block_manager.py"
+    monkeypatch.setitem(sys.modules, "psnrl.engine._block_manager", None)  # makes the import fail
+    path = Path(__file__).resolve().parents[1] / "psnrl" / "engine" / "block_manager.py"
     spec = importlib.util.spec_from_file_location("_bm_wrapper_probe", path)
     mod = importlib.util.module_from_spec(spec)
     with pytest.raises(ImportError, match=r"engine\._block_manager is not built: run pip install -e \."):

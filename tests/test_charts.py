@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
-from trainer.charts import PALETTE, bar_chart, line_chart, stacked_bar_chart, write_png
+from psnrl.trainer.charts import PALETTE, bar_chart, line_chart, stacked_bar_chart, write_png
 
 
 def read_png(path) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trainer.cli import main
+from psnrl.trainer.cli import main
 
 
 def test_generate_writes_json_lines(tmp_path):
@@ -42,7 +42,7 @@ def test_unknown_command_exits_with_usage(capsys):
 
 def test_eval_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch paths: this checks the command, not kernels
-    from trainer.tiny import build_checkpoint
+    from psnrl.trainer.tiny import build_checkpoint
     path = build_checkpoint(tmp_path / "tiny")
     out = tmp_path / "eval.json"
     assert main(["eval", str(path), "--sets", "tiny-arith", "--n", "4", "--limit", "16", "--max-tokens", "4",
@@ -59,7 +59,7 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
 
 
 def test_operation_diversity_counts_distinct_operations():
-    from trainer.evaluate import operation_diversity, operations
+    from psnrl.trainer.evaluate import operation_diversity, operations
     assert operations(r"12 + 7 = 19, then 3\times 4 = 12 and 3 \cdot 4; 10/2=5") == {"12+7", "3*4", "10/2"}
     # problem 1: two correct samples using {1+2, 2*3} and {1+2}; problem 2: none correct
     assert operation_diversity([["1+2 then 2*3", "1 + 2"], []]) == 2.0

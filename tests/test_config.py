@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.llm import EngineConfig
-from engine.sampling import SamplingParams
-from trainer.config import (CONFIG_DIR, SHIPPED_CONFIGS, AlgoConfig, ConfigError, RolloutConfig,
+from psnrl.engine.llm import EngineConfig
+from psnrl.engine.sampling import SamplingParams
+from psnrl.trainer.config import (CONFIG_DIR, SHIPPED_CONFIGS, AlgoConfig, ConfigError, RolloutConfig,
                             TrainConfig, config_from_dict, config_to_dict, dump_config, load_config)
-from trainer.datasets import EVAL_SETS
-from trainer.losses import LossConfig
+from psnrl.trainer.datasets import EVAL_SETS
+from psnrl.trainer.losses import LossConfig
 
 TINY = CONFIG_DIR / "tiny.yaml"
 PAPER = ("qwen2.5-math-1.5b", "qwen2.5-math-7b")

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode (engine/cuda_graphs.py).
+"""CUDA graphs for decode (psnrl/engine/cuda_graphs.py).
 
 CPU: the pure-Python parts (buckets, tile capacities, the decode plan), the wiring
 of ``enforce_eager``, and the static-buffer forward without capture
@@ -14,20 +14,20 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine import cuda_graphs as cg
-from engine.cuda_graphs import (DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
+from psnrl.engine import cuda_graphs as cg
+from psnrl.engine.cuda_graphs import (DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
                                 tile_level)
-from engine.llm import LLM, EngineConfig
-from engine.loader import load_model
-from engine.model_runner import ModelRunner
-from engine.noise_spec import NoiseSpec
-from engine.sampling import SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
-from kernels.attention_reference import paged_attention_reference
-from kernels.noisy_linear import (MAX_SLOTS, StreamRows, TileConfig, max_work_tiles, noisy_linear,
+from psnrl.engine.llm import LLM, EngineConfig
+from psnrl.engine.loader import load_model
+from psnrl.engine.model_runner import ModelRunner
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.scheduler import ScheduledSeq
+from psnrl.engine.sequence import Sequence
+from psnrl.kernels.attention_reference import paged_attention_reference
+from psnrl.kernels.noisy_linear import (MAX_SLOTS, StreamRows, TileConfig, max_work_tiles, noisy_linear,
                                   pack_work_tiles)
-from kernels.paged_attention import paged_decode_attention, store_kv_skip_padding
+from psnrl.kernels.paged_attention import paged_decode_attention, store_kv_skip_padding
 
 SPEC_ALL = NoiseSpec(seed=2**40 + 7, sigma=0.05, targets="all")
 SPEC_MLP = NoiseSpec(seed=11, sigma=0.08, targets="mlp")

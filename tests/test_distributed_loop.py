@@ -15,7 +15,7 @@ FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "trainer.cli", "train", *args], env=env, capture_output=True, text=True,
+                           "-m", "psnrl.trainer.cli", "train", *args], env=env, capture_output=True, text=True,
                           timeout=900, cwd=Path(__file__).parent.parent)
 
 

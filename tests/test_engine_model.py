@@ -8,14 +8,14 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from engine.attention import AttentionMetadata
-from engine.config import ModelConfig
-from engine.loader import load_model
-from engine import model as engine_model
-from engine.noise_spec import BatchNoise, NoiseSpec
-from kernels import noise_reference as R
-from kernels.noise import param_key
-from kernels.noisy_linear import noisy_gate_up
+from psnrl.engine.attention import AttentionMetadata
+from psnrl.engine.config import ModelConfig
+from psnrl.engine.loader import load_model
+from psnrl.engine import model as engine_model
+from psnrl.engine.noise_spec import BatchNoise, NoiseSpec
+from psnrl.kernels import noise_reference as R
+from psnrl.kernels.noise import param_key
+from psnrl.kernels.noisy_linear import noisy_gate_up
 
 BLOCK = 4
 PROMPTS = [[5, 17, 33, 2, 9, 100, 7], [42], [300, 301, 302, 303, 11], [8, 8, 8, 8, 8, 8, 8, 8, 8]]

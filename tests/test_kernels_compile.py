@@ -3,7 +3,7 @@
 The interpreter runs kernels as numpy code and accepts things the GPU compiler
 rejects; compiling to a cubin catches those without a GPU. Besides hand-typed
 noisy_linear and fill signatures, the report compiles every launch that the public
-wrappers make (``bench.kernel_sass.compile_all_launches``). It runs in a fresh
+wrappers make (``psnrl.bench.kernel_sass.compile_all_launches``). It runs in a fresh
 process because this one runs Triton in interpreter mode.
 """
 import json
@@ -19,7 +19,7 @@ KERNELS = {"_fill_kernel", "_noisy_linear_kernel", "_decode_kernel", "_decode_re
 
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_sass", "--json"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "psnrl.bench.kernel_sass", "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.stdout, out.stderr[-3000:]
     report = json.loads(out.stdout)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine.loader import load_model
+from psnrl.engine.loader import load_model
 from learner_case import ROWS_PER_STEP, loss_config, model_inputs, rows_of
-from trainer.learner import Learner, sync_weights
-from trainer.logprobs import dual_stream_logprobs, response_logprobs
+from psnrl.trainer.learner import Learner, sync_weights
+from psnrl.trainer.logprobs import dual_stream_logprobs, response_logprobs
 
 HERE = Path(__file__).parent
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine.llm import LLM, noise_cache_salt
-from engine.noise_spec import NoiseSpec
-from engine.sampling import SamplingParams
-from kernels import noise_reference as R
-from kernels.noise import param_key
+from psnrl.engine.llm import LLM, noise_cache_salt
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.engine.sampling import SamplingParams
+from psnrl.kernels import noise_reference as R
+from psnrl.kernels.noise import param_key
 
 PROMPTS = [[5, 17, 33, 2, 9, 100, 7, 8, 9, 10, 11], [42], [300, 301, 302, 303, 11], [7] * 9,
            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -219,7 +219,7 @@ def test_engine_options_are_checked(checkpoint):
 
 
 def test_text_prompts_and_stop_strings(tmp_path):
-    from trainer.tiny import build_checkpoint
+    from psnrl.trainer.tiny import build_checkpoint
     llm = make(build_checkpoint(tmp_path / "tiny"))
     free = llm.generate(["1+2="], SamplingParams(max_tokens=8, seed=4, ignore_eos=True), use_tqdm=False)[0]
     text = free.outputs[0].text

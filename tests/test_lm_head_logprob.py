@@ -1,9 +1,9 @@
-"""Tests of kernels/lm_head_logprob.py: fused lm_head log-prob, entropy and self-certainty.
+"""Tests of psnrl/kernels/lm_head_logprob.py: fused lm_head log-prob, entropy and self-certainty.
 
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) in fp32
 only (its ``tl.dot`` is wrong on bf16), on small shapes (it is slow); bf16 and real
 sizes are ``gpu`` tests. The torch path (a CPU outside the interpreter) is reached by
-patching ``kernels.noise.runs_triton``.
+patching ``psnrl.kernels.noise.runs_triton``.
 
 fp32 tolerance: the logits are dot products over H summed in another order than
 torch's (error ~ eps * sqrt(H) * |z|, |z| a few units here); logsumexp, entropy and
@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import lm_head_logprob as bench
-from kernels import lm_head_logprob as K
-from kernels import noise
-from kernels.lm_head_logprob import LogprobTiles, lm_head_logprob, vocab_chunk
-from kernels.lm_head_logprob_reference import lm_head_logprob_reference
+from psnrl.bench import lm_head_logprob as bench
+from psnrl.kernels import lm_head_logprob as K
+from psnrl.kernels import noise
+from psnrl.kernels.lm_head_logprob import LogprobTiles, lm_head_logprob, vocab_chunk
+from psnrl.kernels.lm_head_logprob_reference import lm_head_logprob_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,8 +190,8 @@ def test_torch_path_half_precision(torch_path, dtype):
 def test_cpu_without_the_interpreter_runs_the_torch_path():
     code = """
 import torch
-from kernels.lm_head_logprob import lm_head_logprob
-from kernels.lm_head_logprob_reference import lm_head_logprob_reference
+from psnrl.kernels.lm_head_logprob import lm_head_logprob
+from psnrl.kernels.lm_head_logprob_reference import lm_head_logprob_reference
 h = torch.randn(6, 10, requires_grad=True)
 w = torch.randn(300, 10, requires_grad=True)
 t = torch.tensor([0, 299, 5, 128, 127, 3])

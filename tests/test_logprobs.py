@@ -3,12 +3,12 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine.llm import LLM
-from engine.loader import load_model
-from engine.noise_spec import NoiseSpec
-from engine.sampling import SamplingParams
-from engine.layers import StreamLinear
-from trainer.logprobs import dual_stream_logprobs, response_logprobs
+from psnrl.engine.llm import LLM
+from psnrl.engine.loader import load_model
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.layers import StreamLinear
+from psnrl.trainer.logprobs import dual_stream_logprobs, response_logprobs
 
 SEQS = [[5, 17, 33, 2, 9, 100, 7], [42, 3], [300, 301, 302, 303, 11, 12, 13, 14]]
 PROMPT_LENS = [3, 1, 6]
@@ -98,7 +98,7 @@ def perturbed_copy(model, spec):
     """The same model with W + sigma * E materialized in the targeted layers (the oracle)."""
     import copy
 
-    from kernels import noise_reference as R
+    from psnrl.kernels import noise_reference as R
     noisy = copy.deepcopy(model)
     with torch.no_grad():
         for module in noisy.modules():

@@ -1,4 +1,4 @@
-"""trainer.losses against a naive per-token loop, plus edge cases and input checks."""
+"""psnrl.trainer.losses against a naive per-token loop, plus edge cases and input checks."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import AGGREGATIONS, LossConfig, loss_normalizer, policy_loss
+from psnrl.trainer.losses import AGGREGATIONS, LossConfig, loss_normalizer, policy_loss
 
 B, T = 4, 6
 LENGTHS = (6, 3, 0, 5)  # row 2 has no response token

@@ -1,4 +1,4 @@
-"""Tests of the noise contract (kernels/noise.py, kernels/noise_reference.py).
+"""Tests of the noise contract (psnrl/kernels/noise.py, psnrl/kernels/noise_reference.py).
 
 Kernel tests run the Triton fill on ``device`` (the CPU interpreter when there is no
 GPU, see conftest.py), so their shapes stay small: every interpreter launch costs
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import noise as N
-from kernels import noise_reference as R
+from psnrl.kernels import noise as N
+from psnrl.kernels import noise_reference as R
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -327,7 +327,7 @@ def test_param_key_is_crc32():
 def test_param_key_stable_across_processes():
     hashseed = "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"
     env = dict(os.environ, PYTHONHASHSEED=hashseed)
-    code = f"from kernels.noise import param_key; print(param_key({NAME!r}))"
+    code = f"from psnrl.kernels.noise import param_key; print(param_key({NAME!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) == 0xCD6F9C90

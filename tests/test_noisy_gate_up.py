@@ -1,4 +1,4 @@
-"""Tests of kernels/noisy_linear.py's noisy_gate_up: a gated MLP's SiLU(gate) * up in one kernel.
+"""Tests of psnrl/kernels/noisy_linear.py's noisy_gate_up: a gated MLP's SiLU(gate) * up in one kernel.
 
 The reference is the two noisy linears of the torch reference followed by
 ``F.silu(gate) * up``; on CPU the kernel runs in the Triton interpreter in fp32
@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import noise
-from kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, noisy_gate_up, noisy_linear, pick_tiles
-from kernels.noisy_linear_reference import noisy_gate_up_reference
+from psnrl.kernels import noise
+from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, noisy_gate_up, noisy_linear, pick_tiles
+from psnrl.kernels.noisy_linear_reference import noisy_gate_up_reference
 
 GATE = noise.param_key("model.layers.0.mlp.gate_proj.weight")
 UP = noise.param_key("model.layers.0.mlp.up_proj.weight")
@@ -127,8 +127,8 @@ def test_tiles_keep_the_row_block_and_cap_the_columns():
 def test_cpu_without_the_interpreter_runs_the_torch_path():
     code = """
 import torch
-from kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up
-from kernels.noisy_linear_reference import noisy_gate_up_reference
+from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up
+from psnrl.kernels.noisy_linear_reference import noisy_gate_up_reference
 x, wg, wu = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5, 6)
 rows = StreamRows(torch.tensor([0, 1, 0, 1]), [NoiseStream(7, 0.5)])
 with torch.no_grad():

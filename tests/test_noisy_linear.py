@@ -1,4 +1,4 @@
-"""Tests of kernels/noisy_linear.py: the fused multi-stream noisy matmul and its autograd.
+"""Tests of psnrl/kernels/noisy_linear.py: the fused multi-stream noisy matmul and its autograd.
 
 Without a GPU the Triton kernel runs in the interpreter (tests/conftest.py), whose
 ``tl.dot`` is only trusted in fp32, so every CPU test is fp32; the bf16/fp16 tests
@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import noise
-from kernels import noise_reference as R
-from kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, dual_linear, noisy_linear, pick_tiles
-from kernels.noisy_linear_reference import noisy_linear_reference
+from psnrl.kernels import noise
+from psnrl.kernels import noise_reference as R
+from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, dual_linear, noisy_linear, pick_tiles
+from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
 
 PKEY = noise.param_key("model.layers.0.mlp.up_proj.weight")
 BIG_SEED = 2**63 + 12345  # high seed word with the top bit set
@@ -640,9 +640,9 @@ def test_cpu_without_the_interpreter_runs_the_torch_path():
     import sys
     code = """
 import torch
-from kernels.noise import fill_noise, param_key
-from kernels.noisy_linear import NoiseStream, StreamRows, noisy_linear
-from kernels.noisy_linear_reference import noisy_linear_reference
+from psnrl.kernels.noise import fill_noise, param_key
+from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_linear
+from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
 x = torch.randn(4, 6, requires_grad=True)
 w = torch.randn(5, 6, requires_grad=True)
 rows = StreamRows(torch.tensor([0, 1, 0, 1]), [NoiseStream(7, 0.5)])

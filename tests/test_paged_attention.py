@@ -1,4 +1,4 @@
-"""Tests of kernels/paged_attention.py against kernels/attention_reference.py.
+"""Tests of psnrl/kernels/paged_attention.py against psnrl/kernels/attention_reference.py.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), whose
 ``tl.dot`` is only trusted in fp32: the CPU tests are fp32 with small shapes, at
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention_reference import paged_attention_reference
-from kernels.paged_attention import (DecodeConfig, PrefillConfig, paged_attention, paged_decode_attention,
+from psnrl.kernels.attention_reference import paged_attention_reference
+from psnrl.kernels.paged_attention import (DecodeConfig, PrefillConfig, paged_attention, paged_decode_attention,
                                      pick_num_splits, prefill_attention)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def dispatch(case, **kw) -> torch.Tensor:
 
 
 def test_dispatcher_picks_decode_or_prefill(device, monkeypatch):
-    import kernels.paged_attention as pa
+    import psnrl.kernels.paged_attention as pa
     calls = []
     monkeypatch.setattr(pa, "paged_decode_attention",
                         lambda *a, **k: calls.append("decode") or paged_decode_attention(*a, **k))
@@ -220,8 +220,8 @@ def test_dispatcher_picks_decode_or_prefill(device, monkeypatch):
 def test_cpu_without_the_interpreter_runs_the_torch_reference():
     code = """
 import torch
-from kernels.attention_reference import paged_attention_reference
-from kernels.paged_attention import paged_attention, paged_decode_attention, prefill_attention
+from psnrl.kernels.attention_reference import paged_attention_reference
+from psnrl.kernels.paged_attention import paged_attention, paged_decode_attention, prefill_attention
 torch.manual_seed(0)
 k, v = torch.randn(6, 4, 2, 8), torch.randn(6, 4, 2, 8)
 bt = torch.tensor([[3, 1, -1], [0, 5, 2]], dtype=torch.int32)
@@ -289,7 +289,7 @@ def test_validation_errors_name_the_values():
 # ---------------------------------------------------------------------------
 
 def test_fresh_tensors_take_the_aligned_kernel_variant():
-    from kernels.paged_attention import _aligned16
+    from psnrl.kernels.paged_attention import _aligned16
     case = make_case([5], [1], heads=4, kv_heads=2, head_dim=128, block_size=16, device="cpu",
                      dtype=torch.bfloat16)
     assert _aligned16(case["q"], case["k_cache"], case["v_cache"])

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from trainer.passk import default_ks, pass_at_k, pass_at_k_array, pass_at_k_curve
+from psnrl.trainer.passk import default_ks, pass_at_k, pass_at_k_array, pass_at_k_curve
 
 
 def exact_pass_at_k(n: int, c: int, k: int) -> Fraction:

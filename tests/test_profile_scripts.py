@@ -1,5 +1,5 @@
 """The Nsight scripts on the CPU: clear failures without ncu / a GPU, the ncu CSV digest, and the
-torch.profiler fallback of bench/profile_step.sh."""
+torch.profiler fallback of psnrl/bench/profile_step.sh."""
 import json
 import os
 import shutil
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import ncu_digest, profile_targets
-from kernels import profiling
+from psnrl.bench import ncu_digest, profile_targets
+from psnrl.kernels import profiling
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
@@ -39,7 +39,7 @@ def fake_tool(bin_dir: Path, name: str, body: str) -> None:
 
 def run_script(script: str, bin_dir: Path, *args: str, **env):
     environ = {"PATH": str(bin_dir), "PYTHON": sys.executable, "HOME": os.environ.get("HOME", "/tmp"), **env}
-    return subprocess.run([BASH, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+    return subprocess.run([BASH, str(ROOT / "psnrl" / "bench" / script), *args], capture_output=True, text=True,
                           env=environ, timeout=120)
 
 
@@ -71,7 +71,7 @@ def test_profile_kernels_dry_run_lists_the_cases(bare_path):
     first = lines[0]
     for part in ("--profile-from-start off", "--section SpeedOfLight", "--section MemoryWorkloadAnalysis",
                  "--section Occupancy", "--kernel-name regex:_noisy_linear_kernel", "-o /x/gemm-gate_up-m1-noisy",
-                 "-m bench.profile_targets gemm --model 1.5B --shape gate_up --m 1 --mode noisy"):
+                 "-m psnrl.bench.profile_targets gemm --model 1.5B --shape gate_up --m 1 --mode noisy"):
         assert part in first
     assert "--kernel-name" not in lines[1]  # cuBLAS: whatever it launches
     assert "--kernel-name regex:_decode(_reduce)?_kernel" in lines[-1]
@@ -176,7 +176,7 @@ def test_profile_step_falls_back_without_nsys(bare_path):
     done = run_script("profile_step.sh", bare_path, "--dry-run", "--iterations", "1")
     assert done.returncode == 0, done.stderr
     assert "torch.profiler fallback (nsys is not on PATH)" in done.stdout
-    assert "-m bench.profile_step" in done.stdout and "--iterations 1" in done.stdout
+    assert "-m psnrl.bench.profile_step" in done.stdout and "--iterations 1" in done.stdout
 
 
 def test_profile_step_falls_back_when_nsys_does_not_work(bare_path):
@@ -192,12 +192,12 @@ def test_profile_step_uses_nsys_when_it_works(bare_path):
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("Nsight Systems: env PSNRL_NVTX=1 nsys profile -t cuda,nvtx --capture-range=none")
-    assert "-m trainer.cli train train.iterations=2" in line and line.endswith("noise.enabled=false")
+    assert "-m psnrl.trainer.cli train train.iterations=2" in line and line.endswith("noise.enabled=false")
 
 
 def test_profile_step_torch_profiler_trace_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU torch paths keep it fast
-    from bench import profile_step
+    from psnrl.bench import profile_step
     rc = profile_step.main(["--out-dir", str(tmp_path), "--iterations", "1", "rollout.prompts_per_iter=4",
                             "rollout.group_size=2", "train.mini_batch_prompts=4", "rollout.max_tokens=3"])
     assert rc == 0

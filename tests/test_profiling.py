@@ -1,8 +1,8 @@
 """NVTX ranges: fixed names, no-ops while off, nested pushes and pops while on."""
 import pytest
 
-from kernels import profiling
-from kernels.profiling import RANGES, nvtx_range
+from psnrl.kernels import profiling
+from psnrl.kernels.profiling import RANGES, nvtx_range
 
 
 @pytest.fixture
@@ -38,8 +38,8 @@ def test_ranges_nest_as_context_and_decorator(recorded):
 
 def test_the_engine_and_loop_emit_their_phases(recorded, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from trainer.config import load_config
-    from trainer.loop import PSNTrainer
+    from psnrl.trainer.config import load_config
+    from psnrl.trainer.loop import PSNTrainer
     cfg = load_config(None, ["rollout.prompts_per_iter=4", "rollout.group_size=2", "train.mini_batch_prompts=4",
                              "train.sft_warmup_steps=0", "train.iterations=1", "eval.every=0",
                              "checkpoint.every=0", "noise.scheduler=var1", f"log.dir={tmp_path}"])

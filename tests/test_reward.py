@@ -1,9 +1,8 @@
-"""Tests of the math reward (trainer/reward.py): extraction, normalization, verification.
+"""Tests of the math reward (psnrl/trainer/reward.py): extraction, normalization, verification.
 
 Table-driven: PAIRS holds (prediction, reference, expected) for the formats the shipped
 benchmarks use and for the classic near misses; HOSTILE holds inputs that must score 0 quickly
-and never raise. The data tests read the shipped reference answers (trainer/data, a byte-identical
-copy of /work/shared/data) at test time.
+and never raise. The data tests read the shipped reference answers (psnrl/trainer/data) at test time.
 """
 from __future__ import annotations
 
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from trainer import reward as R
-from trainer.reward import (RewardConfig, extract_answer, math_reward, normalize, score_batch,
+from psnrl.trainer import reward as R
+from psnrl.trainer.datasets import DATA_DIR
+from psnrl.trainer.reward import (RewardConfig, extract_answer, math_reward, normalize, score_batch,
                             verify)
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIRS = (REPO / "trainer" / "data", Path("/work/shared/data"))
 
 # Without the canonical-string shortcut, so the parser / numeric / symbolic path is what is tested.
 NO_EXACT = RewardConfig(exact_match=False)
@@ -329,7 +328,7 @@ def test_bounds_reject_before_computing():
 def test_no_code_evaluation_in_source():
     """reward.py names none of eval/exec/sympify/parse_expr/parse_latex/__import__/sympy.S,
     and its only compile is re.compile (checked on code tokens, not on docstrings)."""
-    src = (REPO / "trainer" / "reward.py").read_text()
+    src = (REPO / "psnrl" / "trainer" / "reward.py").read_text()
     banned = {"eval", "exec", "sympify", "parse_expr", "parse_latex", "__import__", "S",
               "latex2sympy", "parse_mathematica", "lambdify", "literal_eval"}
     toks = [t for t in tokenize.generate_tokens(io.StringIO(src).readline)
@@ -410,12 +409,8 @@ def test_score_batch_length_mismatch():
 # the shipped reference answers
 
 def _answers(name: str) -> list[str]:
-    for d in DATA_DIRS:
-        path = d / f"{name}.jsonl"
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line)["answer"] for line in f if line.strip()]
-    pytest.skip(f"{name}.jsonl not found")
+    with open(DATA_DIR / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line)["answer"] for line in f if line.strip()]
 
 
 # Shipped answers the parser does not handle (they still match themselves through the exact path):

@@ -1,4 +1,4 @@
-"""Tests of the token sampler (engine/sampling.py).
+"""Tests of the token sampler (psnrl/engine/sampling.py).
 
 Every seed is fixed, so every test is deterministic. Statistical bounds are derived
 from the sample size and stated next to each check. Reference computations are plain
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from engine import sampling as S
-from engine.sampling import SampleOutput, SamplingParams, check_stop
-from kernels import noise_reference as R
+from psnrl.engine import sampling as S
+from psnrl.engine.sampling import SampleOutput, SamplingParams, check_stop
+from psnrl.kernels import noise_reference as R
 
 NEG_INF = float("-inf")
 

@@ -1,4 +1,4 @@
-"""Noise-scale schedulers (trainer/sigma.py): Var-I, Var-II, checkpoints, input helpers, embedders."""
+"""Noise-scale schedulers (psnrl/trainer/sigma.py): Var-I, Var-II, checkpoints, input helpers, embedders."""
 import io
 import json
 import math
@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.sigma import (
+from psnrl.trainer.sigma import (
     SCHEDULERS, FixedSigma, HiddenStateEmbedder, MiniLMEmbedder, VarISigma, VarIISigma,
     make_embedder, make_scheduler, minilm_available, probe_similarity, sampled_kl,
     self_certainty, semantic_similarity, sequence_mean, token_self_certainty,
 )
-import trainer.sigma as sigma_mod
+import psnrl.trainer.sigma as sigma_mod
 
 
 # ----------------------------------------------------------------------------- Var-I

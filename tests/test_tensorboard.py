@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from trainer.tensorboard import EventWriter, crc32c, masked_crc32c
+from psnrl.trainer.tensorboard import EventWriter, crc32c, masked_crc32c
 
 
 def crc32c_bitwise(data: bytes) -> int:

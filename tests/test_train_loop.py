@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from trainer.checkpoint import checkpoints, save_checkpoint
-from trainer.cli import main
-from trainer.config import load_config
-from trainer.loop import PSNTrainer
+from psnrl.trainer.checkpoint import checkpoints, save_checkpoint
+from psnrl.trainer.cli import main
+from psnrl.trainer.config import load_config
+from psnrl.trainer.loop import PSNTrainer
 
 @pytest.fixture(autouse=True)
 def torch_paths(monkeypatch):

@@ -13,9 +13,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from learner_case import ROWS_PER_STEP, loss_config, model_inputs, rank_rows, rows_of  # noqa: E402
 
-from engine.loader import load_model  # noqa: E402
-from trainer.learner import Learner, shard_model, sync_weights  # noqa: E402
-from trainer.logprobs import dual_stream_logprobs, response_logprobs  # noqa: E402
+from psnrl.engine.loader import load_model  # noqa: E402
+from psnrl.trainer.learner import Learner, shard_model, sync_weights  # noqa: E402
+from psnrl.trainer.logprobs import dual_stream_logprobs, response_logprobs  # noqa: E402
 
 
 def main(ckpt: str, out: str) -> None:

@@ -1,0 +1,826 @@
+"""Benchmark: rollout decode throughput of the engine (clean, noisy, mixed) against HF generate.
+
+Random weights in the real Qwen2.5 shapes (psnrl/bench/model_configs.py), one run on one device.
+Every sequence generates exactly its output length (the engine with ``ignore_eos=True``,
+transformers with ``min_new_tokens = max_new_tokens``), sampled at temperature 1 (top_p 1, no
+top_k; ``--greedy`` for argmax). Two workloads:
+
+  fixed      ``batch`` sequences in groups of ``--group-size`` (10) that share one random
+             prompt of ``--prompt-len`` tokens, as the samples of one GRPO prompt do; each
+             generates ``--output-len`` tokens. Runs every mode.
+  nano-vllm  the nano-vllm benchmark setting: 256 sequences, each its own random prompt, with
+             prompt and output lengths uniform in [100, 1024]; engine modes only, on one model
+             (``--nano-vllm-model``, default Qwen2.5-0.5B; ``none`` skips it).
+
+Modes:
+
+  clean   the engine, every sequence on the clean policy
+  noisy   the engine, every sequence with NoiseSpec(noise_seed, sigma, targets) (one spec)
+  mixed   the engine, in every group of 10 sequences 8 noisy samples and 2 clean probes
+          (``--probes``), as PSN-GRPO with Var-II rolls out; the noisy and the clean sequences
+          of a prompt cannot share its KV (noise changes it), so a group prefills it twice
+  hf      transformers' AutoModelForCausalLM.generate on the same checkpoint and the same
+          prompts (sdpa attention, its default dynamic KV cache; no prefix sharing)
+
+Each row reports ``tok_s``, output tokens/s (all generated tokens / wall time of the whole
+call, prefill included), ``hf_tok_s`` (HF's tokens/s on the same workload), the median time
+of a pure decode step (every scheduled sequence adds one token), and the roofline: ``gbps``,
+the bytes one decode step must read (the weights, lm_head included, and the K/V of the mean
+decode context, prompt_len + output_len / 2) over the step time, and ``roofline_frac``, that
+over the device's peak memory bandwidth (PEAK_GBPS, ``--peak-gbps`` overrides). The nano-vllm
+rows have no roofline (their batch shrinks as sequences finish). Ratios are of tokens/s:
+``over_hf`` = ours / HF (> 1: faster than HF), ``over_clean`` = noisy or mixed / clean (< 1:
+slower than clean), ``over_noisy`` = mixed / noisy.
+
+Writes ``psnrl/bench/results/decode-<device>.json`` and a markdown summary beside it. Run it with
+``psnrl bench decode [options]`` or ``python -m psnrl.bench.decode``; it needs a CUDA GPU, except
+with ``--device cpu`` (a smoke run: ``--device cpu --models tiny --batches 1 2 --prompt-len
+8 --output-len 8 --dtype fp32 --nano-vllm-model none``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from psnrl.bench import model_configs
+from psnrl.bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
+                          ratio, results_document, round_or_none, split_list, write_result_files)
+
+NAME = "decode"
+DEFAULT_OUT_DIR = RESULTS_DIR
+NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
+                   "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny)")
+
+DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B")
+BATCHES = (1, 16, 64, 256)
+PROMPT_LEN = 512
+OUTPUT_LEN = 512
+GROUP_SIZE = 10  # sequences per prompt in the fixed workload
+PROBES = 2       # clean probes per group in mixed mode
+FIXED, NANO_VLLM = "fixed", "nano-vllm"
+NANO_VLLM_MODEL = "Qwen2.5-0.5B"
+NANO_VLLM_SEQS = 256
+NANO_VLLM_LENGTHS = (100, 1024)  # prompt and output lengths, uniform, both ends included
+MODES = ("clean", "noisy", "mixed", "hf")
+ENGINE_MODES = ("clean", "noisy", "mixed")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_SIGMA = 0.004
+DEFAULT_TARGETS = "mlp"
+NOISE_SEED = 0x5EED_0002
+HF_WARMUP_TOKENS = 16
+
+# Peak DRAM bandwidth in GB/s by device-name substring, first match wins (case-insensitive),
+# so the more specific names come first. Vendor datasheet figures.
+PEAK_GBPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 4000.0),
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),
+    ("H800", 3350.0),
+    ("B200", 8000.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("A10G", 600.0),
+    ("A10", 600.0),
+    ("L4", 300.0),
+    ("RTX 4090", 1008.0),
+)
+
+ROW_KEYS = ("model", "workload", "mode", "batch", "prompt_len", "output_len", "tok_s", "hf_tok_s",
+            "roofline_frac", "step_ms", "gbps", "over_hf", "over_clean")
+META_KEYS = ("device", "torch", "triton", "transformers")
+
+RATIO_NOTE = ("Ratios are of tokens/s: ours/HF > 1 means faster than transformers; noisy/clean "
+              "and mixed/clean < 1 mean slower than the clean engine; mixed/noisy is mixed over "
+              "all-noisy.")
+ROOFLINE_NOTE = ("GB/s = bytes one decode step must read (all weights, lm_head included, the "
+                 "input embedding only for the batch's rows; plus K and V of the mean decode "
+                 "context, prompt_len + output_len / 2, for every sequence) / median decode-step "
+                 "time; the same bytes for every mode, so noise generated in the kernels adds none.")
+
+
+# ---------------------------------------------------------------------------
+# Roofline
+# ---------------------------------------------------------------------------
+
+def peak_gbps(device_name: str) -> float | None:
+    """The device's peak memory bandwidth (GB/s) from PEAK_GBPS, or None if unknown."""
+    name = device_name.lower()
+    for key, gbps in PEAK_GBPS:
+        if key.lower() in name:
+            return gbps
+    return None
+
+
+def decode_bytes_per_step(model, batch: int, context: float, dtype: torch.dtype | str) -> int:
+    """Bytes one decode step of ``batch`` sequences with ``context`` cached tokens must read."""
+    cfg = model_configs.get_config(model)
+    elem = torch.empty(0, dtype=model_configs.as_dtype(dtype)).element_size()
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    params = model_configs.param_count(cfg)
+    if not cfg.get("tie_word_embeddings", False):
+        params -= vocab * hidden  # the input embedding is gathered, not read whole
+    weights = (params + batch * hidden) * elem
+    kv = batch * context * model_configs.kv_bytes_per_token(cfg, dtype)
+    return int(weights + kv)
+
+
+def mean_decode_context(prompt_len: int, output_len: int) -> float:
+    """Mean cached tokens (new one included) over the decode steps: prompt_len + output_len / 2."""
+    return prompt_len + output_len / 2
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    total_s: float          # wall time of the whole generate call
+    decode_ms: list[float]  # each pure decode step
+    prefill_s: float        # steps that computed prompt tokens (HF: up to its first token)
+    output_tokens: int
+
+
+@dataclass
+class Workload:
+    """The sequences of one measurement: each one's prompt and exact output length.
+
+    Sequences of one group share a prompt (the same list object) and follow each other.
+    """
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+    group_size: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_len(self) -> int:
+        """The prompt length (its rounded mean when the lengths vary)."""
+        return round(statistics.fmean(len(p) for p in self.prompts))
+
+    @property
+    def output_len(self) -> int:
+        return round(statistics.fmean(self.output_lens))
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def fixed_workload(batch: int, prompt_len: int, output_len: int, group_size: int, vocab_size: int,
+                   seed: int) -> Workload:
+    """``batch`` sequences in groups of ``group_size`` sharing a random prompt (the last group may be short)."""
+    gen = torch.Generator().manual_seed(seed * 7919 + batch)
+    groups = math.ceil(batch / group_size)
+    distinct = torch.randint(0, vocab_size, (groups, prompt_len), generator=gen).tolist()
+    return Workload(FIXED, [distinct[i // group_size] for i in range(batch)], [output_len] * batch,
+                    group_size)
+
+
+def nano_vllm_workload(vocab_size: int, seed: int, seqs: int = NANO_VLLM_SEQS,
+                       lengths: tuple[int, int] = NANO_VLLM_LENGTHS) -> Workload:
+    """nano-vllm's benchmark: random prompts and output lengths, both uniform in ``lengths``."""
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    lo, hi = lengths
+    prompt_lens = torch.randint(lo, hi + 1, (seqs,), generator=gen).tolist()
+    output_lens = torch.randint(lo, hi + 1, (seqs,), generator=gen).tolist()
+    prompts = [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    return Workload(NANO_VLLM, prompts, output_lens, 1)
+
+
+def sequence_noise(batch: int, mode: str, spec, group_size: int, probes: int) -> list:
+    """Each sequence's NoiseSpec (None: clean). Mixed: in every run of ``group_size`` sequences
+    the last ``probes`` are clean and the others noisy (so a lone sequence is noisy)."""
+    if mode == "clean":
+        return [None] * batch
+    if mode == "noisy":
+        return [spec] * batch
+    if mode == "mixed":
+        return [spec if i % group_size < group_size - probes else None for i in range(batch)]
+    raise ValueError(f"not an engine mode: {mode!r}")
+
+
+def engine_requests(work: Workload, noise: list) -> list[tuple[list[int], int, int, object]]:
+    """(prompt, n, output_len, spec) per request: neighbours with the same prompt, length and
+    noise become one request with n samples, which share the prompt's KV blocks."""
+    requests: list[list] = []
+    for prompt, length, spec in zip(work.prompts, work.output_lens, noise):
+        last = requests[-1] if requests else None
+        if last is not None and last[0] is prompt and last[2] == length and last[3] == spec:
+            last[1] += 1
+        else:
+            requests.append([prompt, 1, length, spec])
+    return [tuple(r) for r in requests]
+
+
+@contextmanager
+def _step_clock(llm, sync: Callable[[], None]) -> Iterator[list[tuple[float, bool]]]:
+    """Record (seconds, is pure decode) for every engine step while the block runs.
+
+    Each step ends by copying its sampled tokens to the host, so timing it on the host
+    clock measures the device work too; ``sync`` makes sure of it.
+    """
+    steps: list[tuple[float, bool]] = []
+    kinds: list[bool] = []
+    run, step = llm.runner.run, llm._step
+
+    def timed_run(seqs, tables, specs):
+        kinds.append(all(entry.num_new == 1 for entry in seqs))
+        return run(seqs, tables, specs)
+
+    def timed_step(specs):
+        before = len(kinds)
+        t0 = time.perf_counter()
+        finished = step(specs)
+        sync()
+        if len(kinds) > before:
+            steps.append((time.perf_counter() - t0, kinds[-1]))
+        return finished
+
+    llm.runner.run, llm._step = timed_run, timed_step
+    try:
+        yield steps
+    finally:
+        del llm.runner.run, llm._step  # back to the class's methods
+
+
+def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
+                sync: Callable[[], None]) -> Timing:
+    """One ``llm.generate`` of the whole workload, every sequence to its exact length, timed per step."""
+    from psnrl.engine.sampling import SamplingParams
+
+    requests = engine_requests(work, noise)
+    params = [SamplingParams(n=n, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=-1,
+                             max_tokens=length, ignore_eos=True, seed=seed + i)
+              for i, (_, n, length, _) in enumerate(requests)]
+    llm.blocks.clear_prefix_cache()  # every run computes its prompts
+    with _step_clock(llm, sync) as steps:
+        sync()
+        t0 = time.perf_counter()
+        outputs = llm.generate([r[0] for r in requests], params, noise=[r[3] for r in requests],
+                               use_tqdm=False)
+        sync()
+        total = time.perf_counter() - t0
+    produced = 0
+    for out, (_, n, length, _) in zip(outputs, requests):
+        if len(out.outputs) != n:
+            raise RuntimeError(f"request {out.request_id} returned {len(out.outputs)} of {n} samples")
+        for completion in out.outputs:
+            if len(completion.token_ids) != length or completion.finish_reason != "length":
+                raise RuntimeError(f"request {out.request_id} stopped after {len(completion.token_ids)} "
+                                   f"of {length} tokens ({completion.finish_reason})")
+            produced += len(completion.token_ids)
+    return Timing(total, [1e3 * s for s, decode in steps if decode],
+                  sum(s for s, decode in steps if not decode), produced)
+
+
+def time_hf(model, prompts: list[list[int]], output_len: int, *, greedy: bool, seed: int,
+            sync: Callable[[], None]) -> Timing:
+    """One transformers ``generate`` of the batch to exactly ``output_len`` new tokens.
+
+    A stopping criterion that never stops timestamps every generation step.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            sync()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    clock = Clock()
+    options = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=not greedy,
+                   stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=0)
+    if not greedy:
+        options.update(temperature=1.0, top_p=1.0, top_k=0)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+        sync()
+        total = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    if new != output_len:
+        raise RuntimeError(f"transformers generated {new} of {output_len} tokens")
+    times = [t0] + clock.times
+    steps = [1e3 * (b - a) for a, b in zip(times[1:], times[2:])]
+    return Timing(total, steps, times[1] - t0 if len(times) > 1 else total, new * ids.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------
+
+def _row_head(model: str, work: Workload, mode: str) -> dict:
+    return {"model": model, "workload": work.name, "mode": mode, "batch": work.batch,
+            "prompt_len": work.prompt_len, "output_len": work.output_len}
+
+
+def build_row(model: str, work: Workload, mode: str, timings: Sequence[Timing],
+              bytes_per_step: int | None, peak: float | None) -> dict:
+    """The JSON row of one measurement (median over its repeats); add_ratios fills the HF and
+    clean comparisons. ``bytes_per_step`` None: no roofline (the batch varies in the run)."""
+    tok_s = statistics.median(t.output_tokens / t.total_s for t in timings)
+    steps = [ms for t in timings for ms in t.decode_ms]
+    step_ms = statistics.median(steps) if steps else None
+    gbps = bytes_per_step / (step_ms * 1e-3) / 1e9 if step_ms and bytes_per_step else None
+    return {
+        **_row_head(model, work, mode),
+        "tok_s": round_or_none(tok_s, 2),
+        "hf_tok_s": None,
+        "roofline_frac": round_or_none(gbps / peak if gbps and peak else None, 4),
+        "step_ms": round_or_none(step_ms, 4),
+        "gbps": round_or_none(gbps, 4),
+        "over_hf": None, "over_clean": None, "over_noisy": None,
+        "prefill_s": round_or_none(statistics.median(t.prefill_s for t in timings), 4),
+        "total_s": round_or_none(statistics.median(t.total_s for t in timings), 4),
+        "decode_steps": len(steps) // max(len(timings), 1),
+        "bytes_per_step": bytes_per_step,
+        "repeats": len(timings),
+    }
+
+
+def error_row(model: str, work: Workload, mode: str, error: BaseException) -> dict:
+    row = {key: None for key in ROW_KEYS}
+    row.update(_row_head(model, work, mode), over_noisy=None,
+               error=f"{type(error).__name__}: {error}".strip()[:500])
+    return row
+
+
+def _group_key(row: dict) -> tuple:
+    return row["model"], row.get("workload", FIXED), row["batch"], row["prompt_len"], row["output_len"]
+
+
+def add_ratios(rows: Sequence[dict]) -> list[dict]:
+    """Fill hf_tok_s, over_hf, over_clean and over_noisy from the rows of the same workload."""
+    speed = {(_group_key(r), r["mode"]): r.get("tok_s") for r in rows}
+    out = []
+    for row in rows:
+        row = dict(row)
+        k, mode = _group_key(row), row["mode"]
+        tps = row.get("tok_s")
+        row["hf_tok_s"] = speed.get((k, "hf"))
+        row["over_hf"] = (round_or_none(ratio(tps, row["hf_tok_s"]), 4)
+                          if mode in ENGINE_MODES else None)
+        row["over_clean"] = (round_or_none(ratio(tps, speed.get((k, "clean"))), 4)
+                             if mode in ("noisy", "mixed") else None)
+        row["over_noisy"] = (round_or_none(ratio(tps, speed.get((k, "noisy"))), 4)
+                             if mode == "mixed" else None)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+def render_model_table(rows: Sequence[dict]) -> str:
+    """One line per (batch, lengths) of one model, the modes side by side."""
+    cols = [("batch", None, None)]
+    cols += [(f"{m} tok/s", m, "tok_s") for m in MODES]
+    cols += [(f"{m} ms/step", m, "step_ms") for m in MODES]
+    cols += [("clean/HF", "clean", "over_hf"), ("noisy/HF", "noisy", "over_hf"),
+             ("noisy/clean", "noisy", "over_clean"), ("mixed/clean", "mixed", "over_clean"),
+             ("mixed/noisy", "mixed", "over_noisy"),
+             ("clean GB/s", "clean", "gbps"), ("noisy GB/s", "noisy", "gbps"),
+             ("clean roofline", "clean", "roofline_frac"), ("noisy roofline", "noisy", "roofline_frac"),
+             ("HF GB/s", "hf", "gbps")]
+    formats = {"tok_s": ",.0f", "step_ms": ".2f", "over_hf": ".2f", "over_clean": ".3f",
+               "over_noisy": ".3f", "gbps": ",.1f", "roofline_frac": ".1%"}
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["batch"], row["prompt_len"], row["output_len"]), {})[row["mode"]] = row
+    # Columns with nothing to show go (no HF or roofline for the nano-vllm workload).
+    cols = cols[:1] + [(title, mode, key) for title, mode, key in cols[1:]
+                       if any(by_mode.get(mode, {}).get(key) is not None for by_mode in groups.values())]
+    lines = ["| " + " | ".join(title for title, _, _ in cols) + " |",
+             "|" + "|".join("---:" for _ in cols) + "|"]
+    for (batch, _, _), by_mode in sorted(groups.items()):
+        cells = [str(batch)]
+        for _, mode, key in cols[1:]:
+            row = by_mode.get(mode)
+            cells.append("—" if row is None else fmt_cell(row.get(key), formats[key]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sections(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """Rows by (model, workload, prompt_len, output_len): one table each."""
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["model"], row.get("workload", FIXED), row["prompt_len"], row["output_len"])
+        out.setdefault(key, []).append(row)
+    return out
+
+
+def _section_title(model: str, workload: str, prompt_len: int, output_len: int) -> str:
+    if workload == NANO_VLLM:
+        return f"{model}, nano-vllm setting (mean prompt {prompt_len}, mean output {output_len})"
+    return f"{model}, prompt {prompt_len}, output {output_len}"
+
+
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
+    rows = add_ratios(rows)
+    peak = meta.get("peak_gbps")
+    parts = [
+        f"# decode on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
+        f"dtype {meta.get('dtype', '?')}; {meta.get('sampling', '')}; noise: {meta.get('noise', '')}.",
+        "",
+        f"Peak memory bandwidth: {'unknown' if peak is None else f'{peak:,.0f} GB/s'}"
+        f"{' (' + meta['peak_source'] + ')' if meta.get('peak_source') else ''}.",
+        "",
+        f"Method: {meta.get('method', '')}",
+        "",
+        f"{RATIO_NOTE} {ROOFLINE_NOTE}",
+        "",
+    ]
+    for (model, workload, prompt_len, output_len), mine in _sections(rows).items():
+        parts += [f"## {_section_title(model, workload, prompt_len, output_len)}", "",
+                  render_model_table(mine), ""]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        parts += ["## Errors", ""]
+        parts += [f"- {r['model']} {r.get('workload', FIXED)} batch {r['batch']} {r['mode']}: {r['error']}"
+                  for r in errors]
+        parts.append("")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Results files
+# ---------------------------------------------------------------------------
+
+def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
+    """Write ``decode-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
+    rows = add_ratios(rows)
+    doc = results_document(meta, rows, META_KEYS)
+    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+
+
+# ---------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------
+
+class Runner:
+    """Runs every workload and mode of one model and appends rows; writes results after each."""
+
+    def __init__(self, args: argparse.Namespace, meta: dict, rows: list[dict], sync, log):
+        self.args, self.meta, self.rows, self.sync, self.log = args, meta, rows, sync, log
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        where = f"{row['model']} {row['workload']} batch {row['batch']} {row['mode']}"
+        if row.get("error"):
+            self.log(f"{where}: {row['error']}")
+        else:
+            self.log(f"{where}: {row['tok_s']:,.1f} tok/s, {fmt_cell(row['step_ms'], '.2f')} ms/step")
+        write_results(self.args.out_dir, self.meta, self.rows)
+
+    def workloads(self, model: str) -> list[Workload]:
+        a = self.args
+        vocab = model_configs.get_config(model)["vocab_size"]
+        works = [fixed_workload(b, a.prompt_len, a.output_len, a.group_size, vocab, a.seed)
+                 for b in a.batches]
+        if a.nano_vllm_model == model:
+            works.append(nano_vllm_workload(vocab, a.seed, a.nano_vllm_seqs, tuple(a.nano_vllm_lengths)))
+        return works
+
+    def measure(self, model: str, work: Workload, mode: str, once: Callable[[], Timing],
+                warm: Callable[[], object]) -> bool:
+        """Warm up, time ``once`` per repeat and record the row (an error row on failure)."""
+        a = self.args
+        try:
+            for _ in range(a.warmup):
+                warm()
+            timings = [once() for _ in range(a.repeats)]
+            bytes_per_step = (decode_bytes_per_step(model, work.batch, mean_decode_context(
+                work.prompt_len, work.output_len), a.torch_dtype) if work.name == FIXED else None)
+            row = build_row(model, work, mode, timings, bytes_per_step, a.peak)
+        except Exception as exc:  # OOM, a kernel failure: keep going
+            row = error_row(model, work, mode, exc)
+        self.record(row)
+        return not row.get("error")
+
+    def model(self, model: str, path: Path) -> None:
+        a = self.args
+        works = self.workloads(model)
+        engine_modes = [m for m in a.modes if m in ENGINE_MODES]
+        llm, failed = None, None
+        for work in works:
+            for mode in engine_modes:
+                if llm is None and failed is None:
+                    try:
+                        llm = self.engine(path, works)
+                    except Exception as exc:
+                        failed = exc
+                if failed is not None:
+                    self.record(error_row(model, work, mode, failed))
+                    continue
+                noise = sequence_noise(work.batch, mode, a.spec, work.group_size, a.probes)
+
+                def once(w=work, n=noise):
+                    return time_engine(llm, w, n, greedy=a.greedy, seed=a.seed, sync=self.sync)
+                if not self.measure(model, work, mode, once, once) and llm.scheduler.has_work():
+                    llm = None  # a failed generate leaves requests behind: a fresh engine next
+                    free_memory(a.device)
+        llm = None
+        free_memory(a.device)
+        if "hf" in a.modes:
+            self.run_hf(model, path, [w for w in works if w.name == FIXED])
+
+    def run_hf(self, model: str, path: Path, works: list[Workload]) -> None:
+        a = self.args
+        try:
+            hf = self.hf_model(path)
+        except Exception as exc:
+            for work in works:
+                self.record(error_row(model, work, "hf", exc))
+            return
+        for work in works:
+            def once(w=work):
+                return time_hf(hf, w.prompts, w.output_len, greedy=a.greedy, seed=a.seed,
+                               sync=self.sync)
+
+            def warm(w=work):
+                return time_hf(hf, w.prompts, min(w.output_len, HF_WARMUP_TOKENS), greedy=a.greedy,
+                               seed=a.seed, sync=self.sync)
+            self.measure(model, work, "hf", once, warm)
+        hf = None
+        free_memory(a.device)
+
+    def engine(self, path: Path, works: list[Workload]):
+        """An engine with KV blocks for the largest workload, all its sequences at full length."""
+        from psnrl.engine.llm import LLM
+
+        a = self.args
+        max_len = max(len(p) + n for w in works for p, n in zip(w.prompts, w.output_lens))
+        per_seq = math.ceil(max_len / a.block_size) + 1
+        max_seqs = max(w.batch for w in works)
+        blocks = max_seqs * per_seq
+        blocks += math.ceil(0.02 * blocks) + 4  # above the admission watermark (1%)
+        return LLM(path, dtype=DTYPES[a.dtype], device=a.device, max_model_len=max_len,
+                   max_num_seqs=max_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                   block_size=a.block_size, num_kv_blocks=blocks, seed=a.seed)
+
+    def hf_model(self, path: Path):
+        from transformers import AutoModelForCausalLM
+
+        a = self.args
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=a.torch_dtype,
+                                                     attn_implementation=a.hf_attn)
+        return model.to(a.device).eval()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench decode",
+        description="Decode throughput of the rollout engine (clean, noisy, mixed) and of "
+                    "transformers generate on random-weight Qwen2.5 checkpoints; writes "
+                    "decode-<device>.json and .md.")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
+                             f"(default {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
+                        help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
+                        help=f"what to run: {', '.join(MODES)} (default all)")
+    parser.add_argument("--prompt-len", type=positive_int, default=PROMPT_LEN,
+                        help="prompt tokens per request (default %(default)s)")
+    parser.add_argument("--output-len", type=positive_int, default=OUTPUT_LEN,
+                        help="generated tokens per request, never fewer (default %(default)s)")
+    parser.add_argument("--group-size", type=positive_int, default=GROUP_SIZE,
+                        help="fixed workload: sequences per prompt (default %(default)s)")
+    parser.add_argument("--probes", type=_nonnegative_int, default=PROBES,
+                        help="mixed mode: clean probes in every group of --group-size sequences, "
+                             "the others noisy (default %(default)s)")
+    parser.add_argument("--nano-vllm-model", default=None, metavar="MODEL",
+                        help=f"the model of the nano-vllm workload ({NANO_VLLM_SEQS} sequences, prompt "
+                             f"and output lengths uniform in {NANO_VLLM_LENGTHS[0]}-{NANO_VLLM_LENGTHS[1]}); "
+                             f"one of --models, or none (default {NANO_VLLM_MODEL} when in --models)")
+    parser.add_argument("--nano-vllm-seqs", type=positive_int, default=NANO_VLLM_SEQS,
+                        help="sequences of the nano-vllm workload (default %(default)s)")
+    parser.add_argument("--nano-vllm-lengths", type=positive_int, nargs=2, default=list(NANO_VLLM_LENGTHS),
+                        metavar=("LO", "HI"), help="its prompt and output length range, both ends "
+                        "included (default %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--greedy", action="store_true",
+                        help="argmax decoding (default: sampling at temperature 1)")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS,
+                        help="noise targets: mlp, attn, lm_head or all (default %(default)s)")
+    parser.add_argument("--noise-seed", type=int, default=NOISE_SEED)
+    parser.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
+    parser.add_argument("--warmup", type=_nonnegative_int, default=1,
+                        help="untimed runs before each measurement (engine: the full run; HF: "
+                             f"{HF_WARMUP_TOKENS} tokens) (default %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="timed runs per measurement; medians are reported (default %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
+                        help="the engine's token budget per step (default %(default)s)")
+    parser.add_argument("--block-size", type=positive_int, default=16, help="KV block size (default 16)")
+    parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (default sdpa)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="the device's peak memory bandwidth in GB/s (default: from PEAK_GBPS by name)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run without a GPU (default cuda)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing decode-<device>.json that this run does "
+                             "not measure (to split a long run into several commands)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    return parser
+
+
+def _nano_vllm_model(name: str | None, models: list[str]) -> str | None:
+    if name is None:
+        return NANO_VLLM_MODEL if NANO_VLLM_MODEL in models else None
+    if name.lower() == "none":
+        return None
+    model = model_configs.resolve(name)
+    if model not in models:
+        raise ValueError(f"--nano-vllm-model {model} is not among --models ({', '.join(models)})")
+    return model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.models = [model_configs.resolve(m) for m in split_list(args.models)]
+        args.batches = sorted(dict.fromkeys(positive_int(b) for b in split_list(args.batches)))
+        args.modes = split_list(args.modes)
+        for mode in args.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        args.modes = [m for m in MODES if m in args.modes]
+        if not args.models or not args.batches or not args.modes:
+            raise ValueError("give at least one model, batch size and mode")
+        if not math.isfinite(args.sigma) or args.sigma <= 0:
+            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
+        lo, hi = args.nano_vllm_lengths
+        if lo > hi:
+            raise ValueError(f"--nano-vllm-lengths: {lo} > {hi}")
+        if args.probes >= args.group_size:
+            raise ValueError(f"--probes ({args.probes}) must be below --group-size ({args.group_size}): "
+                             f"a mixed group needs a noisy sample")
+        args.nano_vllm_model = _nano_vllm_model(args.nano_vllm_model, args.models)
+        from psnrl.engine.noise_spec import NoiseSpec
+        args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
+        if args.peak_gbps is not None and not args.peak_gbps > 0:
+            raise ValueError(f"--peak-gbps must be > 0, got {args.peak_gbps}")
+        if not (args.block_size & (args.block_size - 1)) == 0:
+            raise ValueError(f"--block-size must be a power of two, got {args.block_size}")
+        for model in args.models:
+            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+            if args.prompt_len + args.output_len > limit:
+                raise ValueError(f"prompt + output = {args.prompt_len + args.output_len} tokens exceeds "
+                                 f"{model}'s max_position_embeddings={limit}")
+            if model == args.nano_vllm_model and 2 * args.nano_vllm_lengths[1] > limit:
+                raise ValueError(f"the nano-vllm workload needs {2 * args.nano_vllm_lengths[1]} positions; "
+                                 f"{model}'s max_position_embeddings={limit}")
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    args.torch_dtype = model_configs.as_dtype(args.dtype)
+    return args
+
+
+def method_description(args: argparse.Namespace) -> str:
+    lo, hi = args.nano_vllm_lengths
+    return (f"fixed workload: groups of {args.group_size} sequences share one prompt of "
+            f"{args.prompt_len} random tokens, each generates exactly {args.output_len} "
+            f"(engine: ignore_eos; HF: min_new_tokens = max_new_tokens); mixed: {args.probes} clean "
+            f"probes and {args.group_size - args.probes} noisy samples per group; nano-vllm workload "
+            f"({args.nano_vllm_model or 'not run'}): {args.nano_vllm_seqs} sequences, random prompts, prompt "
+            f"and output lengths uniform in {lo}-{hi}, engine only; tokens/s = all "
+            f"generated tokens / wall time of one generate call (prefill included); step = median "
+            f"host wall time of the pure decode steps (each ends in a device-to-host copy of the "
+            f"sampled tokens, so device work is included; HF: between consecutive stopping-criteria "
+            f"calls); {args.warmup} untimed warmup run(s) and {args.repeats} timed run(s) per row, "
+            f"medians reported; the engine's prefix cache is cleared before every run.")
+
+
+def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
+    """Rows of this device's results file that this run will not measure again."""
+    path = Path(args.out_dir) / f"{NAME}-{device_slug(device_name)}.json"
+    if not path.is_file():
+        return []
+    fixed = {(m, FIXED, b, args.prompt_len, args.output_len, mode)
+             for m in args.models for b in args.batches for mode in args.modes}
+    nano = {(args.nano_vllm_model, NANO_VLLM, mode) for mode in args.modes if mode in ENGINE_MODES}
+
+    def planned(row: dict) -> bool:
+        workload = row.get("workload", FIXED)
+        if workload == NANO_VLLM:
+            return (row.get("model"), workload, row.get("mode")) in nano
+        return (row.get("model"), workload, row.get("batch"), row.get("prompt_len"),
+                row.get("output_len"), row.get("mode")) in fixed
+    return [row for row in json.loads(path.read_text()).get("rows", []) if not planned(row)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        return 2
+
+    import transformers
+    import triton
+
+    device_name, sync = device_and_sync(args.device)
+    peak = args.peak_gbps if args.peak_gbps is not None else peak_gbps(device_name)
+    args.peak = peak
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "dtype": args.dtype,
+        "sampling": "greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
+        "noise": f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        "sigma": args.sigma,
+        "targets": args.targets,
+        "peak_gbps": peak,
+        "peak_source": ("--peak-gbps" if args.peak_gbps is not None else
+                        "PEAK_GBPS table" if peak is not None else None),
+        "method": method_description(args),
+        "hf_attn_implementation": args.hf_attn,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size,
+        "group_size": args.group_size,
+        "probes": args.probes,
+        "nano_vllm_model": args.nano_vllm_model,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
+    rows = previous_rows(args, device_name) if args.merge else []
+
+    def log(message: str) -> None:
+        print(f"[decode] {message}", file=sys.stderr, flush=True)
+
+    runner = Runner(args, meta, rows, sync, log)
+    with tempfile.TemporaryDirectory(prefix="psnrl-decode-") as tmp:
+        for model in args.models:
+            log(f"{model}: writing random {args.dtype} weights")
+            try:
+                path = model_configs.cached_random_checkpoint(model, args.dtype, args.seed, args.ckpt_dir,
+                                      args.device, Path(tmp))
+            except Exception as exc:
+                for work in runner.workloads(model):
+                    for mode in args.modes:
+                        if work.name == FIXED or mode in ENGINE_MODES:
+                            runner.record(error_row(model, work, mode, exc))
+                continue
+            runner.model(model, path)
+            if not args.ckpt_dir:
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+    json_path, md_path = write_results(args.out_dir, meta, rows)
+    for key, mine in _sections(add_ratios(rows)).items():
+        print(f"\n{_section_title(*key)}\n")
+        print(render_model_table(mine))
+    print(f"\nwrote {json_path}\nwrote {md_path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

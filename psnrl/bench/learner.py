@@ -1,0 +1,677 @@
+"""Benchmark: peak memory and time of a learner step, plain GRPO vs PSN-GRPO vs a naive PSN step,
+and the engine/learner log-prob mismatch of the same perturbed policy.
+
+For each model (random weights in the real Qwen2.5 shapes, psnrl/bench/model_configs.py) and
+micro-batch (``--seqs`` sequences of each ``--seq-lens`` tokens, the first ``--prompt-len``
+of them prompt; random token ids; one micro-batch and one optimizer step per learner step),
+on one device, it runs psnrl.trainer.learner.Learner.update (AdamW, grad clipping) in three modes:
+
+  plain  GRPO: clean rows (noise None), no TIS
+  psn    PSN-GRPO: every row carries NoiseSpec(seed, sigma, targets) and
+         noisy_logprobs="learner": one dual-stream forward per micro-batch gives the clean
+         log-probs (autograd) and the perturbed policy's (TIS denominator) from one read
+         of each weight (psnrl/trainer/logprobs.dual_stream_logprobs)
+  naive  what a stack without our kernels does: materialize W + sigma E (kernels.noise
+         fill, added in fp32 and rounded to the weight dtype as the fused kernel does) for
+         every targeted StreamLinear as a second model that shares all other weights, run
+         it under no_grad for the perturbed log-probs, then the clean step with those as
+         the TIS denominator (noisy_logprobs="sampler"); the copy lives for the whole step
+         (a resident second policy) and is freed at its end
+
+Per row: ``step_ms`` = median host wall time of ``--iters`` steps after ``--warmup`` ones
+(CUDA-synchronized; the AdamW state exists from the warmup on); ``peak_bytes`` =
+torch.cuda.max_memory_allocated during a step minus memory_allocated before it (weights
+and AdamW state are held before; gradients are freed before each step, so they count in
+the peak; the largest over the timed steps; None on a CPU); ``saved_bytes`` = a
+device-independent proxy: the bytes of distinct storages autograd saves for backward in
+one micro-batch (torch.autograd.graph.saved_tensors_hooks; parameters excluded, the
+largest micro-batch) plus the perturbed weight copy a step materializes
+(``weight_copy_bytes``, naive only). ``over_plain_*`` = the mode over plain of the same
+model and tokens. Targets (psnrl/bench/README.md): peak memory PSN/plain <= 1.02, step time
+PSN/plain <= 1.15.
+
+Mismatch (``--mismatch-model``, default the first model): the engine (engine.llm.LLM on
+the same random checkpoint and dtype) samples ``--mismatch-tokens`` tokens for each of
+``--mismatch-prompts`` random prompts under the perturbed policy (temperature 1, top_p 1,
+no top_k, ignore_eos); on those tokens it reports |log p_engine - log p_learner,noisy|
+(dual_stream_logprobs' perturbed stream; mean, p99, max) next to the size of the PSN
+effect itself, |log p_noisy - log p_clean| (mean, p99, max), and |naive - learner| (the
+materialized perturbed copy against the fused dual-stream pass).
+
+Writes ``psnrl/bench/results/learner-<device>.json`` ({"device", "torch", "triton", ...,
+"rows": [...], "mismatch": {...}}) and a markdown table beside it. Run it with
+``psnrl bench learner [options]`` or ``python -m psnrl.bench.learner``; it needs a CUDA GPU,
+except with ``--device cpu`` (a smoke run of every mode end to end: ``--device cpu
+--models tiny``, which defaults to fp32 and tiny token counts).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from psnrl.bench import model_configs
+from psnrl.bench.common import (RESULTS_DIR, fmt_cell, free_memory, positive_int, ratio, results_document,
+                          round_or_none, split_list, write_result_files)
+
+NAME = "learner"
+DEFAULT_OUT_DIR = RESULTS_DIR
+NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
+                   "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny)")
+
+MODES = ("plain", "psn", "naive")
+DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_SIGMA = 0.004
+DEFAULT_TARGETS = "mlp"
+NOISE_SEED = 0x5EED_0003
+MEMORY_TARGET, TIME_TARGET = 1.02, 1.15  # PSN / plain (psnrl/bench/README.md)
+
+# Per-device defaults of the options left unset: the real shapes on a GPU (16 sequences of
+# 512 / 1024 tokens = micro-batches of 8k / 16k tokens), a seconds-long smoke run on a CPU.
+DEVICE_DEFAULTS = {
+    "cuda": {"seq_lens": [512, 1024], "seqs": 16, "prompt_len": 256, "dtype": "bf16", "warmup": 2,
+             "iters": 5, "mismatch_prompts": 8, "mismatch_prompt_len": 64, "mismatch_tokens": 256},
+    "cpu": {"seq_lens": [24, 48], "seqs": 4, "prompt_len": 8, "dtype": "fp32", "warmup": 1,
+            "iters": 2, "mismatch_prompts": 2, "mismatch_prompt_len": 8, "mismatch_tokens": 16},
+}
+
+ROW_KEYS = ("model", "tokens", "mode", "peak_bytes", "step_ms", "over_plain_mem", "over_plain_time",
+            "saved_bytes", "over_plain_saved", "weight_copy_bytes", "held_bytes", "seqs", "seq_len",
+            "prompt_len", "step_ms_all")
+META_KEYS = ("device", "torch", "triton")
+
+
+# ---------------------------------------------------------------------------
+# The naive baseline: a materialized perturbed copy of the targeted weights
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def perturbed_weight(weight: torch.Tensor, seed: int, key: int, sigma: float) -> torch.Tensor:
+    """W + sigma E (psnrl/kernels/noise.py's contract), added in fp32 and rounded to W's dtype,
+    as the fused kernel forms its noisy tiles. Triton fill on a GPU, the torch twin on a CPU."""
+    from psnrl.kernels import noise as N
+
+    if N.runs_triton(weight):
+        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        N.fill_noise(out, seed, key, sigma)
+    else:
+        from psnrl.kernels import noise_reference as R
+        out = R.noise(tuple(weight.shape), seed, key, sigma, device=weight.device)
+    out.add_(weight)
+    return out.to(weight.dtype)
+
+
+@torch.no_grad()
+def perturbed_copy(model, spec) -> tuple[torch.nn.Module, int]:
+    """A second model whose targeted StreamLinear weights are W + sigma E; every other
+    parameter and buffer is shared with ``model`` (a tied lm_head gets its own copy only when
+    targeted, the embedding stays clean). Returns it and the bytes of the new weights."""
+    from psnrl.engine.layers import StreamLinear
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    noisy = copy.deepcopy(model, memo)
+    copied = 0
+    for name, module in model.named_modules():
+        if isinstance(module, StreamLinear) and module.group in spec.groups and spec.sigma > 0:
+            w = perturbed_weight(module.weight, spec.seed, module.key, spec.sigma)
+            noisy.get_submodule(name).weight = torch.nn.Parameter(w, requires_grad=False)
+            copied += w.numel() * w.element_size()
+    return noisy.eval(), copied
+
+
+# ---------------------------------------------------------------------------
+# Saved-for-backward bytes (the device-independent memory proxy)
+# ---------------------------------------------------------------------------
+
+class SavedTensorProbe:
+    """Bytes of the distinct storages autograd saves for backward, per micro-batch.
+
+    Within one forward every saved tensor is alive (the graph holds it), so storages are told
+    apart by address. Parameters are excluded: they are held whatever the mode. The hooks
+    return the tensor itself, so they change nothing about memory.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.per_micro_batch: list[int] = []
+
+    @contextmanager
+    def micro_batch(self) -> Iterator[None]:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+                return t
+            ptr = storage.data_ptr()
+            if ptr not in self.exclude and ptr not in seen:
+                seen[ptr] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.per_micro_batch.append(sum(seen.values()))
+
+
+def _probed_learner_class():
+    from psnrl.trainer.learner import Learner
+
+    class ProbedLearner(Learner):
+        """The Learner, with an optional SavedTensorProbe around each micro-batch's forward + backward."""
+
+        probe: SavedTensorProbe | None = None
+
+        def _micro_step(self, *args, **kwargs):
+            if self.probe is None:
+                return super()._micro_step(*args, **kwargs)
+            with self.probe.micro_batch():
+                return super()._micro_step(*args, **kwargs)
+
+    return ProbedLearner
+
+
+# ---------------------------------------------------------------------------
+# The rows of a step and the three modes
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One learner step's rows: random prompt + response token ids and advantages."""
+
+    seqs: list[list[int]]
+    prompt_lens: list[int]
+    advantages: list[float]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+def make_case(vocab: int, seqs: int, seq_len: int, prompt_len: int, seed: int) -> Case:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + seq_len)
+    ids = torch.randint(0, vocab, (seqs, seq_len), generator=gen).tolist()
+    adv = torch.randn(seqs, generator=gen)
+    adv = (adv - adv.mean()) / adv.std().clamp(min=1e-6) if seqs > 1 else adv
+    return Case(ids, [prompt_len] * seqs, adv.tolist())
+
+
+def _rollouts(case: Case, spec, sampler: list[torch.Tensor]):
+    from psnrl.trainer.learner import Rollouts
+
+    return Rollouts(seqs=case.seqs, prompt_lens=case.prompt_lens, advantages=case.advantages,
+                    noise=[spec] * len(case.seqs), sampler_logprobs=sampler)
+
+
+def step_fn(mode: str, learner, case: Case, spec, device: str) -> Callable[[], dict]:
+    """One learner step of ``mode`` (one optimizer step over all rows); returns extra figures."""
+    n = len(case.seqs)
+    lengths = [len(s) - p for s, p in zip(case.seqs, case.prompt_lens)]
+    # Stand-ins for the engine's log-probs (psn only reads them for its sampler gap statistic).
+    dummy = [torch.zeros(k, device=device) for k in lengths]
+
+    def plain() -> dict:
+        learner.noisy_logprobs = "learner"
+        learner.update(_rollouts(case, None, dummy), n)
+        return {"weight_copy_bytes": 0}
+
+    def psn() -> dict:
+        learner.noisy_logprobs = "learner"
+        learner.update(_rollouts(case, spec, dummy), n)
+        return {"weight_copy_bytes": 0}
+
+    def naive() -> dict:
+        # The second model lives for the whole step, as a resident perturbed policy would.
+        noisy_model, copied = perturbed_copy(learner.model, spec)
+        noisy_lp, _ = learner.logprobs_no_grad(noisy_model, case.seqs, case.prompt_lens)
+        learner.noisy_logprobs = "sampler"
+        try:
+            learner.update(_rollouts(case, spec, noisy_lp), n)
+        finally:
+            learner.noisy_logprobs = "learner"
+        del noisy_model
+        return {"weight_copy_bytes": copied}
+
+    return {"plain": plain, "psn": psn, "naive": naive}[mode]
+
+
+@dataclass
+class Measurement:
+    step_ms: list[float]
+    peak_bytes: int | None
+    held_bytes: int | None
+    saved_bytes: int
+    weight_copy_bytes: int
+
+
+def measure(step: Callable[[], dict], learner, device: str, warmup: int, iters: int) -> Measurement:
+    """Warmup steps, one step under the saved-tensor probe, then ``iters`` timed steps."""
+    cuda = device == "cuda"
+
+    def once() -> tuple[float, int | None, int | None, dict]:
+        learner.optimizer.zero_grad(set_to_none=True)  # gradients count in the step's peak
+        if cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        info = step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if not cuda:
+            return seconds, None, None, info
+        return seconds, int(torch.cuda.max_memory_allocated() - before), int(before), info
+
+    for _ in range(warmup):
+        once()
+    learner.probe = SavedTensorProbe(learner.model)
+    try:
+        once()
+        activations = max(learner.probe.per_micro_batch, default=0)
+    finally:
+        learner.probe = None
+    times, peaks, held, info = [], [], None, {}
+    for _ in range(iters):
+        seconds, peak, held, info = once()
+        times.append(1e3 * seconds)
+        peaks.append(peak)
+    learner.optimizer.zero_grad(set_to_none=True)
+    copied = int(info.get("weight_copy_bytes", 0))
+    return Measurement(times, max(peaks) if cuda else None, held, activations + copied, copied)
+
+
+def build_row(model: str, case: Case, seq_len: int, mode: str, m: Measurement) -> dict:
+    return {
+        "model": model, "tokens": case.tokens, "mode": mode,
+        "peak_bytes": m.peak_bytes,
+        "step_ms": round_or_none(statistics.median(m.step_ms), 3),
+        "over_plain_mem": None, "over_plain_time": None,
+        "saved_bytes": m.saved_bytes, "over_plain_saved": None,
+        "weight_copy_bytes": m.weight_copy_bytes,
+        "held_bytes": m.held_bytes,
+        "seqs": len(case.seqs), "seq_len": seq_len, "prompt_len": case.prompt_lens[0],
+        "step_ms_all": [round(t, 3) for t in m.step_ms],
+    }
+
+
+def error_row(model: str, tokens: int, seqs: int, seq_len: int, prompt_len: int, mode: str,
+              error: BaseException) -> dict:
+    row = {key: None for key in ROW_KEYS}
+    row.update(model=model, tokens=tokens, mode=mode, seqs=seqs, seq_len=seq_len, prompt_len=prompt_len,
+               error=f"{type(error).__name__}: {error}".strip()[:500])
+    return row
+
+
+def add_ratios(rows: Sequence[dict]) -> list[dict]:
+    """Fill over_plain_mem / _time / _saved from the plain row of the same model and tokens."""
+    plain = {(r["model"], r["tokens"]): r for r in rows if r["mode"] == "plain" and not r.get("error")}
+    out = []
+    for row in rows:
+        row = dict(row)
+        p = plain.get((row["model"], row["tokens"]))
+        for key, field, digits in (("over_plain_mem", "peak_bytes", 4), ("over_plain_time", "step_ms", 4),
+                                   ("over_plain_saved", "saved_bytes", 4)):
+            row[key] = round_or_none(ratio(row.get(field), p.get(field)), digits) if p and not row.get("error") \
+                else None
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Engine vs learner log-probs of the same perturbed policy
+# ---------------------------------------------------------------------------
+
+def _stats(x: torch.Tensor) -> tuple[float, float, float]:
+    x = x.double().reshape(-1)
+    return x.mean().item(), torch.quantile(x, 0.99).item(), x.max().item()
+
+
+def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> dict:
+    """Sample with the engine under ``spec``; compare its log-probs with the learner's."""
+    from psnrl.engine.llm import LLM
+    from psnrl.engine.sampling import SamplingParams
+    from psnrl.trainer.logprobs import dual_stream_logprobs, response_logprobs
+
+    n, plen, gen = args.mismatch_prompts, args.mismatch_prompt_len, args.mismatch_tokens
+    vocab = model_configs.get_config(model)["vocab_size"]
+    g = torch.Generator().manual_seed(args.seed * 7919 + 17)
+    prompts = torch.randint(0, vocab, (n, plen), generator=g).tolist()
+    block = 16
+    blocks = n * (math.ceil((plen + gen) / block) + 1)
+    llm = LLM(path, dtype=DTYPES[args.dtype], device=args.device, max_model_len=plen + gen, max_num_seqs=n,
+              block_size=block, num_kv_blocks=blocks + math.ceil(0.02 * blocks) + 4, seed=args.seed)
+    try:
+        params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=gen, ignore_eos=True,
+                                 seed=args.seed + i) for i in range(n)]
+        outs = llm.generate(prompts, params, noise=spec, use_tqdm=False)
+        seqs, plens, engine_lp = [], [], []
+        for out in outs:
+            c = out.outputs[0]
+            if len(c.token_ids) != gen:
+                raise RuntimeError(f"the engine stopped after {len(c.token_ids)} of {gen} tokens "
+                                   f"({c.finish_reason})")
+            seqs.append(list(out.prompt_token_ids) + list(c.token_ids))
+            plens.append(len(out.prompt_token_ids))
+            engine_lp.append(torch.tensor(c.logprobs, dtype=torch.float64))
+        with torch.no_grad():
+            dual = dual_stream_logprobs(llm.model, seqs, plens, spec)
+            noisy_model, _ = perturbed_copy(llm.model, spec)
+            naive = response_logprobs(noisy_model, seqs, plens).logprobs
+            del noisy_model
+    finally:
+        del llm
+        free_memory(args.device)
+    eng = torch.cat(engine_lp)
+    noisy, clean = dual.noisy.logprobs.double().cpu(), dual.clean.logprobs.double().cpu()
+    naive = naive.double().cpu()
+    out = {"model": model, "dtype": args.dtype, "sigma": spec.sigma, "targets": spec.targets,
+           "prompts": n, "prompt_len": plen, "tokens": int(eng.numel())}
+    for name, diff in (("engine_vs_learner", eng - noisy), ("noisy_vs_clean", noisy - clean),
+                       ("naive_vs_learner", naive - noisy)):
+        mean, p99, mx = _stats(diff.abs())
+        out.update({f"{name}_mean": mean, f"{name}_p99": p99, f"{name}_max": mx})
+    out["engine_vs_learner_over_effect"] = ratio(out["engine_vs_learner_mean"], out["noisy_vs_clean_mean"])
+    out["engine_logprob_mean"] = eng.mean().item()
+    # A non-finite figure (a NaN log-prob from the engine) is written as null, not as invalid JSON.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+def _mib(value) -> str:
+    return "—" if value is None else f"{value / 2**20:,.1f}"
+
+
+def render_table(rows: Sequence[dict]) -> str:
+    head = ["model", "tokens", "mode", "peak MiB", "step ms", "mem / plain", "time / plain", "saved MiB",
+            "saved / plain", "weight copy MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["model"]), str(r["tokens"]), r["mode"], _mib(r.get("peak_bytes")), fmt_cell(r.get("step_ms"), ",.1f"),
+            fmt_cell(r.get("over_plain_mem"), ".3f"), fmt_cell(r.get("over_plain_time"), ".3f"), _mib(r.get("saved_bytes")),
+            fmt_cell(r.get("over_plain_saved"), ".3f"), _mib(r.get("weight_copy_bytes"))]) + " |")
+    return "\n".join(lines)
+
+
+def target_lines(rows: Sequence[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["mode"] != "psn" or r.get("error"):
+            continue
+        for what, key, limit in (("peak memory", "over_plain_mem", MEMORY_TARGET),
+                                 ("step time", "over_plain_time", TIME_TARGET)):
+            value = r.get(key)
+            verdict = "not measured" if value is None else "met" if value <= limit else "MISSED"
+            lines.append(f"- {r['model']} {r['tokens']} tokens: {what} PSN/plain = {fmt_cell(value, '.3f')} "
+                         f"(target <= {limit:.2f}): {verdict}")
+    return lines
+
+
+def render_mismatch(m: dict) -> list[str]:
+    if not m:
+        return []
+    if m.get("error"):
+        return ["## Engine vs learner mismatch", "", f"Failed: {m['error']}", ""]
+    rows = [("engine vs learner, noisy: \\|log p_engine - log p_learner\\|", "engine_vs_learner"),
+            ("PSN effect: \\|log p_noisy - log p_clean\\| (learner)", "noisy_vs_clean"),
+            ("naive copy vs fused dual-stream: \\|log p_naive - log p_learner\\|", "naive_vs_learner")]
+    lines = ["## Engine vs learner mismatch", "",
+             f"{m['model']}, {m['dtype']}, NoiseSpec(sigma={m['sigma']}, targets={m['targets']!r}); "
+             f"{m['prompts']} random prompts of {m['prompt_len']} tokens, {m['tokens']} sampled tokens "
+             f"(temperature 1, ignore_eos). Mean engine log-prob {fmt_cell(m.get('engine_logprob_mean'), '.3f')}.", "",
+             "| quantity | mean | p99 | max |", "|---|---:|---:|---:|"]
+    for title, key in rows:
+        lines.append(f"| {title} | " + " | ".join(fmt_cell(m.get(f"{key}_{s}"), ".3e") for s in ("mean", "p99", "max"))
+                     + " |")
+    lines += ["", f"Engine/learner mismatch over the PSN effect (means): "
+                  f"{fmt_cell(m.get('engine_vs_learner_over_effect'), '.3g')}.", ""]
+    return lines
+
+
+def render_markdown(meta: dict, rows: Sequence[dict], mismatch: dict | None) -> str:
+    rows = add_ratios(rows)
+    parts = [f"# learner on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; dtype {meta.get('dtype', '?')}; "
+             f"noise: {meta.get('noise', '')}.", "",
+             f"Method: {meta.get('method', '')}", "",
+             render_table(rows), ""]
+    targets = target_lines(rows)
+    if targets:
+        parts += ["Targets:", "", *targets, ""]
+    parts += render_mismatch(mismatch or {})
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        parts += ["## Errors", "", *[f"- {r['model']} {r['tokens']} tokens {r['mode']}: {r['error']}"
+                                     for r in errors], ""]
+    return "\n".join(parts)
+
+
+def write_results(out_dir, meta: dict, rows: Sequence[dict], mismatch: dict | None) -> tuple[Path, Path]:
+    """Write ``learner-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
+    rows = add_ratios(rows)
+    doc = results_document(meta, rows, META_KEYS)
+    doc["mismatch"] = dict(mismatch or {})
+    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows, mismatch))
+
+
+# ---------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------
+
+def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Callable[[dict], None],
+              log: Callable[[str], None]) -> None:
+    from psnrl.engine.loader import load_model
+    from psnrl.trainer.losses import LossConfig
+
+    cfg = model_configs.get_config(model)
+    cases = [(seq_len, make_case(cfg["vocab_size"], args.seqs, seq_len, args.prompt_len, args.seed))
+             for seq_len in args.seq_lens]
+    try:
+        net = load_model(path, dtype=args.torch_dtype, device=args.device)
+        learner = _probed_learner_class()(net, LossConfig(), lr=args.lr, micro_batch_tokens=cases[0][1].tokens)
+    except Exception as exc:
+        for seq_len, case in cases:
+            for mode in args.modes:
+                record(error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, mode, exc))
+        free_memory(args.device)
+        return
+    try:
+        for seq_len, case in cases:
+            learner.micro_batch_tokens = case.tokens  # the whole step is one micro-batch
+            for mode in args.modes:
+                try:
+                    m = measure(step_fn(mode, learner, case, spec, args.device), learner, args.device,
+                                args.warmup, args.iters)
+                    row = build_row(model, case, seq_len, mode, m)
+                except Exception as exc:  # OOM (7B), a kernel failure: a result, keep going
+                    row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, mode, exc)
+                    learner.optimizer.zero_grad(set_to_none=True)
+                    learner.noisy_logprobs = "learner"
+                record(row)
+                free_memory(args.device)
+    finally:
+        del learner, net
+        free_memory(args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench learner",
+        description="Peak memory and step time of a learner step (plain GRPO, PSN-GRPO with dual-stream "
+                    "log-probs, naive PSN with a materialized perturbed copy) on random-weight Qwen2.5 "
+                    "models, and the engine/learner log-prob mismatch; writes learner-<device>.json and .md.")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
+                             f"(default {' '.join(DEFAULT_MODELS)}; add 7B when memory allows)")
+    parser.add_argument("--seq-lens", nargs="+", default=None, metavar="N",
+                        help="tokens per sequence, one micro-batch each (default 512 1024 on cuda, 24 48 on cpu)")
+    parser.add_argument("--seqs", type=positive_int, default=None,
+                        help="sequences per micro-batch (default 16 on cuda, 4 on cpu)")
+    parser.add_argument("--prompt-len", type=positive_int, default=None,
+                        help="prompt tokens of each sequence (default 256 on cuda, 8 on cpu)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
+                        help=f"what to run: {', '.join(MODES)} (default all)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="weights and compute (default bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS,
+                        help="noise targets: mlp, attn, lm_head or all (default %(default)s)")
+    parser.add_argument("--noise-seed", type=int, default=NOISE_SEED)
+    parser.add_argument("--seed", type=int, default=0, help="weights, tokens and sampling seed")
+    parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per row before the probe and timed steps (default 2 on cuda, 1 on cpu)")
+    parser.add_argument("--iters", type=positive_int, default=None,
+                        help="timed steps per row; the median is reported (default 5 on cuda, 2 on cpu)")
+    parser.add_argument("--mismatch-model", default=None,
+                        help="model of the engine/learner mismatch (default: the first of --models)")
+    parser.add_argument("--no-mismatch", action="store_true", help="skip the engine/learner mismatch")
+    parser.add_argument("--mismatch-prompts", type=positive_int, default=None, help="default 8 (cpu 2)")
+    parser.add_argument("--mismatch-prompt-len", type=positive_int, default=None, help="default 64 (cpu 8)")
+    parser.add_argument("--mismatch-tokens", type=positive_int, default=None,
+                        help="tokens sampled per prompt (default 256, cpu 16)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run without a GPU (default cuda)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.models = [model_configs.resolve(m) for m in split_list(args.models)]
+        args.seq_lens = list(dict.fromkeys(positive_int(str(n)) for n in split_list(map(str, args.seq_lens))))
+        args.modes = split_list(args.modes)
+        for mode in args.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        args.modes = [m for m in MODES if m in args.modes]
+        if not args.models or not args.seq_lens or not args.modes:
+            raise ValueError("give at least one model, sequence length and mode")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        if any(n <= args.prompt_len for n in args.seq_lens):
+            raise ValueError(f"every --seq-lens must exceed --prompt-len={args.prompt_len} "
+                             f"(a sequence needs response tokens)")
+        if not math.isfinite(args.sigma) or args.sigma <= 0:
+            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
+        from psnrl.engine.noise_spec import NoiseSpec
+        args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
+        args.mismatch_model = (model_configs.resolve(args.mismatch_model) if args.mismatch_model
+                               else args.models[0])
+        for model in set(args.models) | {args.mismatch_model}:
+            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+            longest = max(max(args.seq_lens), args.mismatch_prompt_len + args.mismatch_tokens)
+            if longest > limit:
+                raise ValueError(f"{longest} tokens exceed {model}'s max_position_embeddings={limit}")
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    args.torch_dtype = model_configs.as_dtype(args.dtype)
+    return args
+
+
+def method_description(args: argparse.Namespace) -> str:
+    return (f"{args.seqs} sequences of {'/'.join(map(str, args.seq_lens))} random tokens ({args.prompt_len} prompt) "
+            f"as one micro-batch and one AdamW step (lr {args.lr}, grad clip 1.0, LossConfig defaults: TIS cap "
+            f"10 for psn and naive); {args.warmup} warmup step(s), one step under the saved-tensor probe, "
+            f"{args.iters} timed step(s) per row, median host wall time (CUDA-synchronized); peak = "
+            f"max_memory_allocated during a step minus memory_allocated before it (weights and AdamW state "
+            f"held before; gradients freed before each step); saved = bytes of distinct storages saved for "
+            f"backward in one micro-batch (parameters excluded) + the perturbed weight copy (naive).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        return 2
+
+    import triton
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = {
+        "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+        "dtype": args.dtype,
+        "noise": f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        "sigma": args.sigma, "targets": args.targets,
+        "method": method_description(args),
+        "targets_psn_over_plain": {"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
+        "warmup": args.warmup, "iters": args.iters, "seed": args.seed,
+    }
+    rows: list[dict] = []
+    state = {"mismatch": {}}
+
+    def log(message: str) -> None:
+        print(f"[learner] {message}", file=sys.stderr, flush=True)
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        if row.get("error"):
+            log(f"{row['model']} {row['tokens']} tokens {row['mode']}: {row['error']}")
+        else:
+            peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
+            log(f"{row['model']} {row['tokens']} tokens {row['mode']}: {row['step_ms']:,.1f} ms{peak}, "
+                f"saved {row['saved_bytes'] / 2**20:,.1f} MiB")
+        write_results(args.out_dir, meta, rows, state["mismatch"])
+
+
+    models = list(args.models)
+    if not args.no_mismatch and args.mismatch_model not in models:
+        models.append(args.mismatch_model)
+    with tempfile.TemporaryDirectory(prefix="psnrl-learner-") as tmp:
+        for model in models:
+            log(f"{model}: random {args.dtype} weights")
+            try:
+                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir, args.device, Path(tmp))
+            except Exception as exc:
+                if model in args.models:
+                    for n in args.seq_lens:
+                        for mode in args.modes:
+                            record(error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, mode, exc))
+                if model == args.mismatch_model and not args.no_mismatch:
+                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
+            if model == args.mismatch_model and not args.no_mismatch:
+                log(f"{model}: engine vs learner mismatch")
+                try:
+                    state["mismatch"] = measure_mismatch(path, model, args, args.spec)
+                except Exception as exc:
+                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    log(f"mismatch failed: {state['mismatch']['error']}")
+                free_memory(args.device)
+            if model in args.models:
+                run_model(model, path, args, args.spec, record, log)
+            if not args.ckpt_dir:
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+    json_path, md_path = write_results(args.out_dir, meta, rows, state["mismatch"])
+    print(render_markdown(meta, rows, state["mismatch"]))
+    print(f"wrote {json_path}\nwrote {md_path}")
+    failed = any(r.get("error") for r in rows) or bool(state["mismatch"].get("error"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

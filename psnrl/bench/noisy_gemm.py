@@ -1,0 +1,554 @@
+"""Benchmark: the fused noisy linear against cuBLAS on the MLP shapes of Qwen2.5.
+
+For each (shape, M) it times, in one run on one GPU:
+
+  cublas_us        torch.matmul(x, W^T), clean (cuBLAS)
+  clean_us         noisy_linear with every row clean
+  noisy_us         noisy_linear with every row on one noisy stream
+  mixed_us         noisy_linear with half the rows clean and half on one noisy stream,
+                   interleaved (even rows noisy, odd rows clean, so every row block holds
+                   both streams: the harder case); at M = 1 the single row is noisy, so
+                   mixed_us is the noisy case there
+  materialized_us  W + sigma*E materialized into a temporary buffer (kernels.noise.fill_noise,
+                   then add W) followed by torch.matmul, all timed together
+
+and for gate_up, whose weight is the gate [I, H] over the up [I, H], the gated activation
+SiLU(gate) * up of one noisy stream (the engine's MLP), two ways:
+
+  glu_unfused_us   gate and up by two noisy_linear calls, then F.silu(gate) * up
+  glu_fused_us     noisy_gate_up: both weights and the activation in one kernel
+
+and writes ``psnrl/bench/results/noisy_gemm-<device>.json`` plus a markdown summary beside it.
+
+Run it with ``psnrl bench noisy-gemm [options]`` or ``python -m psnrl.bench.noisy_gemm``; it needs a
+CUDA GPU. The table/JSON writers take plain row dicts, so they are tested on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from psnrl.bench import model_configs
+from psnrl.bench.common import (RESULTS_DIR, atomic_write_text as _atomic_write_text,  # noqa: F401
+                          device_slug, positive_int as _positive_int, ratio as _ratio,
+                          results_document as _results_document, round_or_none as _round,
+                          split_list as _split, write_result_files)
+
+NAME = "noisy_gemm"
+DEFAULT_OUT_DIR = RESULTS_DIR
+NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
+
+# Qwen2.5 MLP sizes, from psnrl/bench/model_configs.py: model -> (hidden, intermediate).
+MODELS: dict[str, tuple[int, int]] = {
+    name: (model_configs.CONFIGS[name]["hidden_size"], model_configs.CONFIGS[name]["intermediate_size"])
+    for name in model_configs.QWEN25
+}
+SHAPES = ("gate_up", "down")
+M_VALUES = (1, 8, 32, 128, 256, 1024, 4096, 16384)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+DEFAULT_SIGMA = 0.004
+DEFAULT_WARMUP = 10
+DEFAULT_ITERS = 100
+NOISE_SEED = 0x5EED_0001_2345_6789
+
+# Targets (checked in the markdown summary).
+DECODE_MAX_M = 256            # noisy/cuBLAS <= DECODE_RATIO at every M <= DECODE_MAX_M
+DECODE_RATIO = 1.10
+LEARNER_MIN_M = 4096          # noisy/cuBLAS <= LEARNER_RATIO at every M >= LEARNER_MIN_M
+LEARNER_RATIO = 1.50
+MIXED_RATIO = 1.02            # mixed no slower than noisy, with 2% allowed for timing noise
+
+ROW_KEYS = ("shape", "M", "N", "K", "cublas_us", "clean_us", "noisy_us", "mixed_us",
+            "materialized_us", "noisy_over_cublas", "mixed_over_noisy", "extra_bytes",
+            "materialized_extra_bytes", "noisy_gbps", "noisy_tflops", "glu_unfused_us", "glu_fused_us",
+            "glu_fused_over_unfused")
+META_KEYS = ("device", "torch", "triton", "dtype", "sigma", "method")
+TIMED = ("cublas", "clean", "noisy", "mixed", "materialized")
+GLU_TIMED = ("glu_unfused", "glu_fused")  # gate_up only
+
+MIXED_NOTE = ("mixed = half the rows clean, half on one noisy stream, interleaved (even rows noisy, "
+              "odd rows clean, so every row block holds both streams); at M = 1 the single row is "
+              "noisy, so mixed equals the noisy case there.")
+EXTRA_NOTE = ("extra bytes = peak CUDA memory allocated during one call minus what the call still "
+              "holds afterwards (its output), from torch.cuda.reset_peak_memory_stats / "
+              "max_memory_allocated.")
+
+
+# ---------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    shape: str  # "gate_up" or "down"
+    m: int
+    n: int
+    k: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.shape}"
+
+    @property
+    def param_name(self) -> str:
+        proj = "gate_up_proj" if self.shape == "gate_up" else "down_proj"
+        return f"model.layers.0.mlp.{proj}.weight"
+
+
+def shape_nk(shape: str, hidden: int, intermediate: int) -> tuple[int, int]:
+    """(N, K) of one MLP matmul: gate_up maps hidden -> 2 x intermediate, down maps back."""
+    if shape == "gate_up":
+        return 2 * intermediate, hidden
+    if shape == "down":
+        return hidden, intermediate
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def resolve_model(name: str) -> str:
+    """A model by its full name ("Qwen2.5-7B") or its size ("7B", "7b")."""
+    key = name.strip().lower()
+    for model in MODELS:
+        if key in (model.lower(), model.lower().removeprefix("qwen2.5-")):
+            return model
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} "
+                     f"(or just the size, e.g. 7B)")
+
+
+def build_cases(models: Iterable[str] = tuple(MODELS), shapes: Iterable[str] = SHAPES,
+                ms: Iterable[int] = M_VALUES) -> list[Case]:
+    """Every (model, shape, M) in that order: models, then shapes, then M."""
+    shapes = list(shapes)
+    ms = list(ms)
+    cases = []
+    for model in models:
+        model = resolve_model(model)
+        hidden, intermediate = MODELS[model]
+        for shape in shapes:
+            n, k = shape_nk(shape, hidden, intermediate)
+            for m in ms:
+                if m < 1:
+                    raise ValueError(f"M must be >= 1, got {m}")
+                cases.append(Case(model, shape, int(m), n, k))
+    return cases
+
+
+# ---------------------------------------------------------------------------
+# Timing (CUDA)
+# ---------------------------------------------------------------------------
+
+def method_description(warmup: int, iters: int, flush_l2: bool, spin: bool = True) -> str:
+    queued = ("each call queued behind a GPU spin kernel (torch.cuda._sleep) so that host launch "
+              "overhead is excluded and only GPU time is measured" if spin else
+              "host launch overhead included (torch.cuda._sleep unavailable)")
+    l2 = ("L2 flushed (256 MiB buffer zeroed) before every call" if flush_l2 else
+          "L2 not flushed between calls, so weights that fit in L2 (the smaller shapes) may be "
+          "read from it")
+    return (f"CUDA events around each call, {queued}; median of {iters} timed calls after "
+            f"{warmup} warmup calls; {l2}; all columns of a row measured in the same run")
+
+
+class EventTimer:
+    """Median GPU time of a callable, in microseconds, from CUDA events around each call.
+
+    Before each timed call a spin kernel keeps the GPU busy while the host enqueues the call and
+    its events, so the events bracket GPU work only (no host launch gaps).
+    """
+
+    def __init__(self, warmup: int, iters: int, flush_l2: bool = False):
+        self.warmup = warmup
+        self.iters = iters
+        self.spin = hasattr(torch.cuda, "_sleep")
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if flush_l2 else None
+        self.cycles_per_us = self._calibrate() if self.spin else 0.0
+
+    @staticmethod
+    def _calibrate() -> float:
+        """GPU clock cycles per microsecond as torch.cuda._sleep counts them."""
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
+        cycles = 10_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        return cycles / max(start.elapsed_time(end) * 1e3, 1e-3)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        # Host time to enqueue one call: the spin must outlast it.
+        reps = 3
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host_us = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize()
+        spin_cycles = int(max(3.0 * host_us + 20.0, 50.0) * self.cycles_per_us)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        for i in range(self.iters):
+            if self.flush is not None:
+                self.flush.zero_()
+            if self.spin:
+                torch.cuda._sleep(spin_cycles)
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def cuda_extra_bytes(fn: Callable[[], object]) -> int:
+    """Bytes a call allocates beyond what it still holds when it returns (its output)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    held = torch.cuda.memory_allocated() - base  # the output, as the allocator rounds it
+    del out
+    return int(peak - base - held)
+
+
+# ---------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------
+
+def mixed_row_streams(m: int, device: torch.device | str) -> torch.Tensor:
+    """Stream ids for the mixed case: even rows noisy (1), odd rows clean (0); M = 1 is noisy."""
+    return ((torch.arange(m, device=device) + 1) % 2).to(torch.int32)
+
+
+def make_fns(case: Case, dtype: torch.dtype, sigma: float, device: torch.device | str,
+             seed: int = NOISE_SEED) -> dict[str, Callable[[], torch.Tensor]]:
+    """The timed callables of a case. StreamRows are built here, outside any timed region."""
+    from psnrl.kernels import noise
+    from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up, noisy_linear
+
+    gen = torch.Generator(device=device).manual_seed(case.m * 1_000_003 + case.n * 101 + case.k)
+    weight = torch.randn(case.n, case.k, generator=gen, device=device, dtype=dtype).mul_(0.02)
+    x = torch.randn(case.m, case.k, generator=gen, device=device, dtype=dtype)
+    key = noise.param_key(case.param_name)
+    stream = NoiseStream(seed, sigma)
+    clean_rows = StreamRows.clean(case.m, device)
+    noisy_rows = StreamRows(torch.ones(case.m, dtype=torch.int32, device=device), [stream])
+    mixed_rows = StreamRows(mixed_row_streams(case.m, device), [stream])
+    wt = weight.t()
+
+    def materialized() -> torch.Tensor:
+        w_noisy = torch.empty_like(weight)
+        noise.fill_noise(w_noisy, seed, key, sigma)
+        w_noisy.add_(weight)
+        return torch.matmul(x, w_noisy.t())
+
+    fns = {
+        "cublas": lambda: torch.matmul(x, wt),
+        "clean": lambda: noisy_linear(x, weight, rows=clean_rows, param_key=key),
+        "noisy": lambda: noisy_linear(x, weight, rows=noisy_rows, param_key=key),
+        "mixed": lambda: noisy_linear(x, weight, rows=mixed_rows, param_key=key),
+        "materialized": materialized,
+    }
+    if case.shape == "gate_up":
+        gate, up = weight.chunk(2)
+        up_key = noise.param_key(case.param_name.replace("gate_up", "up"))
+        fns["glu_unfused"] = lambda: torch.nn.functional.silu(
+            noisy_linear(x, gate, rows=noisy_rows, param_key=key)) * noisy_linear(
+            x, up, rows=noisy_rows, param_key=up_key)
+        fns["glu_fused"] = lambda: noisy_gate_up(x, gate, up, rows=noisy_rows, gate_key=key, up_key=up_key)
+    return fns
+
+
+def sanity_check(fns: dict[str, Callable[[], torch.Tensor]], sigma: float) -> None:
+    """Catch a broken setup before timing it: the noisy path must add noise, the clean one not."""
+    y_noisy = fns["noisy"]()
+    y_clean = fns["clean"]()
+    if not torch.isfinite(y_noisy).all():
+        raise RuntimeError("noisy output is not finite")
+    if sigma > 0 and torch.equal(y_noisy, y_clean):
+        raise RuntimeError("noisy output equals the clean output: no noise was added")
+
+
+def time_case(case: Case, *, dtype: torch.dtype, sigma: float, device: torch.device | str,
+              timer: Callable[[Callable[[], object]], float],
+              extra_bytes: Callable[[Callable[[], object]], int]) -> dict:
+    """Time one (shape, M) and return its row dict."""
+    with torch.inference_mode():
+        fns = make_fns(case, dtype, sigma, device)
+        sanity_check(fns, sigma)
+        times = {name: timer(fns[name]) for name in TIMED + GLU_TIMED if name in fns}
+        extra = extra_bytes(fns["noisy"])
+        materialized_extra = extra_bytes(fns["materialized"])
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return build_row(case, times, extra, materialized_extra, elem)
+
+
+def build_row(case: Case, times_us: dict[str, float], extra_bytes: int,
+              materialized_extra_bytes: int, elem_size: int) -> dict:
+    """The JSON row of a case from its median times (µs) and extra bytes."""
+    noisy = times_us["noisy"]
+    moved = (case.n * case.k + case.m * case.k + case.m * case.n) * elem_size
+    flops = 2.0 * case.m * case.n * case.k
+    row = {"shape": case.name, "M": case.m, "N": case.n, "K": case.k}
+    for name in TIMED:
+        row[f"{name}_us"] = round(float(times_us[name]), 3)
+    row["noisy_over_cublas"] = _round(_ratio(noisy, times_us["cublas"]), 4)
+    row["mixed_over_noisy"] = _round(_ratio(times_us["mixed"], noisy), 4)
+    row["extra_bytes"] = int(extra_bytes)
+    row["materialized_extra_bytes"] = int(materialized_extra_bytes)
+    row["noisy_gbps"] = _round(moved / (noisy * 1e-6) / 1e9 if noisy > 0 else None, 1)
+    row["noisy_tflops"] = _round(flops / (noisy * 1e-6) / 1e12 if noisy > 0 else None, 3)
+    for name in GLU_TIMED:
+        row[f"{name}_us"] = _round(times_us.get(name), 3)
+    row["glu_fused_over_unfused"] = _round(_ratio(times_us.get("glu_fused"), times_us.get("glu_unfused")), 4)
+    return row
+
+
+def error_row(case: Case, error: BaseException) -> dict:
+    row = {key: None for key in ROW_KEYS}
+    row.update(shape=case.name, M=case.m, N=case.n, K=case.k,
+               error=f"{type(error).__name__}: {error}".strip()[:500])
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Targets and markdown
+# ---------------------------------------------------------------------------
+
+def check_targets(rows: Sequence[dict]) -> list[dict]:
+    """One entry per target: {"target", "checked", "misses": [(row, value, limit), ...]}."""
+    decode = {"target": f"noisy/cuBLAS <= {DECODE_RATIO:.2f} at M <= {DECODE_MAX_M}",
+              "key": "noisy_over_cublas", "limit": DECODE_RATIO,
+              "rows": [r for r in rows if r["M"] <= DECODE_MAX_M]}
+    learner = {"target": f"noisy/cuBLAS <= {LEARNER_RATIO:.2f} at M >= {LEARNER_MIN_M}",
+               "key": "noisy_over_cublas", "limit": LEARNER_RATIO,
+               "rows": [r for r in rows if r["M"] >= LEARNER_MIN_M]}
+    mixed = {"target": f"mixed no slower than noisy (mixed/noisy <= {MIXED_RATIO:.2f}, "
+                       f"{round((MIXED_RATIO - 1) * 100)}% for timing noise)",
+             "key": "mixed_over_noisy", "limit": MIXED_RATIO, "rows": list(rows)}
+    extra = {"target": "extra bytes = 0", "key": "extra_bytes", "limit": 0, "rows": list(rows)}
+    results = []
+    for spec in (decode, learner, mixed, extra):
+        misses = []
+        for row in spec["rows"]:
+            value = row.get(spec["key"])
+            if value is None or value > spec["limit"]:
+                misses.append((row, value, spec["limit"]))
+        results.append({"target": spec["target"], "checked": len(spec["rows"]), "misses": misses})
+    return results
+
+
+def _describe_miss(row: dict, value, limit) -> str:
+    where = f"{row['shape']} M={row['M']}"
+    if value is None:
+        return f"{where}: not measured" + (f" ({row['error']})" if row.get("error") else "")
+    if isinstance(limit, int) and limit == 0:
+        return f"{where}: {value} B"
+    return f"{where}: {value:.3f} (+{value - limit:.3f}, {100 * (value / limit - 1):.1f}% over)"
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" + ("" if count == 1 else "s")
+
+
+def render_targets(rows: Sequence[dict]) -> list[str]:
+    lines = []
+    total = 0
+    for result in check_targets(rows):
+        misses = result["misses"]
+        total += len(misses)
+        if result["checked"] == 0:
+            lines.append(f"- {result['target']}: no rows measured")
+        elif not misses:
+            lines.append(f"- {result['target']}: PASS ({_rows(result['checked'])})")
+        else:
+            listed = "; ".join(_describe_miss(*miss) for miss in misses)
+            lines.append(f"- {result['target']}: MISS {len(misses)} of {_rows(result['checked'])}: "
+                         f"{listed}")
+    lines.insert(0, "**Targets: all met.**" if total == 0 else
+                 f"**Targets: {total} miss{'es' if total != 1 else ''}.**")
+    return lines
+
+
+_TABLE_COLUMNS = (
+    ("shape", "shape", "{}"), ("M", "M", "{}"), ("N", "N", "{}"), ("K", "K", "{}"),
+    ("cublas_us", "cuBLAS µs", "{:.1f}"), ("clean_us", "clean µs", "{:.1f}"),
+    ("noisy_us", "noisy µs", "{:.1f}"), ("mixed_us", "mixed µs", "{:.1f}"),
+    ("materialized_us", "materialized µs", "{:.1f}"),
+    ("noisy_over_cublas", "noisy/cuBLAS", "{:.3f}"), ("mixed_over_noisy", "mixed/noisy", "{:.3f}"),
+    ("extra_bytes", "extra B", "{:,}"), ("materialized_extra_bytes", "materialized extra B", "{:,}"),
+    ("noisy_gbps", "noisy GB/s", "{:.0f}"), ("noisy_tflops", "noisy TFLOP/s", "{:.2f}"),
+    ("glu_unfused_us", "SiLU·up unfused µs", "{:.1f}"), ("glu_fused_us", "SiLU·up fused µs", "{:.1f}"),
+    ("glu_fused_over_unfused", "fused/unfused", "{:.3f}"),
+)
+
+
+def render_table(rows: Sequence[dict]) -> str:
+    header = "| " + " | ".join(title for _, title, _ in _TABLE_COLUMNS) + " |"
+    rule = "|" + "|".join("---" if key == "shape" else "---:" for key, _, _ in _TABLE_COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        cells = []
+        for key, _, fmt in _TABLE_COLUMNS:
+            value = row.get(key)
+            cells.append("—" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
+    errors = [r for r in rows if r.get("error")]
+    parts = [
+        f"# noisy_gemm on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, "
+        f"sigma {meta['sigma']}.",
+        "",
+        f"Timing: {meta['method']}.",
+        "",
+        "Columns: cuBLAS = torch.matmul clean; clean / noisy / mixed = noisy_linear with all rows "
+        "clean / all rows on one noisy stream / mixed; materialized = fill W + sigma*E into a "
+        "temporary buffer (kernels.noise.fill_noise, then add W) and torch.matmul, timed together. "
+        f"{MIXED_NOTE} {EXTRA_NOTE} GB/s counts weight + activation + output bytes; TFLOP/s is "
+        "2*M*N*K; both for the noisy kernel. SiLU·up (gate_up rows): the gated activation of one "
+        "noisy stream, unfused = gate and up by two noisy_linear calls then F.silu(gate) * up, "
+        "fused = noisy_gate_up (one kernel, no gate/up outputs in memory).",
+        "",
+        render_table(rows),
+        "",
+        "## Targets",
+        "",
+        *render_targets(rows),
+        "",
+    ]
+    if errors:
+        parts += ["## Errors", ""]
+        parts += [f"- {r['shape']} M={r['M']}: {r['error']}" for r in errors]
+        parts.append("")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Results files
+# ---------------------------------------------------------------------------
+
+def results_document(meta: dict, rows: Sequence[dict]) -> dict:
+    return _results_document(meta, rows, META_KEYS)
+
+
+def write_results(out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
+    """Write ``noisy_gemm-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
+    doc = results_document(meta, rows)
+    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench noisy-gemm",
+        description="Time the fused noisy linear against cuBLAS, clean, mixed-stream and "
+                    "materialize-then-cuBLAS on the Qwen2.5 MLP shapes; write "
+                    "noisy_gemm-<device>.json and .md.")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
+                        help=f"models (full name or size; commas or spaces): {', '.join(MODELS)}")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="SHAPE",
+                        help=f"MLP matmuls: {', '.join(SHAPES)}")
+    parser.add_argument("--m", nargs="+", default=[str(m) for m in M_VALUES], metavar="M",
+                        help=f"row counts (default {' '.join(map(str, M_VALUES))})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
+    parser.add_argument("--warmup", type=_positive_int, default=DEFAULT_WARMUP,
+                        help="untimed calls per measurement (default %(default)s)")
+    parser.add_argument("--iters", type=_positive_int, default=DEFAULT_ITERS,
+                        help="timed calls per measurement; the median is reported (default %(default)s)")
+    parser.add_argument("--flush-l2", action="store_true",
+                        help="zero a 256 MiB buffer before every timed call (off by default)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.models = [resolve_model(m) for m in _split(args.models)]
+        args.shapes = _split(args.shapes)
+        for shape in args.shapes:
+            if shape not in SHAPES:
+                raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        args.m = [_positive_int(m) for m in _split(args.m)]
+        if not math.isfinite(args.sigma) or args.sigma <= 0:
+            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        return 2
+
+    import triton
+    from tqdm import tqdm
+
+    dtype = DTYPES[args.dtype]
+    cases = build_cases(args.models, args.shapes, args.m)
+    timer = EventTimer(args.warmup, args.iters, args.flush_l2)
+    device_name = torch.cuda.get_device_name()
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": args.dtype,
+        "sigma": args.sigma,
+        "method": method_description(args.warmup, args.iters, args.flush_l2, timer.spin),
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "mixed_rows": MIXED_NOTE,
+        "extra_bytes_method": EXTRA_NOTE,
+    }
+    rows: list[dict] = []
+    json_path = md_path = None
+    bar = tqdm(cases, desc="noisy-gemm", unit="case")
+    for case in bar:
+        bar.set_postfix_str(f"{case.name} M={case.m}")
+        try:
+            row = time_case(case, dtype=dtype, sigma=args.sigma, device="cuda", timer=timer,
+                            extra_bytes=cuda_extra_bytes)
+        except Exception as exc:  # OOM, Triton resource errors, a failed sanity check: keep going
+            tqdm.write(f"{case.name} M={case.m}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            row = error_row(case, exc)
+        rows.append(row)
+        torch.cuda.empty_cache()
+        # Rewrite after every case so an interrupted run keeps what it measured.
+        json_path, md_path = write_results(args.out_dir, meta, rows)
+    bar.close()
+
+    print(render_table(rows))
+    print()
+    print("\n".join(render_targets(rows)))
+    print(f"\nwrote {json_path}\nwrote {md_path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

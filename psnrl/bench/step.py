@@ -1,0 +1,532 @@
+"""Benchmark: whole training iterations by phase, plain GRPO vs PSN-GRPO vs PSN-GRPO with Var-II.
+
+For each model (random weights in the real Qwen2.5 shapes, psnrl/bench/model_configs.py) this runs
+the trainer itself, ``psnrl.trainer.loop.PSNTrainer``, built with ``psnrl.trainer.config.load_config``
+overrides, three times:
+
+  plain     noise.enabled=false (GRPO)
+  psn       PSN-GRPO, fixed sigma (noise.scheduler=fixed)
+  psn-var2  PSN-GRPO with the Var-II scheduler (noise.scheduler=var2, noise.embedder=hidden):
+            two clean probe rollouts per prompt ride in the rollout batch, then a no-grad
+            forward scores their self-certainty and another embeds them
+
+Each run trains ``--warmup`` untimed iterations (Triton compilation, allocator warm-up), then
+``--iters`` timed ones. A row reports the medians over the timed iterations of the step time
+(host wall time of ``PSNTrainer.step()``, the device synchronized before and after) and of the
+phases the loop measures itself (its ``time_*`` metrics): ``rollout`` (the engine, Var-II's
+probes included), ``sigma`` (Var-II's probe scoring; ~0 otherwise), ``reward``, ``learner``
+(forward, backward, optimizer over all micro-batches; the reference-policy forward of the KL
+term included) and ``sync`` (the weight sync: the loop is colocated, so only the stale prefix
+cache is dropped, ~0); ``other`` is the rest of the step (advantages, bookkeeping, the
+optimizer's device work still queued when the learner phase's clock stopped). ``peak_bytes`` is
+the CUDA peak allocated over the timed iterations; it includes the engine's KV cache, allocated
+once up front (``kv_cache_bytes``, sized by ``--gpu-memory-utilization``), so differences
+between modes are the activations' and the probes'. ``over_plain`` is step time / plain's;
+the targets are PSN <= 1.05x and Var-II <= 1.10x plain.
+
+The workload is the tiny arithmetic task (``data.train=tiny-arith``) with the plain prompt
+template, and the character tokenizer of psnrl/trainer/tiny.py saved into the random checkpoint
+(no download). The model's vocabulary (151936) is far larger than the tokenizer's (17): a
+sampled id the tokenizer does not know decodes to nothing (the tokenizers library skips it),
+so the random policy's responses decode to (nearly) empty text, every reward is 0 and the
+reward phase is cheap; the GPU phases do the full work. The loop has no ignore_eos option,
+but random weights put ~1/151936 of their mass on EOS, so responses run to ``--max-tokens``
+(``response_length`` in each row shows it).
+
+Writes ``psnrl/bench/results/step-<device>.json`` (rows: model, mode, phases_ms {rollout, reward,
+learner, sync, sigma, other}, step_ms, peak_bytes, ...; psnrl/bench/report.py reads it) and a
+markdown summary beside it. Run it with ``psnrl bench step [options]`` or ``python -m
+psnrl.bench.step``; it needs a CUDA GPU, except with ``--device cpu`` (a smoke run: ``--device cpu
+--models tiny --dtype fp32 --prompts 2 --group-size 2 --max-tokens 8 --iters 2``, with CUDA
+hidden: the trainer uses a GPU whenever torch sees one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from psnrl.bench import model_configs
+from psnrl.bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
+                          ratio, results_document, round_or_none, split_list, write_result_files)
+
+NAME = "step"
+DEFAULT_OUT_DIR = RESULTS_DIR
+NO_CUDA_MESSAGE = ("psnrl bench step needs a CUDA GPU; none found "
+                   "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny --dtype fp32 "
+                   "--prompts 2 --group-size 2 --max-tokens 8 --iters 2)")
+CPU_WITH_CUDA_MESSAGE = ("psnrl bench step --device cpu: torch sees a CUDA GPU and the trainer "
+                         "always uses it; hide it for a CPU run: CUDA_VISIBLE_DEVICES= psnrl bench step "
+                         "--device cpu ...")
+
+DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B")
+MODES = ("plain", "psn", "psn-var2")
+MODE_OVERRIDES = {
+    "plain": ("noise.enabled=false",),
+    "psn": ("noise.enabled=true", "noise.scheduler=fixed"),
+    "psn-var2": ("noise.enabled=true", "noise.scheduler=var2", "noise.embedder=hidden"),
+}
+# psnrl/bench/report.py's phases (its tables and its stacked chart), then the ones only this bench shows.
+PHASES = ("rollout", "reward", "learner", "sync")
+EXTRA_PHASES = ("sigma",)
+TARGETS = {"psn": 1.05, "psn-var2": 1.10}  # step time / plain (psnrl/bench/README.md)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_SIGMA = 0.004
+DEFAULT_TARGETS = "mlp"
+TASK = "tiny-arith"
+WIDEST_PROBLEM = "9+9="  # the tiny task's prompts (one-digit a+b=) all have this length
+
+ROW_KEYS = ("model", "mode", "phases_ms", "step_ms", "peak_bytes", "over_plain")
+META_KEYS = ("device", "torch", "triton", "transformers")
+
+
+# ---------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------
+
+def _median(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int | None,
+              kv_cache_bytes: int | None, setup: dict, allocated_before_bytes: int | None = None) -> dict:
+    """The JSON row of one (model, mode) from the timed iterations' records.
+
+    A record is ``{"step_s": wall time of step(), "metrics": what step() returned}``. Phase
+    times are the loop's ``time_<phase>`` metrics (None where the loop does not report one).
+    """
+    phases: dict[str, float | None] = {}
+    for phase in PHASES + EXTRA_PHASES:
+        phases[phase] = round_or_none(_ms(_median([r["metrics"].get(f"time_{phase}") for r in records])), 3)
+    others = [r["step_s"] - sum(r["metrics"].get(f"time_{p}") or 0.0 for p in PHASES + EXTRA_PHASES)
+              for r in records]
+    phases["other"] = round_or_none(_ms(_median(others)), 3)
+    step_each = [r["step_s"] * 1e3 for r in records]
+    lengths = [r["metrics"].get("response_length") for r in records]
+    speed = [r["metrics"].get("rollout_tokens_per_s") for r in records]
+    return {
+        "model": model,
+        "mode": mode,
+        "phases_ms": phases,
+        "step_ms": round_or_none(_median(step_each), 3),
+        "peak_bytes": peak_bytes,
+        "over_plain": None,
+        "target": TARGETS.get(mode),
+        "step_ms_each": [round(ms, 3) for ms in step_each],
+        "kv_cache_bytes": kv_cache_bytes,
+        "allocated_before_bytes": allocated_before_bytes,
+        "response_length": round_or_none(_median(lengths), 2),
+        "rollout_tokens_per_s": round_or_none(_median(speed), 1),
+        "sigma": records[-1]["metrics"].get("sigma") if records else None,
+        "iters": len(records),
+        **setup,
+    }
+
+
+def error_row(model: str, mode: str, error: BaseException, setup: dict) -> dict:
+    row = {key: None for key in ROW_KEYS}
+    row.update(model=model, mode=mode, target=TARGETS.get(mode), **setup,
+               error=f"{type(error).__name__}: {error}".strip()[:500])
+    return row
+
+
+def add_ratios(rows: Sequence[dict]) -> list[dict]:
+    """Fill over_plain (step time / plain's of the same model) and met (against the target)."""
+    plain = {r["model"]: r.get("step_ms") for r in rows if r["mode"] == "plain" and not r.get("error")}
+    out = []
+    for row in rows:
+        row = dict(row)
+        value = ratio(row.get("step_ms"), plain.get(row["model"])) if row["mode"] != "plain" else None
+        row["over_plain"] = round_or_none(value, 4)
+        target = TARGETS.get(row["mode"])
+        row["met"] = None if value is None or target is None else bool(value <= target)
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+def _gib(value) -> str:
+    return "—" if value is None else f"{value / (1 << 30):.2f}"
+
+
+def render_model_table(rows: Sequence[dict]) -> str:
+    header = ["mode", "step ms", "rollout", "sigma", "reward", "learner", "sync", "other",
+              "peak GiB", "KV GiB", "resp. tokens", "rollout tok/s", "x plain", "target"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append("| " + " | ".join([r["mode"], "error"] + ["—"] * (len(header) - 2)) + " |")
+            continue
+        ph = r.get("phases_ms") or {}
+        target = r.get("target")
+        verdict = "—" if target is None else (
+            f"<= {target:.2f} " + ("met" if r.get("met") else "missed" if r.get("met") is False else "?"))
+        cells = [r["mode"], fmt_cell(r.get("step_ms"), ",.1f"),
+                 *[fmt_cell(ph.get(p), ",.1f") for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
+                 _gib(r.get("peak_bytes")), _gib(r.get("kv_cache_bytes")),
+                 fmt_cell(r.get("response_length"), ".1f"), fmt_cell(r.get("rollout_tokens_per_s"), ",.0f"),
+                 fmt_cell(r.get("over_plain"), ".3f"), verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
+    rows = add_ratios(rows)
+    parts = [
+        f"# step on {meta['device']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
+        f"dtype {meta.get('dtype', '?')}; noise: sigma {meta.get('sigma')} on {meta.get('targets')}.",
+        "",
+        f"Method: {meta.get('method', '')}",
+        "",
+        "Times are ms per training iteration (medians over the timed iterations); `x plain` is "
+        "step time / plain GRPO's. Targets: PSN <= 1.05x plain, Var-II <= 1.10x plain.",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        first = mine[0]
+        parts += [f"## {model}", "",
+                  f"{first.get('prompts')} prompts x {first.get('group_size')} samples "
+                  f"(+ 2 probes per prompt for Var-II), prompt {first.get('prompt_tokens')} tokens, "
+                  f"up to {first.get('max_tokens')} generated; micro-batches of "
+                  f"{first.get('micro_batch_tokens')} tokens.", "",
+                  render_model_table(mine), ""]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        parts += ["## Errors", ""]
+        parts += [f"- {r['model']} {r['mode']}: {r['error']}" for r in errors]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
+    """Write ``step-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
+    rows = add_ratios(rows)
+    doc = results_document(meta, rows, META_KEYS)
+    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+
+
+# ---------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------
+
+def prompt_tokens() -> int:
+    """Tokens of the tiny task's prompts in the plain template under the character tokenizer."""
+    from psnrl.trainer.datasets import Problem, format_prompt
+    from psnrl.trainer.tiny import build_tokenizer
+
+    text = format_prompt(Problem(id=WIDEST_PROBLEM, problem=WIDEST_PROBLEM, answer="18"), "plain")
+    return len(build_tokenizer().encode(text, add_special_tokens=False))
+
+
+def checkpoint_dir(model: str, dtype: str, seed: int, cache: str | None, device: str,
+                   tmp_root: Path) -> Path:
+    """A random checkpoint of ``model`` with the character tokenizer of psnrl/trainer/tiny.py."""
+    from psnrl.trainer.tiny import build_tokenizer
+
+    return model_configs.cached_random_checkpoint(model, dtype, seed, cache, device, tmp_root,
+                                                  tokenizer=build_tokenizer())
+
+
+def config_overrides(args: argparse.Namespace, path: Path, mode: str, log_dir: Path) -> list[str]:
+    """The ``section.key=value`` overrides of one run (then ``--set`` ones, which win)."""
+    longest = args.prompt_tokens + args.max_tokens
+    return [
+        f"model.path={path}", f"model.dtype={DTYPES[args.dtype]}",
+        f"data.train={TASK}", "data.template=plain", f"data.max_prompt_tokens={args.prompt_tokens}",
+        f"rollout.prompts_per_iter={args.prompts}", f"rollout.group_size={args.group_size}",
+        f"rollout.max_tokens={args.max_tokens}", f"rollout.max_model_len={longest}",
+        f"rollout.gpu_memory_utilization={args.gpu_memory_utilization}",
+        f"noise.sigma={args.sigma}", f"noise.targets={args.targets}",
+        *MODE_OVERRIDES[mode],
+        f"train.iterations={args.warmup + args.iters}", "train.sft_warmup_steps=0",
+        f"train.mini_batch_prompts={args.mini_batch_prompts}",
+        f"train.micro_batch_tokens={max(args.micro_batch_tokens, longest)}",
+        f"train.seed={args.seed}",
+        "eval.every=0", "checkpoint.every=0", "log.tensorboard=false", "log.plot=false",
+        f"log.dir={log_dir}",
+        *args.set,
+    ]
+
+
+def setup_fields(args: argparse.Namespace) -> dict:
+    return {"prompts": args.prompts, "group_size": args.group_size,
+            "rollouts": args.prompts * args.group_size, "prompt_tokens": args.prompt_tokens,
+            "max_tokens": args.max_tokens, "micro_batch_tokens": args.micro_batch_tokens,
+            "mini_batch_prompts": args.mini_batch_prompts, "warmup": args.warmup}
+
+
+def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
+             sync: Callable[[], None]) -> tuple[list[dict], dict]:
+    """Train warmup + iters iterations of one mode; the timed iterations' records and the
+    memory figures (CUDA peak over them, the KV cache's bytes, what was allocated before)."""
+    from psnrl.trainer.config import load_config
+    from psnrl.trainer.loop import PSNTrainer
+
+    # Nonzero here means an earlier run left memory behind (it would shrink the KV cache).
+    before = torch.cuda.memory_allocated() if args.device == "cuda" else None
+    trainer = PSNTrainer(load_config(None, config_overrides(args, path, mode, log_dir)))
+    try:
+        if trainer.llm.device.type != args.device:
+            raise RuntimeError(f"the trainer runs on {trainer.llm.device}, not {args.device}")
+        kv_bytes = trainer.llm.num_kv_blocks * trainer.llm._kv_bytes_per_block()
+        records: list[dict] = []
+        step = trainer.step
+
+        def timed_step() -> dict:  # run() calls this in place of step(): times every iteration
+            if trainer.iteration == args.warmup and args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t = time.perf_counter()
+            metrics = step()
+            sync()
+            records.append({"step_s": time.perf_counter() - t, "metrics": metrics})
+            return metrics
+
+        trainer.step = timed_step
+        trainer.run()
+        peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+        return records[args.warmup:], {"peak_bytes": peak, "kv_cache_bytes": kv_bytes,
+                                       "allocated_before_bytes": before}
+    finally:
+        del trainer
+        free_memory(args.device)
+
+
+class Runner:
+    """Runs every mode of one model and appends rows; writes results after each."""
+
+    def __init__(self, args: argparse.Namespace, meta: dict, rows: list[dict], sync, log):
+        self.args, self.meta, self.rows, self.sync, self.log = args, meta, rows, sync, log
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if row.get("error"):
+            self.log(f"{row['model']} {row['mode']}: {row['error']}")
+        else:
+            ph = row["phases_ms"]
+            self.log(f"{row['model']} {row['mode']}: {fmt_cell(row['step_ms'], ',.1f')} ms/step (rollout "
+                     f"{fmt_cell(ph['rollout'], ',.1f')}, sigma {fmt_cell(ph['sigma'], ',.1f')}, reward "
+                     f"{fmt_cell(ph['reward'], ',.1f')}, learner {fmt_cell(ph['learner'], ',.1f')}, sync "
+                     f"{fmt_cell(ph['sync'], ',.1f')}), peak {_gib(row['peak_bytes'])} GiB")
+        write_results(self.args.out_dir, self.meta, self.rows)
+
+    def model(self, model: str, path: Path, work: Path) -> None:
+        a = self.args
+        for mode in a.modes:
+            self.log(f"{model} {mode}: {a.warmup} warmup + {a.iters} timed iterations")
+            try:
+                records, memory = run_mode(a, path, mode, work / model / mode, self.sync)
+                row = build_row(model, mode, records, setup=setup_fields(a), **memory)
+            except Exception as exc:  # OOM, a kernel failure: keep going
+                row = error_row(model, mode, exc, setup_fields(a))
+            free_memory(a.device)  # after the except block, whose traceback held the trainer
+            self.record(row)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench step",
+        description="Whole PSN-GRPO training iterations split by phase (rollout, reward, learner, "
+                    "sync, Var-II probes) and peak GPU memory: plain GRPO vs PSN-GRPO vs PSN-GRPO "
+                    "with Var-II, on random-weight Qwen2.5 checkpoints; writes step-<device>.json "
+                    "and .md.")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
+                             f"(default {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
+                        help=f"what to run: {', '.join(MODES)} (default all)")
+    parser.add_argument("--prompts", type=positive_int, default=16,
+                        help="prompts per iteration, rollout.prompts_per_iter (default %(default)s)")
+    parser.add_argument("--group-size", type=positive_int, default=8,
+                        help="samples per prompt, rollout.group_size (default %(default)s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=256,
+                        help="generated tokens per sample, rollout.max_tokens (default %(default)s)")
+    parser.add_argument("--mini-batch-prompts", type=positive_int, default=None,
+                        help="prompts per optimizer step, train.mini_batch_prompts (default: --prompts, "
+                             "one optimizer step per iteration)")
+    parser.add_argument("--micro-batch-tokens", type=positive_int, default=4096,
+                        help="tokens per learner micro-batch, train.micro_batch_tokens (default %(default)s)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2,
+                        help="the engine's share of the GPU, KV cache included; the learner lives in "
+                             "the rest (default %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
+                        help="noise.sigma: the fixed sigma, Var-II's initial one (default %(default)s)")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS,
+                        help="noise.targets: mlp, attn, lm_head or all (default %(default)s)")
+    parser.add_argument("--warmup", type=_nonnegative_int, default=1,
+                        help="untimed iterations first (default %(default)s)")
+    parser.add_argument("--iters", type=positive_int, default=3,
+                        help="timed iterations; medians are reported (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and train.seed")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="another config override for every run (repeatable), e.g. --set algo.kl_coef=0")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run without a GPU (default cuda)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing step-<device>.json that this run does not "
+                             "measure (to split a long run into several commands)")
+    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
+                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.models = list(dict.fromkeys(model_configs.resolve(m) for m in split_list(args.models)))
+        modes = split_list(args.modes)
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        args.modes = [m for m in MODES if m in modes]
+        if not args.models or not args.modes:
+            raise ValueError("give at least one model and one mode")
+        if args.group_size < 2:
+            raise ValueError("--group-size must be >= 2 (group advantages compare the samples of a prompt)")
+        if args.mini_batch_prompts is None:
+            args.mini_batch_prompts = args.prompts
+        if args.prompts % args.mini_batch_prompts:
+            raise ValueError(f"--prompts {args.prompts} must be a multiple of --mini-batch-prompts "
+                             f"{args.mini_batch_prompts}")
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        if not math.isfinite(args.sigma) or args.sigma <= 0:
+            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
+        from psnrl.engine.noise_spec import NoiseSpec
+        NoiseSpec(0, args.sigma, args.targets)  # validates the targets
+        args.prompt_tokens = prompt_tokens()
+        for model in args.models:
+            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+            if args.prompt_tokens + args.max_tokens > limit:
+                raise ValueError(f"prompt {args.prompt_tokens} + --max-tokens {args.max_tokens} tokens "
+                                 f"exceeds {model}'s max_position_embeddings={limit}")
+        from psnrl.trainer.config import ConfigError, load_config
+        try:  # every override checked before any work ("tiny" stands in for the checkpoint)
+            for mode in args.modes:
+                load_config(None, config_overrides(args, Path("tiny"), mode,
+                                                   Path(tempfile.gettempdir()) / "psnrl-step-check"))
+        except ConfigError as exc:
+            raise ValueError(f"config: {exc}") from None
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def method_description(args: argparse.Namespace) -> str:
+    return (f"PSNTrainer (psnrl/trainer/loop.py) on the tiny arithmetic task: {args.prompts} prompts x "
+            f"{args.group_size} samples per iteration, up to {args.max_tokens} tokens each (random "
+            f"weights: ~all run to the limit), one optimizer step per {args.mini_batch_prompts} "
+            f"prompts, micro-batches of {args.micro_batch_tokens} tokens, the config's defaults "
+            f"otherwise (AdamW, TIS cap 10, k3 KL 1e-4 to a frozen reference copy); {args.warmup} "
+            f"untimed warmup iteration(s), then {args.iters} timed; step = wall time of step() with "
+            f"the device synchronized before and after; phases = the loop's own time_* metrics "
+            f"(host clocks; the rollout ends in device-to-host copies, Var-II's scoring in .item()); "
+            f"peak = torch.cuda.max_memory_allocated over the timed iterations, the engine's "
+            f"preallocated KV cache included.")
+
+
+def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
+    """Rows of this device's results file that this run will not measure again."""
+    path = Path(args.out_dir) / f"{NAME}-{device_slug(device_name)}.json"
+    if not path.is_file():
+        return []
+    planned = {(m, mode) for m in args.models for mode in args.modes}
+    return [row for row in json.loads(path.read_text()).get("rows", [])
+            if (row.get("model"), row.get("mode")) not in planned]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        return 2
+    if args.device == "cpu" and torch.cuda.is_available():
+        print(CPU_WITH_CUDA_MESSAGE, file=sys.stderr)
+        return 2
+
+    import transformers
+    import triton
+
+    device_name, sync = device_and_sync(args.device)
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "dtype": args.dtype,
+        "sigma": args.sigma,
+        "targets": args.targets,
+        "method": method_description(args),
+        "modes": {mode: list(MODE_OVERRIDES[mode]) for mode in MODES},
+        "extra_overrides": list(args.set),
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "seed": args.seed,
+    }
+    rows = previous_rows(args, device_name) if args.merge else []
+
+    def log(message: str) -> None:
+        print(f"[step] {message}", file=sys.stderr, flush=True)
+
+    runner = Runner(args, meta, rows, sync, log)
+    with tempfile.TemporaryDirectory(prefix="psnrl-step-") as tmp:
+        tmp = Path(tmp)
+        for model in args.models:
+            log(f"{model}: writing random {args.dtype} weights")
+            try:
+                path = checkpoint_dir(model, args.dtype, args.seed, args.ckpt_dir, args.device, tmp / "ckpt")
+            except Exception as exc:
+                for mode in args.modes:
+                    runner.record(error_row(model, mode, exc, setup_fields(args)))
+                continue
+            runner.model(model, path, tmp / "runs")
+            if not args.ckpt_dir:
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+    json_path, md_path = write_results(args.out_dir, meta, rows)
+    rows = add_ratios(rows)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{model}\n")
+        print(render_model_table([r for r in rows if r["model"] == model]))
+    print(f"\nwrote {json_path}\nwrote {md_path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

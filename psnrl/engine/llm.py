@@ -1,0 +1,370 @@
+"""The rollout engine's front door: ``LLM(path).generate(prompts, params, noise)``.
+
+Loads a local Hugging Face checkpoint, sizes a paged KV cache, and runs
+continuous batching over the requests of a call. A call may mix clean requests
+and requests with their own NoiseSpec; they share every forward and every read
+of the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from psnrl.engine.block_manager import BlockManager
+from psnrl.engine.loader import load_model
+from psnrl.engine.model_runner import ModelRunner
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.engine.sampling import (SamplingParams, Sampler, batch_tensors, check_stop, mask_stop_tokens,
+                             pad_stop_ids)
+from psnrl.engine.scheduler import Scheduler, SchedulerConfig
+from psnrl.engine.sequence import Sequence
+from psnrl.kernels.profiling import nvtx_range
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# KV cache on a CPU (no memory probe there): at most this many bytes unless num_kv_blocks is set.
+CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16", "float16"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU the engine may fill, KV cache included
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_kv_blocks: int | None = None  # overrides the memory-based sizing
+    watermark: float = 0.01  # blocks kept free when admitting new prompts
+    seed: int = 0  # seeds requests that have no SamplingParams.seed
+    device: str | None = None  # default: cuda if available
+    logprobs_mode: str = "sampled"  # see engine.sampling.sample
+    # False: on CUDA, pure decode steps replay CUDA graphs captured per batch-size bucket
+    # (psnrl/engine/cuda_graphs.py), lazily, at the first step of each kind. True: every step runs
+    # eagerly (debugging, profiling single kernels). A CPU always runs eagerly.
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates those
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # of each sampled token under the distribution it was drawn from
+    finish_reason: str | None  # "stop", "length", "abort" or "error: ..."
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    noise: NoiseSpec | None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+class LLM:
+    """A paged-attention batched decoder for one model on one device."""
+
+    def __init__(self, model: str | Path, **kwargs):
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)}
+        if unknown:
+            raise ValueError(f"unknown LLM options {sorted(unknown)}; valid: "
+                             f"{sorted(f.name for f in dataclasses.fields(EngineConfig))}")
+        self.config = cfg = EngineConfig(**kwargs)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = None if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+        self.model = load_model(model, dtype=dtype, device=self.device)
+        mcfg = self.model.config
+        self.tokenizer = _load_tokenizer(Path(model))
+        self.max_model_len = cfg.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mcfg.max_position_embeddings}")
+        num_blocks = cfg.num_kv_blocks or self._kv_blocks_for_memory()
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {cfg.block_size} tokens = "
+                f"{num_blocks * cfg.block_size} tokens, less than one sequence of max_model_len="
+                f"{self.max_model_len}: lower max_model_len or give the cache more memory "
+                f"(gpu_memory_utilization={cfg.gpu_memory_utilization}, num_kv_blocks)")
+        self.num_kv_blocks = num_blocks
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.watermark)
+        self.runner = ModelRunner(self.model, self.model.allocate_kv_cache(num_blocks, cfg.block_size),
+                                  cfg.block_size, use_cuda_graphs=not cfg.enforce_eager,
+                                  max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+                                   self.blocks)
+        self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
+        self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
+        self._ids = itertools.count()
+
+    # -- sizing ---------------------------------------------------------------------------
+
+    def _kv_bytes_per_block(self) -> int:
+        m = self.model.config
+        elem = self.model.model.embed_tokens.weight.element_size()
+        return 2 * m.num_layers * self.config.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def _kv_blocks_for_memory(self) -> int:
+        per_block = self._kv_bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * self.config.gpu_memory_utilization - (total - free)
+        else:
+            per_seq = math.ceil(self.max_model_len / self.config.block_size) * per_block
+            budget = min(CPU_KV_BYTES, per_seq * self.config.max_num_seqs)
+        return max(int(budget // per_block), 0)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def generate(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 noise: NoiseSpec | Seq[NoiseSpec | None] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs keep the prompts' order.
+
+        ``params`` and ``noise`` are one for all prompts or one per prompt; a prompt with
+        noise None is sampled from the clean policy. A bad request (too long, empty)
+        finishes with an "error: ..." reason; the others run.
+        """
+        prompts = _as_prompt_list(prompts)
+        params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompts),
+                                  "params", SamplingParams)
+        noise_list = _per_prompt(noise, len(prompts), "noise", NoiseSpec)
+        specs: list[NoiseSpec] = list(dict.fromkeys(n for n in noise_list if n is not None))
+        spec_index = {s: i for i, s in enumerate(specs)}
+        outputs: list[RequestOutput] = []
+        seqs: list[Sequence] = []
+        for prompt, p, spec in zip(prompts, params_list, noise_list):
+            out, first = self._add_request(prompt, p, spec, spec_index.get(spec, -1))
+            outputs.append(out)
+            if first is not None:
+                seqs.append(first)
+        by_request = {o.request_id: o for o in outputs}
+        total = sum(p.n for p in params_list)
+        with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
+            while self.scheduler.has_work():
+                for seq in self._step(specs):
+                    by_request[seq.request_id].outputs.append(CompletionOutput(
+                        seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
+                    bar.update(1)
+        for out in outputs:
+            out.outputs.sort(key=lambda c: c.index)
+        return outputs
+
+    def _add_request(self, prompt: str | list[int], params: SamplingParams, spec: NoiseSpec | None,
+                     noise_index: int) -> tuple[RequestOutput, Sequence | None]:
+        rid = next(self._ids)
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None:
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer files: pass prompts as token ids")
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            tokens = list(prompt)
+        out = RequestOutput(rid, text, tokens, spec)
+        error = None
+        if not tokens:
+            error = "error: empty prompt"
+        elif len(tokens) >= self.max_model_len:
+            error = (f"error: prompt of {len(tokens)} tokens leaves no room under "
+                     f"max_model_len={self.max_model_len}")
+        elif max(tokens) >= self.model.config.vocab_size or min(tokens) < 0:
+            error = f"error: prompt token ids must be in [0, {self.model.config.vocab_size})"
+        if error:
+            out.outputs = [CompletionOutput(i, "", [], [], error) for i in range(params.n)]
+            return out, None
+        seeds = self.sampler.sample_seeds(params)
+        seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
+                       tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
+                       cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
+        self.scheduler.add(seq)
+        return out, seq
+
+    # -- one step -------------------------------------------------------------------------
+
+    def _step(self, specs: list[NoiseSpec]) -> list[Sequence]:
+        """Run one scheduled step; returns the sequences that finished in it."""
+        with nvtx_range("scheduler"):
+            step = self.scheduler.schedule()
+        finished = list(step.finished)
+        if not step.seqs:
+            if finished:
+                return finished
+            raise RuntimeError("the scheduler found nothing to run while requests are pending")
+        self.runner.copy_blocks(step.copies)
+        tables = [self.blocks.block_table(e.seq.seq_id) for e in step.seqs]
+        with nvtx_range("decode_step" if all(e.num_new == 1 for e in step.seqs) else "prefill"):
+            logits = self.runner.run(step.seqs, tables, specs)
+        sampling: list[Sequence] = []
+        for entry in step.seqs:
+            entry_samples = entry.samples
+            entry.seq.num_computed += entry.num_new
+            if entry_samples:
+                sampling.append(entry.seq)
+        rows = list(range(len(sampling)))
+        for row, seq in list(zip(rows, sampling)):
+            for child in self._fork(seq):
+                sampling.append(child)
+                rows.append(row)
+        if not sampling:
+            return finished
+        logits = logits[torch.tensor(rows, device=logits.device)]
+        params = [s.params for s in sampling]
+        steps = torch.tensor([len(s.output_tokens) for s in sampling])
+        stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
+        mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
+        temps, top_p, top_k = batch_tensors(params, logits.device)
+        with nvtx_range("sample"):
+            result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)
+        tokens = result.tokens.tolist()
+        logprobs = result.logprobs.tolist()
+        bad = result.bad_rows.tolist()
+        for seq, token, lp, is_bad in zip(sampling, tokens, logprobs, bad):
+            if is_bad:
+                self._finish(seq, "error: non-finite logits")
+                finished.append(seq)
+                continue
+            seq.tokens.append(token)
+            seq.logprobs.append(lp)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After its prompt is computed, a request's first sequence spawns its other samples."""
+        children = []
+        for j, seed in enumerate(parent.child_seeds, start=1):
+            child = dataclasses.replace(parent, seq_id=next(self._ids), index=j, tokens=list(parent.tokens),
+                                        seed=seed, logprobs=[], child_seeds=[])
+            self.blocks.fork(parent.seq_id, child.seq_id)
+            self.scheduler.add_running(child)
+            children.append(child)
+        parent.child_seeds = []
+        return children
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        # Text is decoded every step only for requests with stop strings; the others are
+        # decoded once when they finish (decoding a long rollout per token is quadratic).
+        watch_text = bool(seq.params.stop) and self.tokenizer is not None
+        before = len(seq.text)
+        if watch_text:
+            seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
+        check = check_stop(seq.output_tokens, seq.text, seq.params, self.eos_token_id,
+                           new_char_count=len(seq.text) - before)
+        if check.trim_text_to is not None:
+            seq.text = seq.text[:check.trim_text_to]
+        if check.finished:
+            return check.reason
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if not seq.params.stop and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
+        self.scheduler.finish(seq, reason)
+
+    # -- weights --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new values into the model's parameters in place (Hugging Face names).
+
+        The prefix cache is dropped: KV computed with the old weights is stale.
+        """
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise ValueError(f"update_weights: no parameter named {name!r}")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
+                                 f"got {tuple(tensor.shape)}")
+            params[name].copy_(tensor)
+        self.blocks.clear_prefix_cache()
+
+
+def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
+    """Prefix-cache salt of the KV a request's policy writes: None where it is the clean
+    policy's (no spec, sigma 0, or noise on the lm_head alone, which never reaches K/V),
+    else a stable 64-bit digest of the spec.
+
+    The block manager shares cached blocks only between sequences with equal salts. The
+    digest (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted groups
+    that shape K/V (mlp, attn); unlike ``hash()`` it is the same in every process.
+    """
+    groups = sorted(spec.groups - {"lm_head"}) if spec is not None and spec.sigma != 0 else []
+    if not groups:
+        return None
+    payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(groups).encode()
+    digest = hashlib.blake2b(payload, digest_size=8, person=b"psnrl-kv-salt").digest()
+    return int.from_bytes(digest, "little")
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    for p in prompts:
+        if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p)):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _per_prompt(value, n: int, name: str, kind: type) -> list:
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts")
+    for v in values:
+        if v is not None and not isinstance(v, kind):
+            raise ValueError(f"{name} entries must be {kind.__name__}, got {type(v).__name__}")
+    return values
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                              "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _eos_ids(path: Path, tokenizer) -> list[int]:
+    """EOS ids from generation_config.json, else the tokenizer's."""
+    import json
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    return []

@@ -1,0 +1,153 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget shared by decodes (one token each) and prefills
+(chunked when a prompt is longer than what is left of the budget). Running
+sequences go first; waiting ones are admitted first come, first served while
+blocks and budget last. When the cache runs out, the most recently admitted
+running sequence is preempted: its blocks are freed and it goes back to the
+front of the queue to be recomputed later (its generated tokens are kept).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from psnrl.engine.block_manager import BlockManager, OutOfBlocks
+from psnrl.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens whose KV this step computes, from seq.num_computed on
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the sequence's last token, so it yields the next token's logits."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class Step:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks to copy first
+    finished: list[Sequence] = field(default_factory=list)  # ended while scheduling (cannot fit)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that already owns blocks (a fork of a running one)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished and give its blocks back."""
+        if seq.status is Status.RUNNING:
+            self.blocks.free(seq.seq_id)
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: int) -> list[Sequence]:
+        seqs = [s for s in list(self.running) + list(self.waiting) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> Step:
+        budget = self.cfg.max_num_batched_tokens
+        step = Step()
+        # 1. Running sequences: their new tokens need slots; preempt from the back when out of blocks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if not self._reserve(seq, step):
+                continue  # seq itself was preempted; the same index now holds the next one
+            n = min(seq.num_uncomputed, budget)
+            self._schedule(step, seq, n)
+            budget -= n
+            i += 1
+        # 2. Waiting sequences, first come first served.
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            alone = not self.running
+            if not alone and not self.blocks.can_allocate(seq.num_tokens):
+                break
+            try:
+                # The salt keeps a noisy sequence off blocks computed by another policy.
+                cached = self.blocks.allocate(seq.seq_id, seq.tokens, num_scheduled=0,
+                                              cache_salt=seq.cache_salt)
+            except OutOfBlocks:
+                if alone:  # the cache holds max_model_len (checked at start-up); the watermark aside
+                    self.waiting.popleft()
+                    seq.status = Status.FINISHED
+                    seq.finish_reason = "error: the prompt does not fit in the KV cache"
+                    step.finished.append(seq)
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.num_computed = cached
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            self._schedule(step, seq, n)
+            budget -= n
+        return step
+
+    def _schedule(self, step: Step, seq: Sequence, n: int) -> None:
+        # Only KV that is computed (or computed in this step) may be shared through the
+        # prefix cache: a chunked prefill publishes its blocks chunk by chunk.
+        self.blocks.mark_computed(seq.seq_id, seq.num_computed + n)
+        step.seqs.append(ScheduledSeq(seq, n))
+
+    def _reserve(self, seq: Sequence, step: Step) -> bool:
+        """Give the block manager the tokens it has not seen; False if ``seq`` had to be preempted."""
+        while self.blocks.num_tokens(seq.seq_id) < seq.num_tokens:
+            token = seq.tokens[self.blocks.num_tokens(seq.seq_id)]
+            try:
+                result = self.blocks.append_token(seq.seq_id, token)
+            except OutOfBlocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+                continue
+            if result.cow is not None:
+                step.copies.append(tuple(result.cow))
+        return True

@@ -1,0 +1,54 @@
+"""A sequence being generated: its tokens, its progress through the cache, its outcome."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from psnrl.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request. ``tokens`` = prompt + generated; the KV of the first
+    ``num_computed`` of them is in the cache."""
+
+    seq_id: int
+    request_id: int
+    index: int  # which of the request's n samples
+    prompt_len: int
+    tokens: list[int]
+    params: SamplingParams
+    seed: int
+    noise: int  # index into the step's noise specs, -1 = clean
+    # Prefix-cache salt of the policy its KV comes from (engine.llm.noise_cache_salt):
+    # None for the clean policy; forks keep it, like the noise.
+    cache_salt: int | None = None
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str = ""
+    # n > 1: the first sample prefills the prompt, then forks one sample per seed here.
+    child_seeds: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

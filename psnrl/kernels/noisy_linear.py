@@ -1,0 +1,547 @@
+"""Multi-stream noisy linear: y = x (W + sigma_s E_s)^T (+ b), E never stored.
+
+Every row of ``x`` names a noise stream: 0 is clean (sees W), s >= 1 has its own
+(seed_s, sigma_s) and sees W + sigma_s * E_s, where E_s is the counter-based noise
+of psnrl/kernels/noise.py for this weight's ``param_key``. Each program loads a W tile
+once and serves every stream present in its block of rows with it: the noise of
+a stream is regenerated in registers, added to the tile in fp32, and the sum goes
+to the tensor cores in the input dtype.
+
+Autograd: clean rows get the gradients of ``F.linear`` (wrt x, W, b); noisy rows
+are constants (zero gradient), and only the clean rows of x are saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from psnrl.kernels import noise
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class NoiseStream:
+    """One perturbed policy: noise seed (64-bit) and standard deviation."""
+
+    seed: int
+    sigma: float
+
+    def __post_init__(self) -> None:
+        noise.split_seed(self.seed)
+        noise.check_sigma(self.sigma)
+
+
+# Most distinct streams one block of rows serves with one W tile (a static unroll).
+MAX_SLOTS = 4
+
+
+class StreamRows:
+    """Which stream each row of a batch uses. Build it once per batch; every layer reuses it.
+
+    ``row_streams``: integer tensor of stream ids, one per row (any shape; it is
+    flattened the way ``x.reshape(-1, K)`` flattens rows). 0 = clean,
+    s in [1, len(streams)] = ``streams[s - 1]``.
+    """
+
+    def __init__(self, row_streams: torch.Tensor, streams: Sequence[NoiseStream]):
+        if not isinstance(row_streams, torch.Tensor) or row_streams.dtype.is_floating_point \
+                or row_streams.dtype.is_complex or row_streams.dtype == torch.bool:
+            raise ValueError(f"row_streams must be an integer tensor, got {type(row_streams).__name__} "
+                             f"{getattr(row_streams, 'dtype', '')}")
+        streams = list(streams)
+        for s in streams:
+            if not isinstance(s, NoiseStream):
+                raise ValueError(f"streams must be NoiseStream objects, got {s!r}")
+        self.shape = tuple(row_streams.shape)
+        ids_cpu = row_streams.reshape(-1).to("cpu")
+        if ids_cpu.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids_cpu))
+            if lo < 0 or hi > len(streams):
+                raise ValueError(f"row_streams holds stream ids in [{lo}, {hi}], but only 0 (clean) "
+                                 f"and 1..{len(streams)} are defined")
+        ids_cpu = ids_cpu.to(torch.int32)
+        device = row_streams.device
+        self.streams = streams
+        self.ids = ids_cpu.to(device)
+        self.seeds = noise.seed_table([0] + [s.seed for s in streams], device)
+        sigmas = [0.0] + [float(s.sigma) for s in streams]
+        self.sigmas = torch.tensor(sigmas, dtype=torch.float32, device=device)
+        # A stream with sigma 0 is the clean policy.
+        noisy_cpu = torch.tensor(sigmas)[ids_cpu.long()] > 0
+        self.clean_mask = (~noisy_cpu).to(device)
+        self.all_clean = not bool(noisy_cpu.any())
+        self._runs = _runs(ids_cpu)
+        self._tiles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def clean(cls, rows: int, device: torch.device | str) -> "StreamRows":
+        return cls(torch.zeros(rows, dtype=torch.int32, device=device), [])
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def slots(self) -> int:
+        """Streams one block of rows serves at once: the distinct streams, at most MAX_SLOTS."""
+        return max(1, min(MAX_SLOTS, len({s for _, _, s in self._runs})))
+
+    def work_tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row blocks of at most ``block_m`` rows and ``self.slots`` streams each.
+
+        Returns ([T, 2] int32 row ranges, [T, slots] int32 stream ids padded with -1).
+        Blocks follow the runs of equal ids, so a batch laid out as [clean | noisy]
+        gets one-stream blocks and interleaved decode rows share one block.
+        """
+        key = (block_m, self.slots)
+        if key not in self._tiles:
+            ranges, slots = _pack(self._runs, block_m, self.slots)
+            self._tiles[key] = (torch.tensor(ranges, dtype=torch.int32, device=self.ids.device),
+                                torch.tensor(slots, dtype=torch.int32, device=self.ids.device))
+        return self._tiles[key]
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs (start, end, stream) of equal consecutive ids."""
+    if ids.numel() == 0:
+        return []
+    starts = [0] + ((ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1).tolist()
+    ends = starts[1:] + [ids.numel()]
+    values = ids[starts].tolist()
+    return list(zip(starts, ends, values))
+
+
+def pack_work_tiles(ids: Sequence[int], block_m: int, slots: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The work tiles of ``StreamRows.work_tiles`` for host-side ids (a list), as lists:
+    ([T, 2] row ranges, [T, slots] stream ids padded with -1). At most
+    ``max_work_tiles(len(ids), block_m, slots)`` tiles."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(ids):
+        if runs and runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        else:
+            runs.append((i, i + 1, s))
+    return _pack(runs, block_m, slots)
+
+
+def max_work_tiles(rows: int, block_m: int, slots: int) -> int:
+    """Most tiles ``_pack`` makes of ``rows`` rows, whatever their ids.
+
+    A block closes when it holds ``block_m`` rows or when a row of a new stream finds
+    ``slots`` streams in it (then it holds at least ``slots`` rows): every block but
+    the last holds at least min(block_m, slots) rows.
+    """
+    return triton.cdiv(rows, max(1, min(block_m, slots))) if rows else 0
+
+
+def _pack(runs: list[tuple[int, int, int]], block_m: int, slots: int):
+    """Greedy row blocks: a block closes when it holds block_m rows or would need slots + 1 streams."""
+    ranges: list[list[int]] = []
+    table: list[list[int]] = []
+    start, present = 0, []
+    for run_start, run_end, stream in runs:
+        pos = run_start
+        while pos < run_end:
+            if pos - start == block_m or (stream not in present and len(present) == slots):
+                ranges.append([start, pos])
+                table.append(present + [-1] * (slots - len(present)))
+                start, present = pos, []
+            if stream not in present:
+                present.append(stream)
+            pos = min(run_end, start + block_m)
+    if runs:
+        ranges.append([start, runs[-1][1]])
+        table.append(present + [-1] * (slots - len(present)))
+    return ranges, table
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+
+
+# SMs of the GPU the tiling is planned for when none is present (an H100 SXM).
+DEFAULT_SMS = 132
+
+
+def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None = None,
+               glu: bool = False) -> TileConfig:
+    """Tile shape by problem size.
+
+    BN x BK stays small enough that the noise tile lives in registers without
+    spilling (``psnrl bench kernel-sass`` checks it for sm_90). Decode-sized M
+    splits K so that about two programs per SM stream the weight. fp32 (tests,
+    references) uses small tiles: its exact dot has no tensor-core path. ``glu``
+    (gate and up in one program, two accumulators) caps BN at 64; BM, which the
+    CUDA-graph tile tables depend on, stays the same.
+    """
+    cfg = _pick_tiles(m, n, k, dtype, sms)
+    if glu and cfg.block_n > 64:
+        return TileConfig(cfg.block_m, 64, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k)
+    return cfg
+
+
+def _pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None) -> TileConfig:
+    if sms is None:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count \
+            if torch.cuda.is_available() else DEFAULT_SMS
+    if dtype == torch.float32:
+        cfg = TileConfig(16 if m <= 16 else 32, 64, 32, 4, 2)
+    elif m <= 16:
+        cfg = TileConfig(16, 64, 64, 8, 4)
+    elif m <= 64:
+        cfg = TileConfig(64, 64, 32, 4, 4)
+    elif m <= 256:
+        return TileConfig(64, 128, 32, 8, 3)
+    else:
+        return TileConfig(128, 128, 32, 8, 3)
+    if m > 64:
+        return cfg
+    programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = max(1, min(triton.cdiv(k, cfg.block_k) // 4, (2 * sms) // programs))
+    return TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, split)
+
+
+@triton.jit(do_not_specialize=["pkey", "pkey_up", "row_offset", "col_offset"])
+def _noisy_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, row_stream_ptr, tile_range_ptr, tile_slot_ptr, seed_ptr, sigma_ptr,
+    pkey, N, K, stride_xm, stride_wn, stride_ym, stride_ysplit, k_per_split,
+    row_offset, col_offset, in_features, up_ptr, pkey_up,
+    HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, SLOTS: tl.constexpr,
+    PARTIAL: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # GLU: w is the gate weight and up_ptr the up weight (same shape and strides, own noise
+    # key); the program keeps both accumulators and stores SiLU(gate) * up, or under
+    # PARTIAL both partial sums (gate in columns [0, N), up in [N, 2N)).
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    row_start = tl.load(tile_range_ptr + 2 * pid_t)
+    row_end = tl.load(tile_range_ptr + 2 * pid_t + 1)
+    rm = row_start + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < row_end
+    n_ok = rn < N
+    if SLOTS > 1:
+        row_stream = tl.load(row_stream_ptr + rm, mask=m_ok, other=-1)
+    key = pkey.to(tl.uint32, bitcast=True)
+    key_up = pkey_up.to(tl.uint32, bitcast=True)
+    rows = (row_offset + rn).to(tl.uint32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    # An unused tile of a fixed-size table (CUDA-graph decode) has no rows: it skips the
+    # K loop (no weight reads) and stores nothing. (A branch to an early return instead
+    # costs the large-M variant register spills.)
+    k_end = tl.where(row_end > row_start, k_end, k_begin)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_begin + rk)[None, :]
+    w_offsets = rn[:, None].to(tl.int64) * stride_wn + (k_begin + rk)[None, :]
+    w_ptrs = w_ptr + w_offsets
+    u_ptrs = up_ptr + w_offsets
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BK):
+        k_ok = (k0 + rk) < k_end
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if GLU:
+            u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        col0 = (col_offset + k0).to(tl.uint32)
+        for j in tl.static_range(SLOTS):
+            s = tl.load(tile_slot_ptr + pid_t * SLOTS + j)  # -1: empty slot
+            sigma = tl.load(sigma_ptr + tl.maximum(s, 0))
+            w_s = w
+            if GLU:
+                u_s = u
+            if sigma > 0:
+                lo = tl.load(seed_ptr + 2 * s).to(tl.uint32, bitcast=True)
+                hi = tl.load(seed_ptr + 2 * s + 1).to(tl.uint32, bitcast=True)
+                k1, k2 = noise.stream_keys(lo, hi, key)
+                e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
+                w_s = (w.to(tl.float32) + sigma * e).to(w.dtype)
+                if GLU:
+                    k1, k2 = noise.stream_keys(lo, hi, key_up)
+                    e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
+                    u_s = (u.to(tl.float32) + sigma * e).to(u.dtype)
+            if SLOTS > 1:
+                x_s = tl.where((row_stream == s)[:, None], x, 0.0)
+            else:
+                x_s = x
+            if IEEE:
+                acc += tl.dot(x_s, tl.trans(w_s), input_precision="ieee")
+                if GLU:
+                    acc_up += tl.dot(x_s, tl.trans(u_s), input_precision="ieee")
+            else:
+                acc += tl.dot(x_s, tl.trans(w_s))
+                if GLU:
+                    acc_up += tl.dot(x_s, tl.trans(u_s))
+        x_ptrs += BK
+        w_ptrs += BK
+        if GLU:
+            u_ptrs += BK
+    mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        y_ptrs = y_ptr + pid_k * stride_ysplit + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc, mask=mask)
+        if GLU:
+            tl.store(y_ptrs + N, acc_up, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            # Rounded as F.silu(gate) * up rounds gate, up and SiLU(gate) in the input dtype,
+            # so the engine's activations match the learner's, which runs gate and up apart.
+            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            up = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = act * up
+        y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         rows: StreamRows, pkey: int, row_offset: int, col_offset: int,
+                         in_features: int, tiles: TileConfig | None = None,
+                         up: torch.Tensor | None = None, up_key: int = 0) -> torch.Tensor:
+    """Launch the kernel on checked, row-major 2-D inputs (no autograd).
+
+    With ``up`` (a gated MLP's up weight, ``weight`` being its gate, no bias): SiLU(gate) * up.
+    """
+    m, k = x2d.shape
+    n = weight.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    glu = up is not None
+    cfg = tiles or pick_tiles(m, n, k, x2d.dtype, glu=glu)
+    tile_ranges, tile_slots = rows.work_tiles(cfg.block_m)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    partial = split > 1
+    if partial:
+        # Split-K: fp32 partial sums per split, reduced below (decode-sized M only).
+        y = torch.empty(split, m, 2 * n if glu else n, dtype=torch.float32, device=x2d.device)
+    else:
+        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    grid = (tile_ranges.shape[0], triton.cdiv(n, cfg.block_n), split)
+    _noisy_linear_kernel[grid](
+        x2d, weight, bias if bias is not None else weight, y, rows.ids, tile_ranges, tile_slots,
+        rows.seeds, rows.sigmas, noise.as_int32(pkey), n, k, x2d.stride(0), weight.stride(0),
+        y.stride(-2), y.stride(0) if partial else 0, k_per_split, row_offset, col_offset, in_features,
+        up if glu else weight, noise.as_int32(up_key),
+        HAS_BIAS=bias is not None, PAIRED=in_features % 2 == 0 and col_offset % 2 == 0,
+        IEEE=x2d.dtype == torch.float32, SLOTS=tile_slots.shape[1], PARTIAL=partial, GLU=glu,
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if partial:
+        y = y.sum(0)
+        if bias is not None:
+            y += bias.float()
+        if glu:  # rounded as the unfused path rounds (see the kernel's epilogue)
+            return torch.nn.functional.silu(y[:, :n].to(x2d.dtype)) * y[:, n:].to(x2d.dtype)
+        y = y.to(x2d.dtype)
+    return y
+
+
+class _NoisyLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, tiles):
+        y = noisy_linear_forward(x2d, weight, bias, rows, pkey, row_offset, col_offset,
+                                 in_features, tiles)
+        if any(ctx.needs_input_grad[:3]):
+            if rows.all_clean:
+                ctx.save_for_backward(x2d, weight)
+                ctx.clean_index = None
+            else:
+                index = rows.clean_mask.nonzero().squeeze(1)
+                ctx.save_for_backward(x2d.index_select(0, index), weight)
+                ctx.clean_index = index
+            ctx.num_rows = x2d.shape[0]
+            ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_clean, weight = ctx.saved_tensors
+        index = ctx.clean_index
+        g = grad_y if index is None else grad_y.index_select(0, index)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ weight
+            if index is None:
+                grad_x = gx
+            else:
+                grad_x = gx.new_zeros(ctx.num_rows, weight.shape[1]).index_copy_(0, index, gx)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t() @ x_clean
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: StreamRows | None) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {_describe(weight)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {_describe(x)} does not match weight {_describe(weight)}: "
+                         f"last dim of x must be in_features={weight.shape[1]}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"noisy_linear supports {SUPPORTED_DTYPES}, got x {x.dtype}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"x {_describe(x)} and weight {_describe(weight)} must share dtype and device")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype
+                             or bias.device != x.device):
+        raise ValueError(f"bias {_describe(bias)} must be [{weight.shape[0]}] {x.dtype} on {x.device}")
+    if rows is not None:
+        if rows.shape != tuple(x.shape[:-1]):
+            raise ValueError(f"row_streams shape {rows.shape} must equal the row shape of x "
+                             f"{tuple(x.shape[:-1])}")
+        if rows.ids.device != x.device:
+            raise ValueError(f"row_streams on {rows.ids.device} but x on {x.device}")
+
+
+def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 rows: StreamRows | None = None, param_key: int = 0, row_offset: int = 0,
+                 col_offset: int = 0, in_features: int | None = None,
+                 tiles: TileConfig | None = None) -> torch.Tensor:
+    """y = x (W + sigma_s E_s)^T + b with each row's stream from ``rows`` (None: all clean).
+
+    Runs the Triton kernel on CUDA tensors (and under ``TRITON_INTERPRET=1``);
+    on a CPU otherwise, the torch reference with the same semantics.
+
+    ``weight`` may be a shard [out, in] at (row_offset, col_offset) of an unsharded
+    weight whose rows have ``in_features`` elements (default: weight.shape[1]); the
+    noise is that of the unsharded weight. ``param_key`` is ``noise.param_key(name)``.
+    """
+    _check_inputs(x, weight, bias, rows)
+    k = weight.shape[1]
+    in_features = k if in_features is None else in_features
+    noise.check_shard(weight.shape[0], k, row_offset, col_offset, in_features)
+    noise.check_param_key(param_key)
+    if not noise.runs_triton(x):
+        # CPU without the Triton interpreter: the torch path (same values and gradients).
+        from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
+        return noisy_linear_reference(x, weight, bias, rows=rows, param_key=param_key,
+                                      row_offset=row_offset, col_offset=col_offset,
+                                      in_features=in_features).to(x.dtype)
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if rows is None:
+        rows = StreamRows.clean(x2d.shape[0], x.device)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, weight, bias)):
+        y = _NoisyLinearFn.apply(x2d, weight, bias, rows, param_key, row_offset, col_offset,
+                                 in_features, tiles)
+    else:
+        # No graph to record (no_grad / inference_mode, e.g. generation): the launch alone,
+        # without the autograd Function, which would look for clean rows on the device.
+        y = noisy_linear_forward(x2d, weight, bias, rows, param_key, row_offset, col_offset,
+                                 in_features, tiles)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def noisy_gate_up(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, *,
+                  rows: StreamRows | None = None, gate_key: int = 0, up_key: int = 0,
+                  row_offset: int = 0, col_offset: int = 0, in_features: int | None = None,
+                  tiles: TileConfig | None = None) -> torch.Tensor:
+    """A gated MLP's activation SiLU(x Wg~^T) * (x Wu~^T), W~ = W + sigma_s E_s per row's stream.
+
+    One kernel reads x and both weights once and writes only the activation: the
+    [rows, 2 x intermediate] gate/up outputs never reach memory. Rounded like
+    ``F.silu(gate) * up`` on the two ``noisy_linear`` outputs. No autograd (generation and
+    the learner's no-grad noisy stream). Arguments as ``noisy_linear``; both weights have
+    the same shape and sharding, each its own ``param_key``.
+    """
+    _check_inputs(x, gate_weight, None, rows)
+    if up_weight.shape != gate_weight.shape or up_weight.dtype != gate_weight.dtype \
+            or up_weight.device != gate_weight.device:
+        raise ValueError(f"up weight {_describe(up_weight)} must match gate weight {_describe(gate_weight)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, up_weight)):
+        raise ValueError("noisy_gate_up has no backward: call it under torch.no_grad() or "
+                         "torch.inference_mode(), or use noisy_linear for gate and up")
+    k = gate_weight.shape[1]
+    in_features = k if in_features is None else in_features
+    noise.check_shard(gate_weight.shape[0], k, row_offset, col_offset, in_features)
+    noise.check_param_key(gate_key)
+    noise.check_param_key(up_key)
+    if not noise.runs_triton(x):
+        from psnrl.kernels.noisy_linear_reference import noisy_gate_up_reference
+        return noisy_gate_up_reference(x, gate_weight, up_weight, rows=rows, gate_key=gate_key,
+                                       up_key=up_key, row_offset=row_offset, col_offset=col_offset,
+                                       in_features=in_features, dtype=x.dtype)
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    gate_weight, up_weight = gate_weight.contiguous(), up_weight.contiguous()
+    if rows is None:
+        rows = StreamRows.clean(x2d.shape[0], x.device)
+    y = noisy_linear_forward(x2d, gate_weight, None, rows, gate_key, row_offset, col_offset,
+                             in_features, tiles, up=up_weight, up_key=up_key)
+    return y.reshape(*x.shape[:-1], gate_weight.shape[0])
+
+
+class _DualLinearFn(torch.autograd.Function):
+    """Clean rows (autograd) and noisy rows (constants) of one linear in one kernel call."""
+
+    @staticmethod
+    def forward(ctx, x_clean, x_noisy, weight, bias, rows, pkey):
+        x = torch.cat([x_clean, x_noisy])
+        if rows is None:
+            y = torch.nn.functional.linear(x, weight, bias)
+        else:
+            y = noisy_linear(x, weight, bias, rows=rows, param_key=pkey)
+        n = x_clean.shape[0]
+        # The clean half is copied out so that autograd, which keeps it for the next op's
+        # backward, does not also keep the noisy half alive through a shared storage.
+        y_clean, y_noisy = y[:n].clone(), y[n:]
+        ctx.mark_non_differentiable(y_noisy)
+        ctx.save_for_backward(x_clean, weight)
+        ctx.has_bias = bias is not None
+        return y_clean, y_noisy
+
+    @staticmethod
+    def backward(ctx, grad_clean, _grad_noisy):
+        x_clean, weight = ctx.saved_tensors
+        g = grad_clean.reshape(-1, weight.shape[0])
+        grad_x = (g @ weight).reshape(x_clean.shape) if ctx.needs_input_grad[0] else None
+        grad_w = g.t() @ x_clean.reshape(-1, weight.shape[1]) if ctx.needs_input_grad[2] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_w, grad_b, None, None
+
+
+def dual_linear(x_clean: torch.Tensor, x_noisy: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, *, rows: StreamRows | None = None,
+                param_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's two row groups through one linear: (x_clean W^T + b, x_noisy (W + sigma E)^T + b).
+
+    One kernel call (one read of W) serves both groups. The clean output has the
+    gradients of ``F.linear``; the noisy output is a constant and nothing of the noisy
+    group is saved for backward. ``rows`` describes the concatenated batch
+    [clean rows | noisy rows] (built once per forward; None: all clean in this layer).
+    """
+    if x_clean.dim() != 2 or x_noisy.dim() != 2 or x_clean.shape[1] != x_noisy.shape[1]:
+        raise ValueError(f"x_clean {_describe(x_clean)} and x_noisy {_describe(x_noisy)} must be "
+                         f"2-D with the same number of features")
+    if rows is not None and rows.shape != (x_clean.shape[0] + x_noisy.shape[0],):
+        raise ValueError(f"rows describe {rows.shape} rows but the two groups have "
+                         f"{x_clean.shape[0]} + {x_noisy.shape[0]}")
+    return _DualLinearFn.apply(x_clean, x_noisy.detach(), weight, bias, rows, param_key)

@@ -1,0 +1,246 @@
+"""The ``psnrl`` command line.
+
+Each subcommand dispatches to the module that does the work; heavy imports happen
+only once a subcommand is chosen, so ``psnrl --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# bench name -> module with a ``main(argv) -> int``
+BENCHES = {
+    "noisy-gemm": "psnrl.bench.noisy_gemm",
+    "kernel-sass": "psnrl.bench.kernel_sass",
+    "lm-head": "psnrl.bench.lm_head_logprob",
+    "decode": "psnrl.bench.decode",
+    "step": "psnrl.bench.step",
+    "learner": "psnrl.bench.learner",
+    "all": "psnrl.bench.all",
+}
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHES[args.bench])
+    return module.main(args.bench_args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from psnrl.trainer import distributed
+    from psnrl.trainer.config import ConfigError, load_config
+    from psnrl.trainer.loop import PSNTrainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = PSNTrainer(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl train: {e}")
+    try:
+        history = trainer.run(resume=args.resume)
+    except FileNotFoundError as e:
+        raise SystemExit(f"psnrl train: {e}")
+    except KeyboardInterrupt:
+        where = "saved in" if trainer.world == 1 else "the last periodic one is in"
+        print(f"\ninterrupted: checkpoint {where} {trainer.ckpt_dir}; continue with --resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        distributed.shutdown()
+    if trainer.main:
+        _print_summary(history, trainer.run_dir)
+    return 0
+
+
+def _print_summary(history: list[dict], run_dir) -> None:
+    if not history:
+        print(f"nothing to do: the run in {run_dir} is complete")
+        return
+    window = max(1, len(history) // 5)
+    first = sum(h["reward_mean"] for h in history[:window]) / window
+    last = sum(h["reward_mean"] for h in history[-window:]) / window
+    print(f"mean reward: first {window} iterations {first:.3f}, last {window} {last:.3f}")
+    evals = [h for h in history if "eval" in h]
+    if evals:
+        from psnrl.trainer.evaluate import format_table
+        print(f"pass@k after iteration {evals[-1]['iteration']}:")
+        print(format_table(evals[-1]["eval"]))
+    print(f"metrics: {run_dir}/metrics.jsonl")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from psnrl.engine.llm import LLM
+    from psnrl.engine.sampling import SamplingParams
+    from psnrl.trainer.datasets import format_prompt, load_problems
+    from psnrl.trainer.evaluate import format_table, pass_at_k_eval, plot_curves, write_json
+    from psnrl.trainer.passk import default_ks
+    from psnrl.trainer.reward import math_reward
+    from psnrl.trainer.tiny import TINY_SET, ArithmeticTask, exact_answer_reward
+
+    ks = args.ks or default_ks(args.n)
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        if any(k < 1 or k > args.n for k in ks):
+            raise ValueError(f"every k must be in [1, n={args.n}], got {ks}")
+        sets = {name: ArithmeticTask(seed=args.seed).problems(args.limit or 128) if name == TINY_SET
+                else load_problems(name, limit=args.limit) for name in args.sets}
+        options = {"dtype": args.dtype}
+        if args.max_model_len:
+            options["max_model_len"] = args.max_model_len
+        llm = LLM(args.model, **options)
+        if llm.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer files")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl eval: {e}")
+    tiny = set(args.sets) == {TINY_SET}
+
+    def prompt(p):
+        return p.problem if tiny else format_prompt(p, args.template, llm.tokenizer)
+
+    embedder = None
+    if args.embedder != "none":
+        import functools
+        import warnings
+
+        from psnrl.trainer.logprobs import last_hidden
+        from psnrl.trainer.sigma import make_embedder
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is reported below
+            embedder = make_embedder(args.embedder, hidden_fn=functools.partial(last_hidden, llm.model),
+                                     device=llm.device)
+        print(f"semantic similarity with {type(embedder).__name__}", file=sys.stderr)
+    result = pass_at_k_eval(llm, sets, params, ks, prompt, exact_answer_reward if tiny else math_reward,
+                            embedder, use_tqdm=True)
+    result["model"] = str(args.model)
+    print(format_table(result))
+    if args.output:
+        write_json(result, args.output)
+    if args.plot:
+        runs = {str(args.model): result}
+        for other in args.compare:
+            runs[other] = json.loads(Path(other).read_text())
+        try:
+            plot_curves(runs, args.plot)
+        except ValueError as e:  # e.g. no k to plot
+            raise SystemExit(f"psnrl eval: --plot: {e}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from psnrl.engine.llm import LLM
+    from psnrl.engine.noise_spec import NoiseSpec
+    from psnrl.engine.sampling import SamplingParams
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise SystemExit(f"{args.prompts_file}:{n}: expected a JSON object with a "
+                                         f"'prompt' field ({e})")
+    if not prompts:
+        raise SystemExit("psnrl generate: give --prompt TEXT or --prompts-file FILE.jsonl")
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed)
+        noise = NoiseSpec(args.noise_seed, args.sigma, args.targets) if args.sigma > 0 else None
+        options = {"dtype": args.dtype, "block_size": args.block_size}
+        if args.max_model_len:
+            options["max_model_len"] = args.max_model_len
+        llm = LLM(args.model, **options)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"psnrl generate: {e}")
+    outputs = llm.generate(prompts, params, noise=noise)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for request in outputs:
+            for c in request.outputs:
+                out.write(json.dumps({"prompt": request.prompt, "index": c.index, "text": c.text,
+                                      "token_ids": c.token_ids, "logprobs": c.logprobs,
+                                      "finish_reason": c.finish_reason}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl",
+        description="RL for LLM reasoners with parameter-space noise fused into the kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser("bench", help="run a benchmark and write psnrl/bench/results/<name>-<device>.*",
+                           description="Run a benchmark; arguments after the name go to it "
+                                       "(e.g. psnrl bench noisy-gemm --help).")
+    bench.add_argument("bench", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(run=_run_bench)
+
+    train = sub.add_parser("train", help="run PSN-GRPO (default: the tiny CPU task)",
+                           description="Train with PSN-GRPO. Overrides are section.key=value, e.g. "
+                                       "noise.enabled=false for plain GRPO.")
+    train.add_argument("overrides", nargs="*", help="section.key=value settings")
+    train.add_argument("--config", default=None,
+                       help="YAML file or shipped config name (tiny, qwen2.5-math-1.5b, qwen2.5-math-7b)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(run=_run_train)
+
+    ev = sub.add_parser("eval", help="pass@k of a checkpoint on math benchmarks (table, JSON, plot)",
+                        description="n samples per problem; unbiased pass@k per benchmark and averaged.")
+    ev.add_argument("model", help="local Hugging Face checkpoint directory")
+    ev.add_argument("--sets", nargs="+", default=["math500", "aime24", "aime25", "amc23", "minerva",
+                                                  "olympiadbench"], help="shipped names, .jsonl files, or tiny-arith")
+    ev.add_argument("--n", type=int, default=16, help="samples per problem")
+    ev.add_argument("--ks", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... up to n")
+    ev.add_argument("--max-tokens", type=int, default=1024)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--template", default="plain", help="plain or chat")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each set")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--max-model-len", type=int, default=None)
+    ev.add_argument("--embedder", default="auto", choices=["auto", "minilm", "hidden", "none"],
+                    help="sentence embedder for the semantic similarity of correct answers "
+                         "(auto: MiniLM when installed, else the model's hidden states)")
+    ev.add_argument("--output", help="write the results as JSON here")
+    ev.add_argument("--plot", help="write a PNG of pass@k curves (log2 k axis) here")
+    ev.add_argument("--compare", nargs="*", default=[], help="earlier --output JSON files to plot alongside")
+    ev.set_defaults(run=_run_eval)
+
+    gen = sub.add_parser("generate", help="sample completions from a local checkpoint (JSON Lines out)",
+                         description="Generate with the rollout engine, optionally from a perturbed "
+                                     "policy (--sigma > 0).")
+    gen.add_argument("model", help="local Hugging Face checkpoint directory")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="JSON Lines file with a 'prompt' field per line")
+    gen.add_argument("--output", help="write JSON Lines here instead of stdout")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--sigma", type=float, default=0.0, help="parameter noise std (0: clean policy)")
+    gen.add_argument("--noise-seed", type=int, default=0)
+    gen.add_argument("--targets", default="mlp", help="mlp, attn, lm_head or all")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--block-size", type=int, default=16)
+    gen.set_defaults(run=_run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

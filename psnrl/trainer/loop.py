@@ -1,0 +1,435 @@
+"""One PSN-GRPO training run: rollouts from a perturbed policy, rewards, advantages, updates.
+
+Each iteration draws a noise seed, asks the sigma scheduler for sigma, samples G
+completions per prompt from the engine with NoiseSpec(seed, sigma, targets), scores
+them, and updates the clean policy with the GRPO surrogate corrected by truncated
+importance sampling against the perturbed policy's log-probs, which the learner's
+dual-stream pass computes alongside the clean ones (or, with
+``algo.noisy_logprobs=sampler``, the engine's log-probs of the sampled tokens). Plain GRPO is the same loop with
+``noise.enabled=false``. In one process, engine and learner share one model
+(colocated), so an update is visible to the next rollout at no cost; only the
+prefix cache, which holds KV of the old weights, is dropped. Under torchrun
+(``torchrun --nproc-per-node N -m psnrl.trainer.cli train ...``) each rank's engine
+samples its slice of the prompts (a prompt's G samples stay on one rank), the
+learner is FSDP2 over all ranks, and the weights are copied into each engine
+after every update.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from tqdm.auto import tqdm
+
+from psnrl.engine.llm import LLM, RequestOutput
+from psnrl.engine.loader import load_model
+from psnrl.engine.noise_spec import NoiseSpec
+from psnrl.trainer.advantages import compute_advantages
+from psnrl.trainer.charts import line_chart
+from psnrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from psnrl.trainer.config import TrainConfig, dump_config
+from psnrl.trainer.datasets import Problem, format_prompt, load_problems
+from psnrl.trainer import distributed
+from psnrl.trainer.learner import Learner, Rollouts, reshard, shard_model, sync_weights
+from psnrl.trainer.logprobs import last_hidden, response_logprobs
+from psnrl.trainer.evaluate import pass_at_k_eval
+from psnrl.trainer.reward import math_reward
+from psnrl.trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
+from psnrl.trainer.tensorboard import EventWriter
+from psnrl.trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
+from psnrl.kernels.profiling import nvtx_range
+
+MASK64 = (1 << 64) - 1
+
+
+def _mix(*words: int) -> int:
+    """A 64-bit seed from integers (splitmix64 steps), stable across runs and resumes."""
+    x = 0
+    for w in words:
+        x = (x + (w & MASK64) + 0x9E3779B97F4A7C15) & MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+        x ^= x >> 31
+    return x
+
+
+class ProblemStream:
+    """Endless shuffled passes over a problem set; its position is part of a checkpoint."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise ValueError("the training set is empty (after dropping prompts over data.max_prompt_tokens)")
+        self.problems, self.seed = problems, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(_mix(self.seed, self.epoch)).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.problems[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+class PSNTrainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.log.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        # Under torchrun: each rank runs an engine on its slice of the prompts and the
+        # learner is FSDP2 over all ranks; rank 0 writes logs and checkpoints.
+        self.rank, self.world = distributed.init_from_env()
+        self.main = self.rank == 0
+        t = cfg.train
+        for name, value in (("rollout.prompts_per_iter", cfg.rollout.prompts_per_iter),
+                            ("train.mini_batch_prompts", t.mini_batch_prompts)):
+            if value % self.world:
+                raise ValueError(f"{name}={value} must be a multiple of the number of processes ({self.world})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = EventWriter(self.run_dir / "tensorboard") if cfg.log.tensorboard and self.main else None
+        torch.manual_seed(cfg.train.seed)
+        self.tiny = cfg.model.path == "tiny"
+        self.model_path = Path(cfg.model.path)
+        if self.tiny:
+            self.model_path = self.run_dir / "init-model"
+            if self.main:
+                build_checkpoint(self.model_path, seed=cfg.train.seed)
+            distributed.barrier()
+        self.llm = LLM(self.model_path, **dataclasses.asdict(cfg.engine_config()))
+        if self.world == 1:
+            self.model = self.llm.model  # colocated: the learner trains the engine's weights
+        else:  # the engine keeps a full copy; weights are synced to it after each update
+            self.model = self._sharded_model()
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.tokenizer = self.llm.tokenizer
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer files; training needs one to read answers")
+        self.loss_cfg = cfg.loss_config()
+        self.learner = Learner(self.model, self.loss_cfg, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas,
+                               grad_clip=t.grad_clip, micro_batch_tokens=t.micro_batch_tokens,
+                               noisy_logprobs=cfg.algo.noisy_logprobs)
+        self.optimizer = self.learner.optimizer
+        n = cfg.noise
+        adaptive = {"beta": n.beta, "min_factor": n.sigma_min_factor, "max_factor": n.sigma_max_factor}
+        extra = {"var1": {**adaptive, "kl_target": n.kl_target}, "var2": adaptive}
+        self.sigma = make_scheduler(n.scheduler if n.enabled else "fixed", sigma0=n.sigma,
+                                    **(extra.get(n.scheduler, {}) if n.enabled else {}))
+        # Var-II: two clean probe rollouts per prompt, compared with a sentence embedder.
+        self.probes = n.enabled and n.scheduler == "var2"
+        self.embedder = (make_embedder(n.embedder, hidden_fn=functools.partial(last_hidden, self.llm.model),
+                                       device=self.llm.device)
+                         if self.probes else None)
+        if cfg.data.train == TINY_SET:
+            self.data = ArithmeticTask(seed=_mix(t.seed, 1) >> 1)
+        else:
+            self.data = ProblemStream(self._fits(load_problems(cfg.data.train)), t.seed)
+        self.ref_model = None
+        self.iteration = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _sharded_model(self) -> torch.nn.Module:
+        """A learner model sharded over the ranks (FSDP2), loaded from the run's checkpoint."""
+        dtype = self.llm.model.model.embed_tokens.weight.dtype
+        return shard_model(load_model(self.model_path, dtype=dtype, device=self.llm.device))
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        """The reference policy of the KL term: the current weights, frozen."""
+        if self.world == 1:
+            ref = copy.deepcopy(self.model)
+        else:
+            ref = self._sharded_model()
+            reshard(self.model)
+            with torch.no_grad():  # same sharding: each rank copies its own shards
+                for p, q in zip(ref.parameters(), self.model.parameters()):
+                    p.to_local().copy_(q.to_local())
+        return ref.eval().requires_grad_(False)
+
+    def _sync_engine(self) -> None:
+        """The engine's model gets the learner's weights (a no-op when they share storage)."""
+        if self.model is not self.llm.model:
+            sync_weights(self.model, self.llm.model)
+        self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
+
+    # -- data, prompts, rewards -------------------------------------------------------------
+
+    def _prompt(self, problem: Problem) -> str:
+        return problem.problem if self.tiny else format_prompt(problem, self.cfg.data.template, self.tokenizer)
+
+    def _fits(self, problems: list[Problem]) -> list[Problem]:
+        limit = self.cfg.data.max_prompt_tokens
+        return [p for p in problems if len(self.tokenizer.encode(self._prompt(p), add_special_tokens=False)) <= limit]
+
+    def _reward(self, text: str, answer: str) -> float:
+        return exact_answer_reward(text, answer) if self.tiny else math_reward(text, answer)
+
+    def _problems(self, n: int) -> list[Problem]:
+        return self.data.problems(n) if isinstance(self.data, ArithmeticTask) else self.data.next(n)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def sft_warmup(self) -> list[float]:
+        """Teacher-forced NLL on reference answers, so the first rewards are not all zero."""
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.train.sft_lr)
+        eos = self.tokenizer.eos_token_id
+        losses = []
+        for _ in tqdm(range(self.cfg.train.sft_warmup_steps), desc="sft warm-up", unit="step"):
+            problems = self._problems(64)
+            seqs, plens = [], []
+            for p in problems:
+                prompt = self.tokenizer.encode(self._prompt(p), add_special_tokens=False)
+                seqs.append(prompt + self.tokenizer.encode(p.answer, add_special_tokens=False) + [eos])
+                plens.append(len(prompt))
+            loss = -response_logprobs(self.model, seqs, plens).logprobs.sum() / len(problems)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        self._sync_engine()
+        return losses
+
+    def _noise(self, k: int, num_prompts: int) -> list[NoiseSpec] | None:
+        n = self.cfg.noise
+        sigma = self.sigma.sigma
+        if not n.enabled or sigma == 0:
+            return None
+        if n.seed_per == "prompt":  # each prompt its own perturbed policy, one batch
+            return [NoiseSpec(_mix(self.cfg.train.seed, k, i), sigma, n.targets) for i in range(num_prompts)]
+        return [NoiseSpec(_mix(self.cfg.train.seed, k), sigma, n.targets)] * num_prompts
+
+    def step(self) -> dict:
+        cfg, k = self.cfg, self.iteration
+        times = {}
+        problems = self._problems(cfg.rollout.prompts_per_iter)
+        noise = self._noise(k, len(problems))
+        problems = problems[self.rank::self.world]  # this rank's prompts
+        noise = noise[self.rank::self.world] if noise is not None else None
+        sigma = self.sigma.sigma
+        params = dataclasses.replace(cfg.sampling_params(), seed=_mix(cfg.train.seed, k, (1 << 40) + self.rank) >> 1)
+        prompts = [self._prompt(p) for p in problems]
+        t = time.perf_counter()
+        with nvtx_range("rollout"):
+            outs, probe_outs = self._rollout(prompts, params, noise)
+        times["rollout"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with nvtx_range("sigma_scheduler"):  # Var-II: scoring the probes (they were in the rollout)
+            probe_stats = self._var2_update(probe_outs) if self.probes else {}
+        times["sigma"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with nvtx_range("reward"):
+            rewards = torch.tensor([[self._reward(c.text, p.answer) for c in o.outputs]
+                                    for o, p in zip(outs, problems)], dtype=torch.float64)
+        times["reward"] = time.perf_counter() - t
+        advantages = compute_advantages(cfg.algo.advantage, rewards, cfg.algo.k)
+        t = time.perf_counter()
+        learn = self._learn(outs, advantages)
+        times["learner"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._sync_engine()
+        times["sync"] = time.perf_counter() - t
+        if noise is not None and cfg.noise.scheduler == "var1":
+            with nvtx_range("sigma_scheduler"):
+                self.sigma.update(learn["kl_noisy_clean"])
+        lengths = [len(c.token_ids) for o in outs for c in o.outputs]
+        if self.world > 1:  # every rank reports the whole batch
+            parts = distributed.gather_objects((rewards, lengths))
+            rewards = torch.cat([r for r, _ in parts])
+            lengths = [n for _, ns in parts for n in ns]
+        self.iteration += 1
+        return {"iteration": self.iteration, "reward_mean": rewards.mean().item(),
+                "solve_rate": (rewards.max(dim=1).values > 0).float().mean().item(),
+                f"pass@{cfg.rollout.group_size}": (rewards.max(dim=1).values > 0).float().mean().item(),
+                "response_length": sum(lengths) / max(len(lengths), 1), "sigma": sigma, **learn,
+                **probe_stats,
+                **{f"time_{name}": v for name, v in times.items()},
+                "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9)}
+
+    def _rollout(self, prompts: list[str], params, noise) -> tuple[list[RequestOutput], list[RequestOutput]]:
+        """The G rollouts per prompt, and for Var-II two clean probes per prompt in the same batches."""
+        if not self.probes:
+            return self.llm.generate(prompts, params, noise=noise, use_tqdm=False), []
+        probe = dataclasses.replace(params, n=2, seed=_mix(self.cfg.train.seed, self.iteration,
+                                                          (2 << 40) + self.rank) >> 1)
+        both = self.llm.generate(prompts + prompts, [params] * len(prompts) + [probe] * len(prompts),
+                                 noise=(noise or [None] * len(prompts)) + [None] * len(prompts), use_tqdm=False)
+        return both[:len(prompts)], both[len(prompts):]
+
+    def _var2_update(self, probe_outs: list[RequestOutput]) -> dict:
+        """Semantic similarity and self-certainty of the two clean probes of each prompt -> sigma.
+
+        Every rank measures its own prompts on its engine's (clean, current) model; the
+        scheduler then sees all prompts, so sigma stays the same on every rank.
+        """
+        pairs = [o for o in probe_outs if len(o.outputs) == 2 and all(c.token_ids for c in o.outputs)]
+        similarity, self_cert = torch.zeros(0), torch.zeros(0)
+        if pairs:
+            seqs = [o.prompt_token_ids + c.token_ids for o in pairs for c in o.outputs]
+            plens = [len(o.prompt_token_ids) for o in pairs for _ in o.outputs]
+            with torch.no_grad():
+                certainty = response_logprobs(self.llm.model, seqs, plens).sequence_self_certainty()
+            if isinstance(self.embedder, HiddenStateEmbedder):
+                emb = self.embedder.embed(token_ids=[s[n:] for s, n in zip(seqs, plens)])
+            else:
+                emb = self.embedder.embed(texts=[c.text for o in pairs for c in o.outputs])
+            similarity = semantic_similarity(emb[0::2], emb[1::2]).cpu()
+            self_cert = torch.tensor(certainty).view(-1, 2).mean(dim=1)
+        if self.world > 1:
+            parts = distributed.gather_objects((similarity, self_cert))
+            similarity, self_cert = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        if not len(similarity):
+            return {}
+        self.sigma.update(similarity, self_cert)
+        return {"probe_similarity": similarity.mean().item(), "probe_self_certainty": self_cert.mean().item()}
+
+    def _learn(self, outs: list[RequestOutput], advantages: torch.Tensor) -> dict:
+        done = [(out, c, advantages[i, c.index].item())
+                for i, out in enumerate(outs) for c in out.outputs if c.token_ids]
+        rows = Rollouts(seqs=[out.prompt_token_ids + c.token_ids for out, c, _ in done],
+                        prompt_lens=[len(out.prompt_token_ids) for out, _, _ in done],
+                        advantages=[a for _, _, a in done], noise=[out.noise for out, _, _ in done],
+                        sampler_logprobs=[torch.tensor(c.logprobs) for _, c, _ in done])
+        per_step = self.cfg.train.mini_batch_prompts * self.cfg.rollout.group_size
+        return self.learner.update(rows, per_step, self.ref_model)
+
+    def evaluate(self) -> dict:
+        """pass@k of the clean policy on each eval set (eval.n_samples per problem)."""
+        e = self.cfg.eval
+        sets = {name: ArithmeticTask(seed=_mix(self.cfg.train.seed, 2) >> 1).problems(128)
+                if name == TINY_SET else load_problems(name) for name in e.sets}
+        params = dataclasses.replace(self.cfg.sampling_params(), n=e.n_samples,
+                                     seed=_mix(self.cfg.train.seed, 3) >> 1)
+        return pass_at_k_eval(self.llm, sets, params, e.ks, self._prompt, self._reward, self.embedder)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _state_options(self) -> StateDictOptions:
+        # Full (unsharded) state dicts: one checkpoint format for any number of processes.
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.world > 1)
+
+    def state_dict(self) -> dict:
+        """The run's state (under torchrun a collective: every rank calls it, rank 0 gets it)."""
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        ref = get_model_state_dict(self.ref_model, options=self._state_options()) if self.ref_model else None
+        return {"iteration": self.iteration, "model": model, "optimizer": optimizer,
+                "sigma": self.sigma.state_dict(), "data": self.data.state_dict(), "ref_model": ref,
+                "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=options)
+        self.sigma.load_state_dict(state["sigma"])
+        self.data.load_state_dict(state["data"])
+        if state["ref_model"] is not None:
+            self.ref_model = self._frozen_copy()
+            set_model_state_dict(self.ref_model, state["ref_model"], options=options)
+        torch.set_rng_state(state["torch_rng"])
+        self._sync_engine()
+
+    def _save(self) -> None:
+        state = self.state_dict()
+        if self.main:
+            save_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.checkpoint.keep)
+            if self.cfg.log.plot:
+                _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> list[dict]:
+        cfg = self.cfg
+        last = latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        if last is not None:
+            self.load_state_dict(load_checkpoint(last))
+        else:
+            if self.main:
+                if self.metrics_path.exists():
+                    self.metrics_path.unlink()
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            if cfg.train.sft_warmup_steps:
+                self.sft_warmup()
+            if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
+                self.ref_model = self._frozen_copy()
+        history = []
+        bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="psn-grpo", unit="it",
+                   disable=not self.main)
+        try:
+            while self.iteration < cfg.train.iterations:
+                metrics = self.step()
+                it = self.iteration
+                if self.main and cfg.eval.every and (it % cfg.eval.every == 0 or it == cfg.train.iterations):
+                    metrics["eval"] = self.evaluate()
+                history.append(metrics)
+                if self.main:
+                    self._log(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sigma=f"{metrics['sigma']:.4g}")
+                bar.update(1)
+                if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
+                    self._save()
+        except KeyboardInterrupt:
+            # Nothing is lost on Ctrl-C: --resume continues from here. Under torchrun the ranks
+            # stop at different points, so a collective save could hang: the last periodic
+            # checkpoint is the resume point there.
+            if self.world == 1:
+                self._save()
+            raise
+        finally:
+            bar.close()
+        if cfg.log.plot and self.main:
+            _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
+            ev = metrics.get("eval", {})
+            for s, r in [*ev.get("sets", {}).items(), ("average", ev.get("average", {}))]:
+                scalars.update({f"eval/{s}/{name}": v for name, v in r.items() if _is_number(v)})
+            self.writer.add_scalars(metrics["iteration"], scalars)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _plot(metrics_path: Path, out: Path) -> None:
+    """Mean reward per iteration (and its 10-iteration running mean) on the left axis, sigma on the right."""
+    if not metrics_path.exists():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])  # a resume re-runs some
+    it = [r["iteration"] for r in rows]
+    reward = [r.get("reward_mean", float("nan")) for r in rows]
+    if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
+        return
+    running = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
+    line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
+               secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
+               title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
+               secondary_label="sigma")
