@@ -231,6 +231,8 @@ def test_unchecked_decode_with_fixed_splits_and_padding_rows(device):
 class FixedRows:
     """Stream rows with fixed-capacity tile tables, as a decode graph passes them."""
 
+    all_clean = False  # which rows are noisy is only in the device tables
+
     def __init__(self, ids, streams, block_m, capacity, device):
         ref = StreamRows(torch.tensor(ids), streams)
         self.ids = torch.tensor(ids, dtype=torch.int32, device=device)

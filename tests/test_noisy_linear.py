@@ -9,12 +9,14 @@ that differs from torch's (and between tile configs). Over K terms of O(1) input
 the output grows like sqrt(K) and its rounding error like eps * K = eps * sqrt(K) *
 sqrt(K), so both atol and rtol are 1e-5 * sqrt(K) (eps = 6e-8 leaves > 10x margin;
 the worst case measured in the interpreter used under 7% of it).
-The noise alone (identity trick) is checked to atol = rtol = 1e-6: the kernel and
-the torch reference share the arithmetic and differ by at most a couple of ulp.
+The noise alone (identity trick) is checked to atol = rtol = 1e-6 in the interpreter (the
+kernel and the torch reference share the arithmetic and differ by at most a couple of ulp)
+and to atol 1e-4 on the GPU, whose MUFU log2/sin/cos approximate (see kernels/noise.py).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, dual
 from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
 
 PKEY = noise.param_key("model.layers.0.mlp.up_proj.weight")
+NOISE_ATOL = 1e-6 if os.environ.get("TRITON_INTERPRET") == "1" else 1e-4
 BIG_SEED = 2**63 + 12345  # high seed word with the top bit set
 SMALL_TILES = TileConfig(16, 32, 32, 4, 1)
 LARGE_TILES = TileConfig(32, 64, 64, 4, 1)
@@ -285,7 +288,7 @@ def test_noise_is_tiling_invariant(device, k):
     expected = R.noise((n, k), seed, PKEY, 1.0, device=device)
     outs = [noisy_linear(x, w, rows=rows, param_key=PKEY, tiles=t) for t in (SMALL_TILES, LARGE_TILES)]
     for y in outs:
-        torch.testing.assert_close(y.T, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y.T, expected, atol=NOISE_ATOL, rtol=1e-6)
     assert torch.equal(outs[0], outs[1])
 
 
@@ -306,7 +309,7 @@ def test_noise_of_a_shard_is_that_of_the_unsharded_weight(device, row_offset, co
                      in_features=in_features, tiles=SMALL_TILES)
     expected = R.noise((n, k), seed, PKEY, 1.0, row_offset=row_offset, col_offset=col_offset,
                        in_features=in_features, device=device)
-    torch.testing.assert_close(y.T, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y.T, expected, atol=NOISE_ATOL, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -700,3 +703,118 @@ def test_dual_linear_untargeted_layer_and_bad_input():
         dual_linear(xc, xn, w, rows=StreamRows.clean(4, "cpu"))
     with pytest.raises(ValueError, match="same number of features"):
         dual_linear(xc, randn(2, 5, gen=gen, device="cpu"), w)
+
+
+# ---------------------------------------------------------------------------
+# Noise made once per call at decode shapes (weight-stationary launches)
+# ---------------------------------------------------------------------------
+
+# Row layouts of a batch: stream id per row (0 clean), a function of the row count.
+LAYOUTS = {
+    "one-noisy": lambda m: [1] * m,
+    "clean|noisy": lambda m: [0] * (m // 2) + [1] * (m - m // 2),
+    "interleaved": lambda m: [(0, 1, 2)[i % 3] for i in range(m)],
+    "sorted-5-streams": lambda m: sorted(i % 5 for i in range(m)),  # as a decode graph lays them out
+}
+
+
+def _coverage(m: int, n: int, k: int, ids: list[int], device, glu: bool = False, tiles=None) -> dict:
+    """Run the kernel (interpreter or GPU, fp32) with a counting perturb_tile: how many times
+    each (weight key, stream key, row, col) of the weight was perturbed, as a dense count per
+    (weight, stream)."""
+    from unittest import mock
+    import numpy as np
+    streams = [NoiseStream(seed=100 + s, sigma=0.01) for s in range(max(ids))]
+    rows = StreamRows(torch.tensor(ids, dtype=torch.int32, device=device), streams)
+    counts: dict[int, np.ndarray] = {}
+    original = noise.perturb_tile
+
+    def counting(w, k1, k2, rows_, col0, in_features, scale2, BC, PAIRED):
+        key1 = int(np.asarray(k1.handle.data).reshape(-1)[0])
+        c = counts.setdefault(key1, np.zeros((n, k), dtype=np.int64))
+        r = np.asarray(rows_.handle.data).reshape(-1)
+        c0 = int(np.asarray(col0.handle.data).reshape(-1)[0])
+        cols = np.arange(c0, c0 + int(BC))
+        c[np.ix_(r[r < n], cols[cols < k])] += 1
+        return original(w, k1, k2, rows_, col0, in_features, scale2, BC, PAIRED)
+
+    gen = torch.Generator().manual_seed(0)
+    x = randn(m, k, gen=gen, device=device)
+    w = randn(n, k, gen=gen, device=device)
+    with mock.patch.object(noise, "perturb_tile", counting), torch.no_grad():
+        if glu:
+            from psnrl.kernels.noisy_linear import noisy_gate_up
+            noisy_gate_up(x, w, w.clone(), rows=rows, gate_key=PKEY, up_key=PKEY ^ 1, tiles=tiles)
+        else:
+            noisy_linear(x, w, rows=rows, param_key=PKEY, tiles=tiles)
+    expected = {R.stream_keys(st.seed, key)[0] for st in streams[:max(ids)] if (streams.index(st) + 1) in ids
+                for key in ((PKEY, PKEY ^ 1) if glu else (PKEY,))}
+    return {"counts": counts, "expected": expected}
+
+
+@pytest.mark.skipif(not noise.runs_triton(torch.empty(0)), reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("m,n,k,glu", [(1, 40, 70, False), (1, 40, 600, False), (33, 24, 100, True),
+                                       (200, 40, 70, False)],
+                         ids=["m1", "m1-split-k", "m33-glu", "m200"])
+def test_each_noise_element_is_made_once_per_call(layout, m, n, k, glu):
+    """Every weight element's noise is generated exactly once per stream and call, counted on the
+    kernel's real launches (split-K and the gated MLP's two weights included)."""
+    if layout == "sorted-5-streams" and m < 5:
+        pytest.skip("needs five rows")
+    ids = LAYOUTS[layout](m)
+    if not any(ids):
+        pytest.skip("no noisy row")
+    got = _coverage(m, n, k, ids, "cuda" if torch.cuda.is_available() else "cpu", glu=glu)
+    assert set(got["counts"]) == got["expected"]
+    for key, c in got["counts"].items():
+        assert (c == 1).all(), (key, int(c.min()), int(c.max()))
+
+
+@pytest.mark.parametrize("model", ["0.5B", "1.5B", "7B"])
+def test_decode_launch_geometry_makes_noise_once_and_fills_the_gpu(model):
+    """Host-side launch plan of the engine's MLP matmuls (bf16, an H100's 132 SMs) at every
+    decode batch up to 256 rows: one row tile per stream (so each program makes a W element's
+    noise once for all rows), K splits that partition K, and at one row enough programs for
+    every SM."""
+    from psnrl.bench.model_configs import get_config
+    cfg = get_config(model)
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    sms = 132
+    for m in (1, 2, 8, 16, 17, 32, 64, 100, 128, 200, 256):
+        for name, make in LAYOUTS.items():
+            ids = make(m)
+            streams = [NoiseStream(seed=s, sigma=0.01) for s in range(1, max(ids) + 1)]
+            rows = StreamRows(torch.tensor(ids), streams)
+            for n, k, glu in ((i, h, True), (h, i, False)):  # gate_up (one GLU kernel), down
+                tiles = pick_tiles(m, n, k, torch.bfloat16, sms=sms, glu=glu)
+                ranges, slots = (t.tolist() for t in rows.work_tiles(tiles.block_m))
+                assert sum(b - a for a, b in ranges) == m
+                present = [s for row in slots for s in row if s >= 0]
+                assert sorted(present) == sorted(set(ids)), (model, m, name, slots)  # once each
+                if len(set(ids)) <= 4 or ids == sorted(ids):
+                    assert len(ranges) <= 2 and tiles.block_m >= m / len(ranges)
+                k_per_split = -(-(-(-k // tiles.split_k)) // tiles.block_k) * tiles.block_k
+                splits = -(-k // k_per_split)
+                assert (splits - 1) * k_per_split < k <= splits * k_per_split  # a partition of K
+                if m == 1:
+                    assert -(-n // tiles.block_n) * splits >= sms, (model, n, k, tiles)
+
+
+@pytest.mark.parametrize("k", [64, 33], ids=["paired", "unpaired"])
+def test_fused_and_materialized_paths_use_bit_identical_weights(device, k):
+    """x = I through the fused kernel (M <= 256, the engine's path) gives back W + sigma E exactly
+    (fp32, one nonzero product per output); the materializing fill (the learner's path above 256
+    rows) writes the same bits, and so does the dispatcher's materialized path at M > 256."""
+    gen = torch.Generator().manual_seed(3)
+    n = 24
+    w = randn(n, k, gen=gen, device=device, scale=0.02)
+    stream = NoiseStream(seed=BIG_SEED, sigma=0.004)
+    rows = StreamRows(torch.ones(k, dtype=torch.int32, device=device), [stream])
+    fused = noisy_linear(torch.eye(k, device=device), w, rows=rows, param_key=PKEY)
+    filled = noise.fill_perturbed(torch.empty_like(w), w, stream.seed, PKEY, stream.sigma)
+    assert torch.equal(fused.T, filled)
+    m = 300  # above FUSED_MAX_ROWS: one scratch weight, then torch.mm
+    x = torch.eye(k, device=device).repeat(m // k + 1, 1)[:m]
+    big = StreamRows(torch.ones(m, dtype=torch.int32, device=device), [stream])
+    assert torch.equal(noisy_linear(x, w, rows=big, param_key=PKEY)[:k].T, filled)

@@ -12,10 +12,20 @@ Generator (chosen for the GPU's instruction budget, see psnrl/kernels/README.md)
     normals of the pair (even ``i`` takes the first, odd ``i`` the second);
   * hash: the ``lowbias32`` integer finalizer of a keyed affine map of ``p``,
     with two 32-bit keys derived from (seed, param_key);
-  * normals: Box-Muller on the two 16-bit halves of the hash, with ``ln`` and
-    ``sin``/``cos`` as short fp32 polynomials so that the Triton code and the
-    torch reference agree to a few ulp on every backend. Tails are cut at
-    ``sqrt(2 * 17 * ln 2) = 4.855`` sigma.
+  * normals: Box-Muller on the hash, ``u1 = ((h & 0xFFFF) + 1/2) / 2^16`` from the low
+    half, ``theta = 2 pi (1 + (h >> 9) / 2^23)`` from the high 23 bits (its top 16 are
+    the high half; the 7 below, shared with u1, only shift the angle grid within a step),
+    ``r = sqrt(-2 ln 2 sigma^2 log2(u1))``, normals ``r cos theta`` and ``r sin theta``.
+    On the GPU log2, sqrt, sin and cos are single MUFU instructions (``*.approx``);
+    the interpreter and the torch reference use exact fp32 math. Tails are cut at
+    ``sqrt(2 * 17 * ln 2) = 4.855`` sigma;
+  * the perturbed weight is ``fma(r, cos|sin theta, w)`` in fp32 rounded once to W's
+    dtype, by one device function (``perturb_tile``) that every kernel calls, so the
+    engine's fused matmul and the learner's materialized weight are bit-identical.
+
+The reference agrees with the interpreter to ~1e-7 and with the GPU to ~5e-5 in units
+of sigma (MUFU.LG2's absolute error, magnified where u1 is near 1 and the radius
+small): far below bf16's resolution of a weight, and invisible to every statistic.
 
 This module holds the contract's host helpers and the Triton device functions;
 ``psnrl/kernels/noise_reference.py`` is the torch twin with the same arithmetic.
@@ -42,26 +52,12 @@ LOWBIAS_M2 = tl.constexpr(0x735A2D97)
 KEY_SALT1 = tl.constexpr(0x9E3779B9)
 KEY_SALT2 = tl.constexpr(0x7F4A7C15)
 
-# ln(1 + f) = f * P(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1]; Chebyshev fit,
-# relative error 1.2e-6 in fp32 (far below what any statistic of the noise sees).
-LN_P0 = tl.constexpr(1.0000009536743164)
-LN_P1 = tl.constexpr(-0.5000114440917969)
-LN_P2 = tl.constexpr(0.33314675092697144)
-LN_P3 = tl.constexpr(-0.24908289313316345)
-LN_P4 = tl.constexpr(0.20491759479045868)
-LN_P5 = tl.constexpr(-0.1868075132369995)
-LN_P6 = tl.constexpr(0.11931054294109344)
-LN2 = tl.constexpr(0.6931471824645996)  # fp32-exact
-SQRT_HALF = tl.constexpr(0.7071067690849304)  # fp32-exact
-# sin(t * pi / 2) = t * S(t^2), cos(t * pi / 2) = C(t^2) on t in [-1/2, 1/2];
-# absolute error 1.2e-6 (sin) and 1.1e-7 (cos).
-SIN_P0 = tl.constexpr(1.5707941055297852)
-SIN_P1 = tl.constexpr(-0.6458016633987427)
-SIN_P2 = tl.constexpr(0.07795441150665283)
-COS_P0 = tl.constexpr(1.0)
-COS_P1 = tl.constexpr(-1.2336970567703247)
-COS_P2 = tl.constexpr(0.2535986006259918)
-COS_P3 = tl.constexpr(-0.020408255979418755)
+# r^2 = -2 ln(u1) = NEG_2LN2 * log2(u1): the radius costs one MUFU.LG2 and one MUFU.SQRT.
+NEG_2LN2 = tl.constexpr(-1.3862943611198906)
+TWO_PI = tl.constexpr(6.2831854820251465)  # fp32(2 pi)
+# Under TRITON_INTERPRET=1 (set before this import) the kernels run as numpy code, which
+# cannot run inline PTX: the exact float32 log2/sin/cos stand in for the MUFU approximations.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def param_key(name: str) -> int:
@@ -86,6 +82,12 @@ def check_sigma(sigma: float) -> float:
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"noise sigma must be finite and >= 0, got {sigma!r}")
     return sigma
+
+
+def radius_scale(sigma: float) -> float:
+    """NEG_2LN2 * sigma^2 rounded in fp32 as the kernels round it (sigma read as fp32)."""
+    s = torch.tensor(sigma, dtype=torch.float32)
+    return float(s * s * NEG_2LN2.value)
 
 
 def check_param_key(key: int) -> int:
@@ -177,68 +179,90 @@ def pair_hash(p, k1, k2):
 
 
 @triton.jit
-def normal_pair(h):
-    """Two standard normals (fp32) from 32 hash bits by Box-Muller."""
-    # radius from the high half: u1 = (k + 1/2) / 2^16 in (0, 1)
-    u1 = ((h >> 16).to(tl.float32) + 0.5) * (1.0 / 65536.0)
-    bits = u1.to(tl.int32, bitcast=True)
-    e = (bits >> 23) - 126  # u1 = m * 2^e with m in [1/2, 1)
-    m = ((bits & 0x7FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
-    low = m < SQRT_HALF
-    m = tl.where(low, m + m, m)
-    e = tl.where(low, e - 1, e)
-    f = m - 1.0
-    poly = LN_P6 * f + LN_P5
-    poly = poly * f + LN_P4
-    poly = poly * f + LN_P3
-    poly = poly * f + LN_P2
-    poly = poly * f + LN_P1
-    poly = poly * f + LN_P0
-    ln_u1 = e.to(tl.float32) * LN2 + f * poly
-    # sqrt(-2 ln u1) / sqrt(2): the 1/sqrt(2) of the angle rotation below is folded in.
-    radius = tl.sqrt(-ln_u1)
-    # angle from the low half: quadrant q and offset t in (-1/2, 1/2) of pi/2,
-    # theta = (q + 1/2 + t) * pi / 2.
-    a = h & 0xFFFF
-    q = a >> 14
-    t = ((a & 0x3FFF).to(tl.float32) + 0.5) * (1.0 / 16384.0) - 0.5
-    t2 = t * t
-    s = SIN_P2 * t2 + SIN_P1
-    s = s * t2 + SIN_P0
-    s = s * t
-    c = COS_P3 * t2 + COS_P2
-    c = c * t2 + COS_P1
-    c = c * t2 + COS_P0
-    # (cos, sin) of (pi/4 + t*pi/2), times sqrt(2)
-    ca = (c - s) * radius
-    sa = (c + s) * radius
-    swap = (q & 1) == 1
-    x0 = tl.where(swap, sa, ca)
-    x1 = tl.where(swap, ca, sa)
-    z0 = tl.where((q == 1) | (q == 2), -x0, x0)
-    z1 = tl.where(q >= 2, -x1, x1)
-    return z0, z1
+def _mufu(x, op: tl.constexpr):
+    """One MUFU instruction (lg2/sin/cos.approx.ftz.f32) on the GPU; exact fp32 math in the interpreter."""
+    if INTERPRET:
+        if op == "lg2":
+            return tl.log2(x)
+        elif op == "sin":
+            return tl.sin(x)
+        else:
+            return tl.cos(x)
+    else:
+        return tl.inline_asm_elementwise(op + ".approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
-def noise_tile(k1, k2, rows, col0, in_features, BC: tl.constexpr, PAIRED: tl.constexpr):
-    """Standard normals of the tile rows x [col0, col0 + BC) of a weight.
+def polar_pair(h, scale2):
+    """Box-Muller on 32 hash bits: (r, cos theta, sin theta), the pair's normals being
+    r cos theta and r sin theta, with r = sqrt(scale2 * log2(u1)) (scale2 = NEG_2LN2 * sigma^2
+    folds sigma into the radius).
 
-    ``rows`` is a uint32 vector of global row ids, ``col0`` the tile's first global
-    column (uint32), ``in_features`` the unsharded row length. PAIRED (row length
-    and col0 even) makes each pair once and interleaves it; otherwise every element
-    makes its pair and keeps its half. Both give the same numbers.
+    u1 = ((h & 0xFFFF) + 1/2) / 2^16 and theta = 2 pi (1 + (h >> 9) / 2^23) are built from
+    the bits by the exponent trick (hash bits as the mantissa of a float of fixed exponent)
+    instead of int-to-float conversions, which issue on the slow pipe beside MUFU, and
+    without a second mask, which would cost a register constant per use.
     """
+    # u1 from the low half: 2^16 + k / 2^7 as a float, then k / 2^16 + 1/2^17 by one exact fma.
+    f1 = ((h & 0xFFFF) | 0x47800000).to(tl.float32, bitcast=True)
+    u1 = tl.fma(f1, 1.0 / 512.0, 1.0 / 131072.0 - 128.0)
+    r = tl.sqrt(scale2 * _mufu(u1, "lg2"))  # tl.sqrt: sqrt.approx, one MUFU.SQRT
+    # theta from the high 23 bits, unmasked: its top 16 (h >> 16) are independent of u1; the
+    # 7 below shift the angle grid by less than one step (2^-16 turn) per u1, which leaves
+    # theta uniform on a 2^16 grid given any radius.
+    f2 = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+    theta = f2 * TWO_PI
+    return r, _mufu(theta, "cos"), _mufu(theta, "sin")
+
+
+@triton.jit
+def _pair_and_parity(k1, k2, rows, col0, in_features, BC: tl.constexpr, PAIRED: tl.constexpr):
+    """The hash of every pair a tile touches; unpaired: per element, with its parity."""
     row_base = rows * in_features
     if PAIRED:
-        p = (row_base >> 1)[:, None] + ((col0 >> 1) + tl.arange(0, BC // 2).to(tl.uint32))[None, :]
-        z0, z1 = normal_pair(pair_hash(p, k1, k2))
-        z = tl.interleave(z0, z1)
+        # p * (k1 | 1) + k2 with p = row_base / 2 + col / 2, split into a row term (loop
+        # invariant in a matmul's K loop, hoisted) and a column term: one add per pair.
+        mul = k1 | 1
+        row_term = (row_base >> 1) * mul + k2
+        col_term = ((col0 >> 1) + tl.arange(0, BC // 2).to(tl.uint32)) * mul
+        return _lowbias32(row_term[:, None] + col_term[None, :]), 0
     else:
         i = row_base[:, None] + (col0 + tl.arange(0, BC).to(tl.uint32))[None, :]
-        z0, z1 = normal_pair(pair_hash(i >> 1, k1, k2))
-        z = tl.where((i & 1) == 0, z0, z1)
-    return z
+        return pair_hash(i >> 1, k1, k2), i & 1
+
+
+@triton.jit
+def perturb_tile(w, k1, k2, rows, col0, in_features, scale2,
+                 BC: tl.constexpr, PAIRED: tl.constexpr):
+    """W + sigma E of the tile rows x [col0, col0 + BC) of a weight, rounded to W's dtype.
+
+    ``rows`` is a uint32 vector of global row ids, ``col0`` the tile's first global column
+    (uint32), ``in_features`` the unsharded row length, ``scale2`` = NEG_2LN2 * sigma^2.
+    Each element is fma(r, cos|sin theta, w) in fp32, one rounding, then cast: the fused
+    matmul and the materializing fill both call this, so they make bit-identical weights.
+    PAIRED (row length and col0 even) makes each pair once and interleaves its two
+    normals; otherwise every element makes its pair and keeps its half. Both give the
+    same numbers.
+    """
+    h, parity = _pair_and_parity(k1, k2, rows, col0, in_features, BC, PAIRED)
+    r, c, s = polar_pair(h, scale2)
+    if PAIRED:
+        e = tl.fma(tl.interleave(r, r), tl.interleave(c, s), w.to(tl.float32))
+    else:
+        e = tl.fma(r, tl.where(parity == 0, c, s), w.to(tl.float32))
+    return e.to(w.dtype)
+
+
+@triton.jit
+def noise_tile(k1, k2, rows, col0, in_features, scale2, BC: tl.constexpr, PAIRED: tl.constexpr):
+    """sigma * z (fp32) of a tile, as ``perturb_tile`` makes it (arguments as there)."""
+    h, parity = _pair_and_parity(k1, k2, rows, col0, in_features, BC, PAIRED)
+    r, c, s = polar_pair(h, scale2)
+    if PAIRED:
+        return tl.interleave(r * c, r * s)
+    else:
+        return r * tl.where(parity == 0, c, s)
 
 
 @triton.jit
@@ -248,10 +272,14 @@ def tile_hash_bits(k1, k2, rows, col0, in_features, BC: tl.constexpr):
     return pair_hash(i >> 1, k1, k2)
 
 
+# What _fill_kernel writes: sigma * z, the hash bits, or W + sigma E (from w_ptr).
+FILL_NOISE, FILL_BITS, FILL_PERTURBED = 0, 1, 2
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "pkey", "row_offset", "col_offset"])
-def _fill_kernel(out_ptr, R, C, stride_r, seed_lo, seed_hi, pkey, sigma,
+def _fill_kernel(out_ptr, w_ptr, R, C, stride_r, stride_w, seed_lo, seed_hi, pkey, scale2,
                  row_offset, col_offset, in_features,
-                 BITS: tl.constexpr, PAIRED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                 MODE: tl.constexpr, PAIRED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     r = pid_r * BR + tl.arange(0, BR)
@@ -262,17 +290,20 @@ def _fill_kernel(out_ptr, R, C, stride_r, seed_lo, seed_hi, pkey, sigma,
     col0 = (col_offset + pid_c * BC).to(tl.uint32)
     mask = (r[:, None] < R) & (c[None, :] < C)
     ptrs = out_ptr + r[:, None].to(tl.int64) * stride_r + c[None, :]
-    if BITS:
+    if MODE == 1:
         bits = tile_hash_bits(k1, k2, rows, col0, in_features, BC)
         tl.store(ptrs, bits.to(tl.int32, bitcast=True), mask=mask)
+    elif MODE == 2:
+        w = tl.load(w_ptr + r[:, None].to(tl.int64) * stride_w + c[None, :], mask=mask, other=0.0)
+        tl.store(ptrs, perturb_tile(w, k1, k2, rows, col0, in_features, scale2, BC, PAIRED), mask=mask)
     else:
-        z = noise_tile(k1, k2, rows, col0, in_features, BC, PAIRED)
-        tl.store(ptrs, (z * sigma).to(out_ptr.dtype.element_ty), mask=mask)
+        z = noise_tile(k1, k2, rows, col0, in_features, scale2, BC, PAIRED)
+        tl.store(ptrs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_fill(out: torch.Tensor, seed: int, key: int, sigma: float, row_offset: int,
-                 col_offset: int, in_features: int | None, bits: bool,
-                 block: tuple[int, int]) -> torch.Tensor:
+                 col_offset: int, in_features: int | None, mode: int,
+                 block: tuple[int, int], weight: torch.Tensor | None = None) -> torch.Tensor:
     require_kernel_device(out, "fill_noise")
     if out.dim() != 2 or out.stride(1) != 1:
         raise ValueError(f"noise fill needs a 2-D row-major tensor, got shape {tuple(out.shape)} "
@@ -284,9 +315,10 @@ def _launch_fill(out: torch.Tensor, seed: int, key: int, sigma: float, row_offse
     br, bc = block
     paired = in_features % 2 == 0 and col_offset % 2 == 0 and bc % 2 == 0
     grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
-    _fill_kernel[grid](out, rows, cols, out.stride(0), as_int32(lo), as_int32(hi),
-                       as_int32(check_param_key(key)), check_sigma(sigma), row_offset, col_offset,
-                       in_features, BITS=bits, PAIRED=paired, BR=br, BC=bc)
+    w = out if weight is None else weight
+    _fill_kernel[grid](out, w, rows, cols, out.stride(0), w.stride(0), as_int32(lo), as_int32(hi),
+                       as_int32(check_param_key(key)), radius_scale(check_sigma(sigma)), row_offset, col_offset,
+                       in_features, MODE=mode, PAIRED=paired, BR=br, BC=bc)
     return out
 
 
@@ -296,7 +328,7 @@ def fill_noise(out: torch.Tensor, seed: int, key: int, sigma: float = 1.0, *, ro
     """Fill ``out`` ([rows, cols] shard at (row_offset, col_offset)) with ``sigma * z`` (Triton)."""
     if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"noise fill writes float32/float16/bfloat16, got {out.dtype}")
-    return _launch_fill(out, seed, key, sigma, row_offset, col_offset, in_features, False, block)
+    return _launch_fill(out, seed, key, sigma, row_offset, col_offset, in_features, FILL_NOISE, block)
 
 
 def fill_noise_bits(out: torch.Tensor, seed: int, key: int, *, row_offset: int = 0,
@@ -305,4 +337,24 @@ def fill_noise_bits(out: torch.Tensor, seed: int, key: int, *, row_offset: int =
     """Fill an int32 ``out`` with the 32 uniform bits behind each element (Triton)."""
     if out.dtype != torch.int32:
         raise ValueError(f"noise bits are int32, got {out.dtype}")
-    return _launch_fill(out, seed, key, 1.0, row_offset, col_offset, in_features, True, block)
+    return _launch_fill(out, seed, key, 1.0, row_offset, col_offset, in_features, FILL_BITS, block)
+
+
+def fill_perturbed(out: torch.Tensor, weight: torch.Tensor, seed: int, key: int, sigma: float, *,
+                   row_offset: int = 0, col_offset: int = 0, in_features: int | None = None,
+                   block: tuple[int, int] = (32, 64)) -> torch.Tensor:
+    """Write W + sigma E of ``weight`` (a [rows, cols] shard, row-major) into ``out`` (Triton).
+
+    The same device function as the fused matmul's, so the weights are bit-identical to the
+    ones it multiplies by; ``out`` is a scratch buffer of W's shape and dtype (may be W itself).
+    """
+    if weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"fill_perturbed needs a row-major 2-D weight, got shape {tuple(weight.shape)} "
+                         f"strides {weight.stride()}")
+    if out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} must match weight "
+                         f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"fill_perturbed takes float32/float16/bfloat16 weights, got {weight.dtype}")
+    return _launch_fill(out, seed, key, sigma, row_offset, col_offset, in_features, FILL_PERTURBED,
+                        block, weight)

@@ -1,4 +1,4 @@
-"""Torch twin of psnrl/kernels/noise.py: the same integer arithmetic and fp32 polynomials.
+"""Torch twin of psnrl/kernels/noise.py: the same integer arithmetic and fp32 Box-Muller.
 
 Integers are held in int64 tensors and kept to 32 bits with a mask (every product
 is of a value below 2^31 and one below 2^32, so int64 never overflows). It runs on any
@@ -46,41 +46,19 @@ def pair_hash(p: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
     return lowbias32((p * (k1 | 1) + k2) & M32)
 
 
-def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
-    acc = torch.full_like(x, float(_c(coeffs[0])))
-    for coef in coeffs[1:]:
-        acc = acc * x + float(_c(coef))
-    return acc
+def polar_pair(h: torch.Tensor, sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, cos theta, sin theta) of 32 hash bits (int64 tensor in [0, 2^32)), r scaled by sigma."""
+    f32 = torch.float32
+    u1 = ((h & 0xFFFF).to(f32) + 0.5) * (1.0 / 65536.0)  # exact
+    r = torch.sqrt(N.radius_scale(sigma) * torch.log2(u1))
+    theta = (1.0 + (h >> 9).to(f32) * 2.0 ** -23) * float(_c(N.TWO_PI))  # 1 + ... exact in fp32
+    return r, torch.cos(theta), torch.sin(theta)
 
 
 def normal_pair(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two fp32 standard normals from 32 hash bits (int64 tensor in [0, 2^32))."""
-    f32 = torch.float32
-    u1 = ((h >> 16).to(f32) + 0.5) * (1.0 / 65536.0)
-    bits = u1.view(torch.int32).to(torch.int64)
-    e = (bits >> 23) - 126
-    m = ((bits & 0x7FFFFF) | 0x3F000000).to(torch.int32).view(f32)
-    low = m < float(_c(N.SQRT_HALF))
-    m = torch.where(low, m + m, m)
-    e = torch.where(low, e - 1, e)
-    f = m - 1.0
-    poly = _horner(f, (N.LN_P6, N.LN_P5, N.LN_P4, N.LN_P3, N.LN_P2, N.LN_P1, N.LN_P0))
-    ln_u1 = e.to(f32) * float(_c(N.LN2)) + f * poly
-    radius = torch.sqrt(-ln_u1)
-    a = h & 0xFFFF
-    q = a >> 14
-    t = ((a & 0x3FFF).to(f32) + 0.5) * (1.0 / 16384.0) - 0.5
-    t2 = t * t
-    s = _horner(t2, (N.SIN_P2, N.SIN_P1, N.SIN_P0)) * t
-    c = _horner(t2, (N.COS_P3, N.COS_P2, N.COS_P1, N.COS_P0))
-    ca = (c - s) * radius
-    sa = (c + s) * radius
-    swap = (q & 1) == 1
-    x0 = torch.where(swap, sa, ca)
-    x1 = torch.where(swap, ca, sa)
-    z0 = torch.where((q == 1) | (q == 2), -x0, x0)
-    z1 = torch.where(q >= 2, -x1, x1)
-    return z0, z1
+    r, c, s = polar_pair(h)
+    return r * c, r * s
 
 
 def flat_index(rows: int, cols: int, row_offset: int, col_offset: int, in_features: int,
@@ -102,18 +80,33 @@ def noise_bits(shape: tuple[int, int], seed: int, key: int, *, row_offset: int =
     return pair_hash(i >> 1, k1, k2)
 
 
-def noise(shape: tuple[int, int], seed: int, key: int, sigma: float = 1.0, *, row_offset: int = 0,
-          col_offset: int = 0, in_features: int | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``sigma * z`` for a [rows, cols] shard at (row_offset, col_offset) of a weight."""
+def _polar(shape: tuple[int, int], seed: int, key: int, sigma: float, row_offset: int, col_offset: int,
+           in_features: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, cos or sin theta) per element of a shard: its pair's radius and its half's angle term."""
     rows, cols = shape
     in_features = cols if in_features is None else in_features
     sigma = N.check_sigma(sigma)
     h = noise_bits(shape, seed, key, row_offset=row_offset, col_offset=col_offset,
                    in_features=in_features, device=device)
-    z0, z1 = normal_pair(h)
+    r, c, s = polar_pair(h, sigma)
     i = flat_index(rows, cols, row_offset, col_offset, in_features, device)
-    return (torch.where((i & 1) == 0, z0, z1) * sigma).to(dtype)
+    return r, torch.where((i & 1) == 0, c, s)
+
+
+def noise(shape: tuple[int, int], seed: int, key: int, sigma: float = 1.0, *, row_offset: int = 0,
+          col_offset: int = 0, in_features: int | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sigma * z`` for a [rows, cols] shard at (row_offset, col_offset) of a weight."""
+    r, t = _polar(shape, seed, key, sigma, row_offset, col_offset, in_features, device)
+    return (r * t).to(dtype)
+
+
+def perturbed(weight: torch.Tensor, seed: int, key: int, sigma: float, *, row_offset: int = 0,
+              col_offset: int = 0, in_features: int | None = None) -> torch.Tensor:
+    """W + sigma E of a [rows, cols] shard as the kernels make it: fma(r, cos|sin, w) in fp32
+    (the product is exact in fp64), rounded once, then cast to W's dtype."""
+    r, t = _polar(tuple(weight.shape), seed, key, sigma, row_offset, col_offset, in_features, weight.device)
+    return (r.double() * t.double() + weight.double()).float().to(weight.dtype)
 
 
 def standard_normals(count: int, seed: int, key: int, device: torch.device | str | None = None) -> torch.Tensor:

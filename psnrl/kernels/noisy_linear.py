@@ -77,6 +77,7 @@ class StreamRows:
         self.all_clean = not bool(noisy_cpu.any())
         self._runs = _runs(ids_cpu)
         self._tiles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: list[tuple[int, slice | torch.Tensor]] | None = None
 
     @classmethod
     def clean(cls, rows: int, device: torch.device | str) -> "StreamRows":
@@ -104,6 +105,23 @@ class StreamRows:
             self._tiles[key] = (torch.tensor(ranges, dtype=torch.int32, device=self.ids.device),
                                 torch.tensor(slots, dtype=torch.int32, device=self.ids.device))
         return self._tiles[key]
+
+    def row_groups(self) -> list[tuple[int, slice | torch.Tensor]]:
+        """(stream, rows) per policy present: stream 0 gathers every clean row (sigma 0
+        included); rows are a slice when they form one run, else a device index tensor."""
+        if self._groups is None:
+            clean = {0} | {i + 1 for i, st in enumerate(self.streams) if st.sigma == 0}
+            runs: dict[int, list[tuple[int, int]]] = {}
+            for start, end, stream in self._runs:
+                runs.setdefault(0 if stream in clean else stream, []).append((start, end))
+            self._groups = []
+            for stream, spans in sorted(runs.items()):
+                if len(spans) == 1:
+                    rows: slice | torch.Tensor = slice(*spans[0])
+                else:
+                    rows = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.ids.device)
+                self._groups.append((stream, rows))
+        return self._groups
 
 
 def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -172,44 +190,100 @@ class TileConfig:
 
 # SMs of the GPU the tiling is planned for when none is present (an H100 SXM).
 DEFAULT_SMS = 132
+# Up to this many rows the fused kernel runs weight-stationary: one row tile holds the
+# whole batch, so each program reads its slab of W once and makes each noise element
+# once per stream for all rows. Above it (learner and prefill shapes, bound by the
+# tensor cores) the noisy rows take the materializing path, which the first H200 run
+# measured at 1.01-1.26x cuBLAS at M >= 4096 against 6-8x for the fused kernel.
+FUSED_MAX_ROWS = 256
 
 
 def pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None = None,
                glu: bool = False) -> TileConfig:
-    """Tile shape by problem size.
+    """Tile shape of the fused kernel by problem size.
 
-    BN x BK stays small enough that the noise tile lives in registers without
-    spilling (``psnrl bench kernel-sass`` checks it for sm_90). Decode-sized M
-    splits K so that about two programs per SM stream the weight. fp32 (tests,
-    references) uses small tiles: its exact dot has no tensor-core path. ``glu``
-    (gate and up in one program, two accumulators) caps BN at 64; BM, which the
-    CUDA-graph tile tables depend on, stays the same.
+    Up to FUSED_MAX_ROWS rows, BM covers every row (one row tile: the weight and its
+    noise are read and made once per call) and the grid is spread over the N tiles
+    and, where they are too few to fill the GPU, over K (split-K, at most so many
+    splits that the fp32 partial sums stay under a quarter of the weight's bytes).
+    BN x BK stays small enough that the noise tile lives in registers without spilling
+    (``psnrl bench kernel-sass`` checks sm_90). fp32 (tests, references) uses small
+    tiles: its exact dot has no tensor-core path. ``glu`` (gate and up in one program,
+    two accumulators) halves BN; BM, which the CUDA-graph tile tables depend on, stays.
     """
-    cfg = _pick_tiles(m, n, k, dtype, sms)
-    if glu and cfg.block_n > 64:
-        return TileConfig(cfg.block_m, 64, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k)
-    return cfg
-
-
-def _pick_tiles(m: int, n: int, k: int, dtype: torch.dtype, sms: int | None) -> TileConfig:
     if sms is None:
         sms = torch.cuda.get_device_properties(0).multi_processor_count \
             if torch.cuda.is_available() else DEFAULT_SMS
+    if m > FUSED_MAX_ROWS:  # only CUDA-graph buckets above it and explicit requests get here
+        return TileConfig(128, 64 if glu else 128, 32, 8, 3)
+    bm = max(16, triton.next_power_of_2(m))
     if dtype == torch.float32:
-        cfg = TileConfig(16 if m <= 16 else 32, 64, 32, 4, 2)
-    elif m <= 16:
-        cfg = TileConfig(16, 64, 64, 8, 4)
-    elif m <= 64:
-        cfg = TileConfig(64, 64, 32, 4, 4)
-    elif m <= 256:
-        return TileConfig(64, 128, 32, 8, 3)
+        bn, bk, warps, stages = 32, 32, 4, 2
+    elif bm <= 64:
+        bn, bk, warps, stages = 64, 64, 4, 4
     else:
-        return TileConfig(128, 128, 32, 8, 3)
-    if m > 64:
-        return cfg
-    programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    split = max(1, min(triton.cdiv(k, cfg.block_k) // 4, (2 * sms) // programs))
-    return TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, split)
+        bn, bk, warps, stages = 64, 64, 8, 3
+    if glu:
+        bn //= 2
+    if bm > 64 and triton.cdiv(n, bn) < sms and bn > 16:
+        bn //= 2  # few output columns (a down_proj): more programs before splitting K
+    programs = triton.cdiv(n, bn)
+    split = max(1, min(triton.cdiv(k, bk) // 4, (2 * sms) // programs, k // (8 * m)))
+    return TileConfig(bm, bn, bk, warps, stages, split)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, b_ptr, rn, n_ok, out_ty: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr):
+    """The fp32 sums -> the stored value: + bias, or SiLU(gate) * up rounded as F.silu(gate) * up
+    rounds gate, up and SiLU(gate) in the output dtype (so the engine's activations match the
+    learner's, which runs gate and up apart)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        gate = acc.to(out_ty).to(tl.float32)
+        up = acc_up.to(out_ty).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(out_ty).to(tl.float32)
+        acc = act * up
+    return acc.to(out_ty)
+
+
+@triton.jit
+def _slot_noise(slot_ptr, seed_ptr, sigma_ptr, key, key_up):
+    """A work tile's stream slot: (stream id or -1, sigma, NEG_2LN2 sigma^2, W's noise keys,
+    the up weight's noise keys)."""
+    s = tl.load(slot_ptr)
+    sigma = tl.load(sigma_ptr + tl.maximum(s, 0))
+    lo = tl.load(seed_ptr + 2 * tl.maximum(s, 0)).to(tl.uint32, bitcast=True)
+    hi = tl.load(seed_ptr + 2 * tl.maximum(s, 0) + 1).to(tl.uint32, bitcast=True)
+    k1, k2 = noise.stream_keys(lo, hi, key)
+    ku1, ku2 = noise.stream_keys(lo, hi, key_up)
+    return s, sigma, sigma * sigma * noise.NEG_2LN2, k1, k2, ku1, ku2
+
+
+@triton.jit
+def _slot_step(acc, acc_up, x, w, u, row_stream, s, sigma, scale2, k1, k2, ku1, ku2, rows, col0, in_features,
+               SLOTS: tl.constexpr, GLU: tl.constexpr, IEEE: tl.constexpr, PAIRED: tl.constexpr,
+               BK: tl.constexpr):
+    """One K step of one stream slot: perturb the W (and up) tile with the slot's noise, then
+    the tensor-core dot on the slot's rows."""
+    w_s = w
+    u_s = u
+    if sigma > 0:
+        w_s = noise.perturb_tile(w, k1, k2, rows, col0, in_features, scale2, BK, PAIRED)
+        if GLU:
+            u_s = noise.perturb_tile(u, ku1, ku2, rows, col0, in_features, scale2, BK, PAIRED)
+    x_s = x
+    if SLOTS > 1:
+        x_s = tl.where((row_stream == s)[:, None], x, 0.0)
+    if IEEE:
+        acc += tl.dot(x_s, tl.trans(w_s), input_precision="ieee")
+        if GLU:
+            acc_up += tl.dot(x_s, tl.trans(u_s), input_precision="ieee")
+    else:
+        acc += tl.dot(x_s, tl.trans(w_s))
+        if GLU:
+            acc_up += tl.dot(x_s, tl.trans(u_s))
+    return acc, acc_up
 
 
 @triton.jit(do_not_specialize=["pkey", "pkey_up", "row_offset", "col_offset"])
@@ -220,9 +294,12 @@ def _noisy_linear_kernel(
     HAS_BIAS: tl.constexpr, PAIRED: tl.constexpr, IEEE: tl.constexpr, SLOTS: tl.constexpr,
     PARTIAL: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # GLU: w is the gate weight and up_ptr the up weight (same shape and strides, own noise
-    # key); the program keeps both accumulators and stores SiLU(gate) * up, or under
-    # PARTIAL both partial sums (gate in columns [0, N), up in [N, 2N)).
+    # Program (t, n, k): the rows of work tile t against W's rows [n * BN, (n + 1) * BN)
+    # and K range k. Each K step loads x and the W tile once and, per stream slot of the
+    # tile, perturbs the W tile in registers and runs the tensor-core dot on that slot's
+    # rows. GLU: w is the gate weight and up_ptr the up weight (same shape and strides,
+    # own noise key); the program keeps both accumulators and stores SiLU(gate) * up, or
+    # under PARTIAL both fp32 partial sums (gate in columns [0, N), up in [N, 2N)).
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -233,6 +310,7 @@ def _noisy_linear_kernel(
     rk = tl.arange(0, BK)
     m_ok = rm < row_end
     n_ok = rn < N
+    row_stream = rm  # read only with several slots
     if SLOTS > 1:
         row_stream = tl.load(row_stream_ptr + rm, mask=m_ok, other=-1)
     key = pkey.to(tl.uint32, bitcast=True)
@@ -248,43 +326,39 @@ def _noisy_linear_kernel(
     w_offsets = rn[:, None].to(tl.int64) * stride_wn + (k_begin + rk)[None, :]
     w_ptrs = w_ptr + w_offsets
     u_ptrs = up_ptr + w_offsets
+    # Each slot's stream, sigma and noise keys, once per program (loop invariant).
+    tl.static_assert(SLOTS <= 4)
+    s0, sg0, c0, a0, b0, au0, bu0 = _slot_noise(tile_slot_ptr + pid_t * SLOTS, seed_ptr, sigma_ptr, key, key_up)
+    if SLOTS > 1:
+        s1, sg1, c1, a1, b1, au1, bu1 = _slot_noise(tile_slot_ptr + pid_t * SLOTS + 1, seed_ptr, sigma_ptr, key,
+                                                    key_up)
+    if SLOTS > 2:
+        s2, sg2, c2, a2, b2, au2, bu2 = _slot_noise(tile_slot_ptr + pid_t * SLOTS + 2, seed_ptr, sigma_ptr, key,
+                                                    key_up)
+    if SLOTS > 3:
+        s3, sg3, c3, a3, b3, au3, bu3 = _slot_noise(tile_slot_ptr + pid_t * SLOTS + 3, seed_ptr, sigma_ptr, key,
+                                                    key_up)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         k_ok = (k0 + rk) < k_end
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        u = w
         if GLU:
             u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         col0 = (col_offset + k0).to(tl.uint32)
-        for j in tl.static_range(SLOTS):
-            s = tl.load(tile_slot_ptr + pid_t * SLOTS + j)  # -1: empty slot
-            sigma = tl.load(sigma_ptr + tl.maximum(s, 0))
-            w_s = w
-            if GLU:
-                u_s = u
-            if sigma > 0:
-                lo = tl.load(seed_ptr + 2 * s).to(tl.uint32, bitcast=True)
-                hi = tl.load(seed_ptr + 2 * s + 1).to(tl.uint32, bitcast=True)
-                k1, k2 = noise.stream_keys(lo, hi, key)
-                e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
-                w_s = (w.to(tl.float32) + sigma * e).to(w.dtype)
-                if GLU:
-                    k1, k2 = noise.stream_keys(lo, hi, key_up)
-                    e = noise.noise_tile(k1, k2, rows, col0, in_features, BK, PAIRED)
-                    u_s = (u.to(tl.float32) + sigma * e).to(u.dtype)
-            if SLOTS > 1:
-                x_s = tl.where((row_stream == s)[:, None], x, 0.0)
-            else:
-                x_s = x
-            if IEEE:
-                acc += tl.dot(x_s, tl.trans(w_s), input_precision="ieee")
-                if GLU:
-                    acc_up += tl.dot(x_s, tl.trans(u_s), input_precision="ieee")
-            else:
-                acc += tl.dot(x_s, tl.trans(w_s))
-                if GLU:
-                    acc_up += tl.dot(x_s, tl.trans(u_s))
+        acc, acc_up = _slot_step(acc, acc_up, x, w, u, row_stream, s0, sg0, c0, a0, b0, au0, bu0, rows, col0,
+                                 in_features, SLOTS, GLU, IEEE, PAIRED, BK)
+        if SLOTS > 1:
+            acc, acc_up = _slot_step(acc, acc_up, x, w, u, row_stream, s1, sg1, c1, a1, b1, au1, bu1, rows, col0,
+                                     in_features, SLOTS, GLU, IEEE, PAIRED, BK)
+        if SLOTS > 2:
+            acc, acc_up = _slot_step(acc, acc_up, x, w, u, row_stream, s2, sg2, c2, a2, b2, au2, bu2, rows, col0,
+                                     in_features, SLOTS, GLU, IEEE, PAIRED, BK)
+        if SLOTS > 3:
+            acc, acc_up = _slot_step(acc, acc_up, x, w, u, row_stream, s3, sg3, c3, a3, b3, au3, bu3, rows, col0,
+                                     in_features, SLOTS, GLU, IEEE, PAIRED, BK)
         x_ptrs += BK
         w_ptrs += BK
         if GLU:
@@ -296,47 +370,73 @@ def _noisy_linear_kernel(
         if GLU:
             tl.store(y_ptrs + N, acc_up, mask=mask)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GLU:
-            # Rounded as F.silu(gate) * up rounds gate, up and SiLU(gate) in the input dtype,
-            # so the engine's activations match the learner's, which runs gate and up apart.
-            gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            up = acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
-            acc = act * up
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, _epilogue(acc, acc_up, b_ptr, rn, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, GLU),
+                 mask=mask)
 
 
-def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         rows: StreamRows, pkey: int, row_offset: int, col_offset: int,
-                         in_features: int, tiles: TileConfig | None = None,
-                         up: torch.Tensor | None = None, up_key: int = 0) -> torch.Tensor:
-    """Launch the kernel on checked, row-major 2-D inputs (no autograd).
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, SPLIT, stride_split, stride_pm, stride_ym,
+                          HAS_BIAS: tl.constexpr, GLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """y = epilogue(sum over splits of the fp32 partials), the splits added in a fixed order."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    mask = (rm < M)[:, None] & n_ok[None, :]
+    ptrs = part_ptr + rm[:, None].to(tl.int64) * stride_pm + rn[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ptrs + s * stride_split, mask=mask, other=0.0)
+        if GLU:
+            acc_up += tl.load(ptrs + s * stride_split + N, mask=mask, other=0.0)
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, _epilogue(acc, acc_up, b_ptr, rn, n_ok, y_ptr.dtype.element_ty, HAS_BIAS, GLU), mask=mask)
 
-    With ``up`` (a gated MLP's up weight, ``weight`` being its gate, no bias): SiLU(gate) * up.
-    """
+
+# Split-K partial sums: one fp32 buffer per device, reused by every call (its memory is the
+# kernel's workspace, as cuBLAS keeps one) and grown by replacing it. A CUDA graph bakes in
+# the address it captured, so a buffer that a capture used is kept alive for good.
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+_CAPTURED: list[torch.Tensor] = []
+
+
+def splitk_workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """At least ``numel`` fp32 elements of the device's split-K workspace."""
+    buf = _WORKSPACE.get(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if buf is None or buf.numel() < numel:
+        if capturing:
+            raise RuntimeError(
+                f"the noisy kernel's split-K workspace ({numel * 4} bytes) must be allocated before a "
+                f"CUDA graph capture: run the same step eagerly first (a warm-up), as the engine does")
+        buf = _WORKSPACE[device] = torch.empty(max(numel, 2 * buf.numel() if buf is not None else 0),
+                                               dtype=torch.float32, device=device)
+    if capturing and not any(b is buf for b in _CAPTURED):
+        _CAPTURED.append(buf)
+    return buf[:numel]
+
+
+def _fused(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows, pkey: int,
+           row_offset: int, col_offset: int, in_features: int, tiles: TileConfig | None,
+           up: torch.Tensor | None, up_key: int) -> torch.Tensor:
+    """The fused kernel on checked, row-major 2-D inputs: one launch (plus the split-K reduce)."""
     m, k = x2d.shape
     n = weight.shape[0]
-    if m == 0 or n == 0:
-        return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     glu = up is not None
     cfg = tiles or pick_tiles(m, n, k, x2d.dtype, glu=glu)
     tile_ranges, tile_slots = rows.work_tiles(cfg.block_m)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
     partial = split > 1
-    if partial:
-        # Split-K: fp32 partial sums per split, reduced below (decode-sized M only).
-        y = torch.empty(split, m, 2 * n if glu else n, dtype=torch.float32, device=x2d.device)
-    else:
-        y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    width = 2 * n if glu else n
+    out = splitk_workspace(split * m * width, x2d.device).view(split, m, width) if partial else y
     grid = (tile_ranges.shape[0], triton.cdiv(n, cfg.block_n), split)
     _noisy_linear_kernel[grid](
-        x2d, weight, bias if bias is not None else weight, y, rows.ids, tile_ranges, tile_slots,
+        x2d, weight, bias if bias is not None else weight, out, rows.ids, tile_ranges, tile_slots,
         rows.seeds, rows.sigmas, noise.as_int32(pkey), n, k, x2d.stride(0), weight.stride(0),
-        y.stride(-2), y.stride(0) if partial else 0, k_per_split, row_offset, col_offset, in_features,
+        out.stride(-2), out.stride(0) if partial else 0, k_per_split, row_offset, col_offset, in_features,
         up if glu else weight, noise.as_int32(up_key),
         HAS_BIAS=bias is not None, PAIRED=in_features % 2 == 0 and col_offset % 2 == 0,
         IEEE=x2d.dtype == torch.float32, SLOTS=tile_slots.shape[1], PARTIAL=partial, GLU=glu,
@@ -344,13 +444,79 @@ def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if partial:
-        y = y.sum(0)
-        if bias is not None:
-            y += bias.float()
-        if glu:  # rounded as the unfused path rounds (see the kernel's epilogue)
-            return torch.nn.functional.silu(y[:, :n].to(x2d.dtype)) * y[:, n:].to(x2d.dtype)
-        y = y.to(x2d.dtype)
+        bm, bn = 16, 128
+        _splitk_reduce_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            out, bias if bias is not None else y, y, m, n, split, out.stride(0), out.stride(1), y.stride(0),
+            HAS_BIAS=bias is not None, GLU=glu, BM=bm, BN=bn, num_warps=4)
     return y
+
+
+def _clean(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           up: torch.Tensor | None) -> torch.Tensor:
+    """Every row clean: cuBLAS (the unfused GLU rounds like the fused epilogue)."""
+    if up is None:
+        return torch.nn.functional.linear(x2d, weight, bias)
+    return torch.nn.functional.silu(torch.nn.functional.linear(x2d, weight)) * \
+        torch.nn.functional.linear(x2d, up)
+
+
+def _materialized(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: StreamRows,
+                  pkey: int, row_offset: int, col_offset: int, in_features: int,
+                  up: torch.Tensor | None, up_key: int) -> torch.Tensor:
+    """Large batches: cuBLAS per policy. A noisy stream's W + sigma E is written into one
+    weight-sized scratch buffer (``noise.fill_perturbed``, the fused kernel's own perturbation,
+    so bit-identical weights), which the next weight or stream of the call reuses."""
+    m, n = x2d.shape[0], weight.shape[0]
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    scratch = None
+    shard = dict(row_offset=row_offset, col_offset=col_offset, in_features=in_features)
+    for stream, index in rows.row_groups():
+        xs = x2d[index]
+        if stream == 0:
+            ws, us = weight, up
+        else:
+            st = rows.streams[stream - 1]
+            scratch = noise.fill_perturbed(scratch if scratch is not None else torch.empty_like(weight),
+                                           weight, st.seed, pkey, st.sigma, **shard)
+            ws = scratch
+        if up is not None:
+            gate = torch.nn.functional.linear(xs, ws)  # before the scratch holds the up weight
+            if stream != 0:
+                us = noise.fill_perturbed(scratch, up, st.seed, up_key, st.sigma, **shard)
+            ys = torch.nn.functional.silu(gate) * torch.nn.functional.linear(xs, us)
+        elif isinstance(index, slice):
+            out = y[index]
+            if bias is None:
+                torch.mm(xs, ws.t(), out=out)
+            else:
+                torch.addmm(bias, xs, ws.t(), out=out)
+            continue
+        else:
+            ys = torch.nn.functional.linear(xs, ws, bias)
+        y[index] = ys
+    return y
+
+
+def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         rows, pkey: int, row_offset: int, col_offset: int,
+                         in_features: int, tiles: TileConfig | None = None,
+                         up: torch.Tensor | None = None, up_key: int = 0) -> torch.Tensor:
+    """The one dispatcher of noisy matmuls, on checked, row-major 2-D inputs (no autograd).
+
+    Every row clean: cuBLAS. Up to FUSED_MAX_ROWS rows, or explicit ``tiles``, or rows of a
+    CUDA graph (device tables, no host streams): the fused kernel, weight-stationary, which
+    reads W once for clean and noisy rows. Larger batches: cuBLAS per policy on a transient
+    perturbed copy of one weight at a time. With ``up`` (a gated MLP's up weight, ``weight``
+    being its gate, no bias): SiLU(gate) * up.
+    """
+    m, n = x2d.shape[0], weight.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if rows.all_clean:
+        return _clean(x2d, weight, bias, up)
+    if m > FUSED_MAX_ROWS and tiles is None and isinstance(rows, StreamRows):
+        return _materialized(x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, up, up_key)
+    return _fused(x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, tiles, up, up_key)
 
 
 class _NoisyLinearFn(torch.autograd.Function):
@@ -433,6 +599,8 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     in_features = k if in_features is None else in_features
     noise.check_shard(weight.shape[0], k, row_offset, col_offset, in_features)
     noise.check_param_key(param_key)
+    if rows is None or rows.all_clean:
+        return torch.nn.functional.linear(x, weight, bias)  # cuBLAS, with its own autograd
     if not noise.runs_triton(x):
         # CPU without the Triton interpreter: the torch path (same values and gradients).
         from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
@@ -446,8 +614,6 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    if rows is None:
-        rows = StreamRows.clean(x2d.shape[0], x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, weight, bias)):
         y = _NoisyLinearFn.apply(x2d, weight, bias, rows, param_key, row_offset, col_offset,
                                  in_features, tiles)
@@ -465,8 +631,9 @@ def noisy_gate_up(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.T
                   tiles: TileConfig | None = None) -> torch.Tensor:
     """A gated MLP's activation SiLU(x Wg~^T) * (x Wu~^T), W~ = W + sigma_s E_s per row's stream.
 
-    One kernel reads x and both weights once and writes only the activation: the
-    [rows, 2 x intermediate] gate/up outputs never reach memory. Rounded like
+    Up to FUSED_MAX_ROWS rows one kernel reads x and both weights once and writes only the
+    activation: the [rows, 2 x intermediate] gate/up outputs never reach memory (larger
+    batches take ``noisy_linear_forward``'s other paths). Rounded like
     ``F.silu(gate) * up`` on the two ``noisy_linear`` outputs. No autograd (generation and
     the learner's no-grad noisy stream). Arguments as ``noisy_linear``; both weights have
     the same shape and sharding, each its own ``param_key``.
@@ -488,12 +655,12 @@ def noisy_gate_up(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.T
         return noisy_gate_up_reference(x, gate_weight, up_weight, rows=rows, gate_key=gate_key,
                                        up_key=up_key, row_offset=row_offset, col_offset=col_offset,
                                        in_features=in_features, dtype=x.dtype)
+    if rows is None or rows.all_clean:
+        return _clean(x, gate_weight, None, up_weight)
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     gate_weight, up_weight = gate_weight.contiguous(), up_weight.contiguous()
-    if rows is None:
-        rows = StreamRows.clean(x2d.shape[0], x.device)
     y = noisy_linear_forward(x2d, gate_weight, None, rows, gate_key, row_offset, col_offset,
                              in_features, tiles, up=up_weight, up_key=up_key)
     return y.reshape(*x.shape[:-1], gate_weight.shape[0])
