@@ -43,9 +43,9 @@ def test_markdown_tables_hold_the_figures(tmp_path):
 
 def test_targets_met_and_missed(tmp_path):
     text, _ = summary(tmp_path)
-    assert "- **missed** (noisy_gemm): noisy/cuBLAS <= 1.10 at M <= 256: 1 of 4 " \
-           "(Qwen2.5-1.5B/gate_up M=256: 1.150)" in text
-    assert "- **met** (noisy_gemm): noisy/cuBLAS <= 1.50 at M >= 4096 (2 checked)" in text
+    assert "- **met** (noisy_gemm): noisy/cuBLAS <= 1.50 at M <= 256 (4 checked)" in text
+    assert "- **missed** (noisy_gemm): noisy/cuBLAS <= 1.30 at M >= 4096: 2 of 2 " \
+           "(Qwen2.5-1.5B/gate_up M=4096: 1.400; Qwen2.5-1.5B/down M=4096: 1.350)" in text
     assert "- **met** (learner): peak memory PSN/plain <= 1.02 (1 checked)" in text
     assert "- **met** (learner): step time PSN/plain <= 1.15 (1 checked)" in text
     assert "- **met** (step): step time PSN/plain <= 1.05 (1 checked)" in text

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from psnrl.bench import ncu_digest, profile_targets
 from psnrl.kernels import profiling
@@ -75,6 +76,9 @@ def test_profile_kernels_dry_run_lists_the_cases(bare_path):
         assert part in first
     assert "--kernel-name" not in lines[1]  # cuBLAS: whatever it launches
     assert "--kernel-name regex:_decode(_reduce)?_kernel" in lines[-1]
+    picked = run_script("profile_kernels.sh", bare_path, "--dry-run", "--only", "gemm", "--m", "1 256", "--no-cublas")
+    assert [line.split(":")[0][3:] for line in picked.stdout.splitlines() if line.startswith("== ")] == [
+        f"gemm-{s}-m{m}-noisy" for s in ("gate_up", "down") for m in (1, 256)]
 
 
 # -- ncu_digest ---------------------------------------------------------------------------------------
@@ -209,3 +213,15 @@ def test_profile_step_torch_profiler_trace_on_cpu(tmp_path, monkeypatch):
     assert ranges["iterations"] == 1
     assert ranges["ranges"]["rollout"]["count"] == 1 and ranges["ranges"]["learner/forward"]["total_ms"] > 0
     assert not profiling.nvtx_enabled()  # the ranges are off again afterwards
+
+
+# -- gpu_check.sh -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_check_without_a_gpu_fails_fast_and_writes_nothing(bare_path, tmp_path):
+    fake_tool(bare_path, "timeout", "echo no step may run >&2; exit 3")
+    done = run_script("gpu_check.sh", bare_path, str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "gpu_check.sh: no CUDA GPU visible" in done.stderr
+    assert "no step may run" not in done.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Callable, Iterator
 from unittest import mock
@@ -32,6 +33,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, CompiledKernel  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
@@ -40,9 +42,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from psnrl.bench import model_configs  # noqa: E402
 from psnrl.kernels import noise  # noqa: E402
 from psnrl.kernels.lm_head_logprob import lm_head_logprob  # noqa: E402
-from psnrl.kernels.noise import _fill_kernel  # noqa: E402
+from psnrl.kernels.noise import FILL_BITS, FILL_NOISE, _fill_kernel  # noqa: E402
 from psnrl.kernels.noisy_linear import (NoiseStream, StreamRows, _noisy_linear_kernel, dual_linear,  # noqa: E402
-                                  noisy_gate_up, noisy_linear, pick_tiles)
+                                        noisy_gate_up, noisy_linear)
 from psnrl.kernels.paged_attention import (paged_attention, paged_decode_attention, pick_num_splits,  # noqa: E402
                                      prefill_attention, store_kv_skip_padding)
 
@@ -52,6 +54,11 @@ HOPPER_MAX_SHARED = 232448
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`?\(?(\.L_x_\d+)")
+# The noise budget: generating a weight element's noise and adding it to the tile must cost
+# at most this many issued SASS instructions in the fused matmul's K loop (kernels/README.md).
+NOISE_BUDGET = 16
 
 
 def compile_for(fn, types: dict[str, str], constexprs: dict, target: GPUTarget = HOPPER, **options):
@@ -85,23 +92,66 @@ def resources(kernel) -> dict[str, int]:
     return {"registers": reg, "stack": stack, "shared": shared, "local": local}
 
 
-def noisy_linear_kernel(dtype: str, m: int, n: int, k: int, slots: int = 1, paired: bool = True):
-    cfg = pick_tiles(m, n, k, DTYPES[dtype])
-    types = {name: "*i32" if name.endswith("_ptr") else "i32" for name in _noisy_linear_kernel.arg_names}
-    types.update({name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")})
-    types["sigma_ptr"] = "*fp32"
-    constexprs = dict(HAS_BIAS=False, PAIRED=paired, IEEE=dtype == "fp32", SLOTS=slots,
-                      PARTIAL=cfg.split_k > 1, GLU=False, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k)
-    if constexprs["PARTIAL"]:
-        types["y_ptr"] = "*fp32"
-    return cfg, compile_for(_noisy_linear_kernel, types, constexprs, num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages)
+def loop_body_opcodes(kernel) -> collections.Counter:
+    """Opcode histogram of the largest loop of a compiled kernel (the span from a label to the
+    backward branch that returns to it): a matmul's steady-state K step."""
+    lines = _run_tool("nvdisasm", ["-c"], kernel.asm["cubin"]).splitlines()
+    labels: dict[str, int] = {}
+    best = (0, -1)
+    for i, line in enumerate(lines):
+        if (m := _LABEL.match(line)):
+            labels[m.group(1)] = i
+        elif (m := _BRANCH.search(line)) and m.group(1) in labels and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    return collections.Counter(op for op in _SASS_OP.findall("\n".join(lines[best[0]:best[1] + 1]))
+                               if op != "NOP")
 
 
-def fill_kernel(paired: bool, bits: bool = False, block: tuple[int, int] = (32, 128), num_warps: int = 4):
-    types = {name: "i32" for name in _fill_kernel.arg_names}
-    types.update({"out_ptr": "*i32" if bits else "*fp32", "sigma": "fp32"})
-    return compile_for(_fill_kernel, types, dict(BITS=bits, PAIRED=paired, BR=block[0], BC=block[1]),
+@triton.jit
+def _keep_weight(w, k1, k2, rows, col0, in_features, scale2, BC: tl.constexpr, PAIRED: tl.constexpr):
+    return w
+
+
+def without_noise(fn: JITFunction) -> JITFunction:
+    """A twin of a kernel whose ``noise.perturb_tile`` returns the weight tile unchanged: the
+    difference of the two K loops is what generating and applying the noise costs. The
+    kernel's helpers from its own module are copied too, so that none reaches the real one."""
+    stub = types.ModuleType("noise_without_noise")
+    stub.__dict__.update(vars(noise))
+    stub.perturb_tile = _keep_weight
+    copies: dict[JITFunction, JITFunction] = {}
+
+    def copy(f: JITFunction) -> JITFunction:
+        if f not in copies:
+            glob = dict(f.fn.__globals__, noise=stub)
+            twin = types.FunctionType(f.fn.__code__, glob, f.fn.__name__, f.fn.__defaults__, f.fn.__closure__)
+            twin.__module__, twin.__annotations__ = f.fn.__module__, f.fn.__annotations__
+            copies[f] = JITFunction(twin, do_not_specialize=f.do_not_specialize)
+            for name, value in f.fn.__globals__.items():
+                if isinstance(value, JITFunction) and value.fn.__module__ == f.fn.__module__:
+                    glob[name] = copy(value)
+        return copies[f]
+
+    return copy(fn)
+
+
+def noise_cost(fn: JITFunction, args: tuple, kwargs: dict, grid, compiled: CompiledKernel) -> dict:
+    """Instructions per generated noise element in the K loop of a noisy matmul launch: (its
+    loop - the twin's loop without noise) / the weight elements one thread perturbs per K
+    step (BN x BK per weight and stream slot, GLU's two weights, over the program's threads)."""
+    twin = _RUN(without_noise(fn), *args, grid=grid, warmup=True, **kwargs)
+    noisy, clean = loop_body_opcodes(compiled), loop_body_opcodes(twin)
+    per_thread = (kwargs["BN"] * kwargs["BK"] * kwargs["SLOTS"] * (2 if kwargs["GLU"] else 1)
+                  / (32 * compiled.metadata.num_warps))
+    return {"noise_instructions_per_element": round((sum(noisy.values()) - sum(clean.values())) / per_thread, 2),
+            "noise_mufu_per_element": round((noisy["MUFU"] - clean["MUFU"]) / per_thread, 2),
+            "loop_instructions": sum(noisy.values())}
+
+
+def fill_kernel(mode: int, paired: bool, block: tuple[int, int] = (32, 128), num_warps: int = 4):
+    types_ = {name: "i32" for name in _fill_kernel.arg_names}
+    types_.update({"out_ptr": "*i32" if mode == FILL_BITS else "*fp32", "w_ptr": "*fp32", "sigma": "fp32"})
+    return compile_for(_fill_kernel, types_, dict(MODE=mode, PAIRED=paired, BR=block[0], BC=block[1]),
                        num_warps=num_warps)
 
 
@@ -118,17 +168,19 @@ class _HopperDriver:
         return HOPPER
 
 
+_RUN = JITFunction.run  # the real launcher, which compile_only wraps
+
+
 @contextlib.contextmanager
-def compile_only() -> Iterator[list[tuple[JITFunction, dict, CompiledKernel]]]:
+def compile_only() -> Iterator[list[tuple[JITFunction, tuple, dict, object, CompiledKernel]]]:
     """Within: the wrappers take their Triton path on CPU tensors, and every launch only compiles
     for sm_90 (a warmup returns the compiled kernel before launching). Yields the list of
-    (kernel, launch keyword arguments, compiled kernel), one entry per launch."""
-    launches: list[tuple[JITFunction, dict, CompiledKernel]] = []
-    run = JITFunction.run
+    (kernel, launch arguments, keyword arguments, grid, compiled kernel), one entry per launch."""
+    launches: list[tuple[JITFunction, tuple, dict, object, CompiledKernel]] = []
 
     def warmup_run(self: JITFunction, *args, grid, warmup: bool, **kwargs) -> CompiledKernel:
-        compiled = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launches.append((self, kwargs, compiled))
+        compiled = _RUN(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self, args, kwargs, grid, compiled))
         return compiled
 
     # driver._active, not set_active: reset_active() would build the real driver, which needs a GPU.
@@ -253,16 +305,18 @@ def launch_cases() -> list[tuple[str, Callable[[torch.dtype], None]]]:
         ("noisy_linear M=16 q_proj+bias, clean + 4 streams interleaved (split-K)",
          lambda dt: _linear(dt, 16, h, h, [0, 1, 2, 3, 4] * 3 + [0], bias=True)),
         ("noisy_linear M=64 down_proj, clean | noisy (split-K)", lambda dt: _linear(dt, 64, h, i, [0, 1])),
-        ("noisy_linear M=256 k_proj+bias, clean only", lambda dt: _linear(dt, 256, 256, h, [0], bias=True)),
-        ("noisy_linear M=4096 q_proj+bias, 1 noisy stream, autograd",
+        ("noisy_linear M=256 down_proj, clean | noisy (split-K)", lambda dt: _linear(dt, 256, h, i, [0, 1])),
+        ("noisy_linear M=4096 q_proj+bias, 1 noisy stream, autograd (materialized)",
          lambda dt: _linear(dt, 4096, h, h, [1], bias=True, grad=True)),
-        ("dual_linear M=4096 up_proj, clean | noisy", lambda dt: _dual_linear(dt, 4096, i, h)),
+        ("dual_linear M=4096 up_proj, clean | noisy (materialized)", lambda dt: _dual_linear(dt, 4096, i, h)),
         ("noisy_gate_up M=1, 1 noisy stream", lambda dt: _gate_up(dt, 1, [1])),
-        ("noisy_gate_up M=1 at Qwen2.5-0.5B's MLP, 1 noisy stream (split-K)",
+        ("noisy_gate_up M=1 at Qwen2.5-0.5B's MLP, 1 noisy stream",
          lambda dt: _gate_up(dt, 1, [1], 4864, 896)),
+        ("noisy_gate_up M=1 at Qwen3-0.6B's MLP, 1 noisy stream (split-K)",
+         lambda dt: _gate_up(dt, 1, [1], 3072, 1024)),
         ("noisy_gate_up M=64, clean + 2 streams", lambda dt: _gate_up(dt, 64, [0, 1, 2, 0])),
         ("noisy_gate_up M=256, 8 noisy + 2 clean per group", lambda dt: _gate_up(dt, 250, [1] * 8 + [0] * 2)),
-        ("noisy_gate_up M=4096, 1 noisy stream", lambda dt: _gate_up(dt, 4096, [1])),
+        ("noisy_gate_up M=4096, 1 noisy stream (materialized)", lambda dt: _gate_up(dt, 4096, [1])),
         (f"lm_head_logprob T=16 V={_VOCAB} forward", lambda dt: _logprob(dt, 16, _VOCAB, h, False)),
         (f"lm_head_logprob T=256 V={_VOCAB} forward", lambda dt: _logprob(dt, 256, _VOCAB, h, False)),
         # The backward's matmuls are slow in bf16 on a CPU: V=19456 and H=128 keep the kernels those
@@ -307,13 +361,15 @@ def compile_all_launches() -> tuple[list[dict], list[dict]]:
                 except Exception as e:  # a compile error (or a harness bug): report it, go on
                     failures.append({"case": case, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
                     continue
-                for fn, kwargs, compiled in launches[first:]:
+                for fn, args, kwargs, grid, compiled in launches[first:]:
                     if compiled.hash not in usage:
                         usage[compiled.hash] = resources(compiled)
+                        if fn is _noisy_linear_kernel:
+                            usage[compiled.hash].update(noise_cost(fn, args, kwargs, grid, compiled))
                     constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr}
                     name, smem = fn.fn.__name__, compiled.metadata.shared
                     rows.append({"kernel": name, "dtype": dtype, "case": case, "constexprs": constexprs,
-                                 "num_warps": compiled.metadata.num_warps,
+                                 "grid": list(grid), "num_warps": compiled.metadata.num_warps,
                                  "num_stages": compiled.metadata.num_stages, "smem": smem,
                                  **usage[compiled.hash]})
                     if smem > HOPPER_MAX_SHARED:  # the first launch would raise OutOfResources
@@ -327,24 +383,15 @@ def report() -> dict:
     block, warps = (32, 128), 4
     per_thread = block[0] * block[1] / (32 * warps)
     for paired in (True, False):
-        ops = sass_opcodes(fill_kernel(paired, block=block, num_warps=warps))
+        ops = sass_opcodes(fill_kernel(FILL_NOISE, paired, block=block, num_warps=warps))
         rows.append({"kernel": "fill_noise", "variant": "paired" if paired else "unpaired",
                      "instructions": sum(ops.values()),
                      "instructions_per_element": round(sum(ops.values()) / per_thread, 1),
                      "mufu_per_element": round(ops["MUFU"] / per_thread, 2),
                      "top": ops.most_common(8)})
-    for dtype in ("bf16", "fp32"):
-        for m, slots in ((1, 1), (16, 2), (64, 1), (4096, 1)):
-            cfg, kernel = noisy_linear_kernel(dtype, m, 4864, 896, slots)
-            ops = sass_opcodes(kernel)
-            rows.append({"kernel": "noisy_linear", "variant": f"{dtype} M={m} slots={slots}",
-                         "tiles": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                                   cfg.split_k],
-                         **resources(kernel), "instructions": sum(ops.values()),
-                         "top": ops.most_common(8)})
     launches, failures = compile_all_launches()
-    return {"target": "sm_90", "triton": triton.__version__, "rows": rows, "launches": launches,
-            "failures": failures}
+    return {"target": "sm_90", "triton": triton.__version__, "noise_budget": NOISE_BUDGET, "rows": rows,
+            "launches": launches, "failures": failures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,16 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if result["failures"] else 0
     print(f"SASS for {result['target']} (Triton {result['triton']})")
     for row in result["rows"]:
-        extra = (f"{row['instructions_per_element']} instr/element, {row['mufu_per_element']} MUFU/element"
-                 if row["kernel"] == "fill_noise" else
-                 f"tiles {row['tiles']}, {row['registers']} regs, stack {row['stack']} B")
-        print(f"{row['kernel']:13s} {row['variant']:22s} {row['instructions']:6d} instr  {extra}")
-    print(f"\nWrapper launches compiled for {result['target']}")
+        print(f"{row['kernel']:13s} {row['variant']:10s} {row['instructions']:6d} instr  "
+              f"{row['instructions_per_element']} instr/element, {row['mufu_per_element']} MUFU/element")
+    print(f"\nWrapper launches compiled for {result['target']} (noise: issued instructions per generated "
+          f"element in the K loop, budget {result['noise_budget']})")
     for row in result["launches"]:
         config = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
-        print(f"{row['kernel']:21s} {row['dtype']:4s} {row['case']}\n    {config} warps={row['num_warps']} "
-              f"stages={row['num_stages']}: {row['registers']} regs, stack {row['stack']} B, "
-              f"smem {row['smem']} B")
+        cost = (f", noise {row['noise_instructions_per_element']} instr/element "
+                f"({row['noise_mufu_per_element']} MUFU)" if "noise_instructions_per_element" in row else "")
+        print(f"{row['kernel']:21s} {row['dtype']:4s} {row['case']}\n    {config} grid={row['grid']} "
+              f"warps={row['num_warps']} stages={row['num_stages']}: {row['registers']} regs, "
+              f"stack {row['stack']} B, smem {row['smem']} B{cost}")
     for failure in result["failures"]:
         print(f"FAILED {failure['dtype']} {failure['case']}: {failure['error']}")
     return 1 if result["failures"] else 0

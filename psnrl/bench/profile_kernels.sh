@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on psnrl's Triton kernels: the noisy GEMM and the paged decode attention.
 #
-#   psnrl/bench/profile_kernels.sh [--out-dir DIR] [--only gemm|attention] [--no-cublas] [--dry-run]
+#   psnrl/bench/profile_kernels.sh [--out-dir DIR] [--only gemm|attention] [--m "1 32 256 4096"] [--no-cublas] [--dry-run]
 #   (--dry-run prints the ncu commands without checking for ncu or a GPU)
 #
 # Writes one .ncu-rep per case under DIR (default psnrl/bench/results/ncu/), then digests them with
@@ -11,7 +11,9 @@
 # Cases (Qwen2.5-1.5B, bf16):
 #   gemm-<shape>-m<M>-noisy    noisy_linear with every row on one noisy stream, shapes gate_up
 #                              (N=17920, K=1536) and down (N=1536, K=8960), M = 1, 32, 256
-#                              (decode) and 4096 (learner); kernel filter _noisy_linear_kernel
+#                              (decode: the fused kernel and its split-K reduce) and 4096
+#                              (learner: the perturbed-weight fill; its cuBLAS call is the
+#                              cublas case's); --m picks the M values
 #   gemm-<shape>-m<M>-cublas   torch.matmul on the same shape (the baseline; no kernel filter,
 #                              whatever cuBLAS launches); skip with --no-cublas
 #   attn-b<B>-ctx<T>           paged decode attention, 12 query / 2 KV heads, head_dim 128,
@@ -29,6 +31,7 @@ usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="$ROOT/psnrl/bench/results/ncu"
 ONLY=""
+MS="1 32 256 4096"
 CUBLAS=1
 DRY=0
 while [[ $# -gt 0 ]]; do
@@ -37,6 +40,8 @@ while [[ $# -gt 0 ]]; do
         --out-dir=*) OUT="${1#*=}"; shift ;;
         --only) ONLY="$2"; shift 2 ;;
         --only=*) ONLY="${1#*=}"; shift ;;
+        --m) MS="$2"; shift 2 ;;
+        --m=*) MS="${1#*=}"; shift ;;
         --no-cublas) CUBLAS=0; shift ;;
         --dry-run) DRY=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -101,8 +106,8 @@ profile() {  # profile NAME KERNEL_REGEX(or "") TARGET_ARGS...
 
 if [[ -z "$ONLY" || "$ONLY" == gemm ]]; then
     for shape in gate_up down; do
-        for m in 1 32 256 4096; do
-            profile "gemm-$shape-m$m-noisy" "_noisy_linear_kernel" gemm --model 1.5B --shape "$shape" --m "$m" --mode noisy
+        for m in $MS; do
+            profile "gemm-$shape-m$m-noisy" "_noisy_linear_kernel|_splitk_reduce_kernel|_fill_kernel" gemm --model 1.5B --shape "$shape" --m "$m" --mode noisy
             if [[ $CUBLAS -eq 1 ]]; then
                 profile "gemm-$shape-m$m-cublas" "" gemm --model 1.5B --shape "$shape" --m "$m" --mode cublas
             fi

@@ -11,10 +11,10 @@ only the launches inside that bracket are profiled: no warmup launch, no setup k
 
 Targets:
   gemm       one MLP matmul of Qwen2.5 (psnrl/bench/noisy_gemm.py's shapes and inputs): ``--mode``
-             noisy (every row on one noisy stream), clean, mixed (interleaved clean and
-             noisy rows), cublas (torch.matmul, the baseline) or materialized
-             (fill W + sigma*E, then torch.matmul).
-  attention  paged decode attention (kernels.paged_attention.paged_decode_attention): one
+             noisy (every row on one noisy stream, the dispatcher's path), clean, mixed
+             (interleaved clean and noisy rows), fused (the fused kernel at any M), cublas
+             (torch.matmul, the baseline) or materialized (fill W + sigma*E, then torch.matmul).
+  attention  paged decode attention (psnrl.kernels.paged_attention.paged_decode_attention): one
              query token per sequence over ``--context`` cached tokens in pages of
              ``--block-size``; Qwen2.5-1.5B heads by default (12 query heads, 2 KV heads,
              head_dim 128). Long contexts at small batch take the split-K path (a second,
@@ -27,7 +27,7 @@ import os
 import sys
 
 NO_CUDA_MESSAGE = "psnrl.bench.profile_targets launches CUDA kernels for Nsight Compute; no CUDA GPU found"
-GEMM_MODES = ("noisy", "clean", "mixed", "cublas", "materialized")
+GEMM_MODES = ("noisy", "clean", "mixed", "fused", "cublas", "materialized")
 DTYPES = ("bf16", "fp16", "fp32")
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The noise kernels' GPU check, sized for one device call (about 6 minutes in all).
+#
+#   psnrl/bench/gpu_check.sh [OUT_DIR]     (default: $OUT if set, else psnrl/bench/results/gpu-check)
+#
+# On a CUDA machine whose torch and Triton are already installed (and no registry in reach):
+#   1. install   pip install --no-deps --no-build-isolation -e . (the C++ block manager builds)
+#   2. tests     the gpu-marked kernel tests: noise, noisy_linear, noisy_gate_up (pytest -n 8 when
+#                pytest-xdist is there)
+#   3. bench     psnrl bench noisy-gemm on the Qwen2.5-1.5B and 7B MLP shapes (all M)
+#   4. ncu       psnrl/bench/profile_kernels.sh on the 1.5B gate_up / down noisy matmul and its
+#                cuBLAS twin at M = 1 and M = 256
+# Each step runs under its own `timeout` (seconds: INSTALL_S, TESTS_S, BENCH_S, NCU_S); a step
+# that fails or runs out of time is logged and the next one still runs. Everything it wrote (logs,
+# noisy_gemm-<device>.json/.md, ncu digests and reports) is packed into one tarball,
+# OUT_DIR/gpu-check-<device>.tar.gz, and summary.txt lists each step's exit status.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DEST="${1:-${OUT:-$ROOT/psnrl/bench/results/gpu-check}}"
+PYTHON="${PYTHON:-python3}"
+INSTALL_S="${INSTALL_S:-60}" TESTS_S="${TESTS_S:-100}" BENCH_S="${BENCH_S:-120}" NCU_S="${NCU_S:-80}"
+cd "$ROOT"
+
+step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status
+    local name="$1" seconds="$2"
+    shift 2
+    echo "== $name (timeout ${seconds}s): $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$seconds" "$@" >"$WORK/$name.log" 2>&1
+    local rc=$?
+    local note=""
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then note=" (timed out)"; fi
+    echo "$name: exit $rc$note after $((SECONDS - start))s" | tee -a "$WORK/summary.txt"
+    tail -n 5 "$WORK/$name.log"
+}
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA GPU visible to $PYTHON (no torch, or torch.cuda.is_available() is False)" >&2
+    exit 2
+fi
+WORK="$(mktemp -d)"
+mkdir -p "$DEST" "$WORK/results"
+"$PYTHON" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    >"$WORK/versions.txt" 2>&1
+DEVICE="$("$PYTHON" -c 'import torch; from psnrl.bench.common import device_slug; print(device_slug(torch.cuda.get_device_name()))' 2>/dev/null \
+    || "$PYTHON" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')"
+
+step install "$INSTALL_S" "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
+XDIST=()
+if "$PYTHON" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests/test_noise.py tests/test_noisy_linear.py \
+    tests/test_noisy_gate_up.py
+step bench "$BENCH_S" "$PYTHON" -m psnrl.trainer.cli bench noisy-gemm --models 1.5B 7B --out-dir "$WORK/results"
+if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
+    step ncu "$NCU_S" env PYTHON="$PYTHON" bash psnrl/bench/profile_kernels.sh --only gemm --m "1 256" \
+        --out-dir "$WORK/results/ncu"
+else
+    echo "ncu: skipped (no ncu on PATH)" | tee -a "$WORK/summary.txt"
+fi
+
+TARBALL="$DEST/gpu-check-$DEVICE.tar.gz"
+tar -czf "$TARBALL" -C "$WORK" .
+echo "wrote $TARBALL"
+cat "$WORK/summary.txt"
