@@ -185,8 +185,10 @@ class Learner:
         if noisy:  # Monte Carlo KL(pi_noisy || pi_clean) on the sampled tokens (Var-I's d)
             stats["kl_noisy_clean"] = _global_mean([n.cpu() - o.cpu() for n, o in zip(self._noisy, self._old)])
         if learner_noisy:  # how far the engine's numerics are from the learner's, same policy
-            stats["sampler_logprob_gap"] = _global_mean([(s - n).abs() for s, n in
-                                                         zip(rows.sampler_logprobs, (n.cpu() for n in self._noisy))])
+            # Both on the host: the engine's log-probs may live on any device (the learner bench
+            # passes CUDA stand-ins), the learner's on the model's.
+            stats["sampler_logprob_gap"] = _global_mean([(s.detach().cpu() - n.cpu()).abs() for s, n in
+                                                         zip(rows.sampler_logprobs, self._noisy)])
         return stats
 
     def _micro_step(self, rows: Rollouts, ids: list[int] | None, mask: torch.Tensor | None, loss_cfg: LossConfig,
