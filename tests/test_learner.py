@@ -134,3 +134,30 @@ def test_update_on_cuda_matches_cpu(ckpt, noisy_logprobs, monkeypatch):
         results[device] = learner.update(rows_of(list(range(8))), ROWS_PER_STEP)
     for key in ("kl_noisy_clean", "tis_weight_mean", "entropy"):
         assert results["cuda"][key] == pytest.approx(results["cpu"][key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.parametrize("noisy_logprobs", ["learner", "sampler"])
+@pytest.mark.parametrize("rows_per_step", [8, ROWS_PER_STEP], ids=["one-step", "two-steps"])
+def test_update_creates_no_tensor_on_the_default_device(ckpt, noisy_logprobs, rows_per_step):
+    """Every tensor of the learner step names its device: with the default device set to
+    `meta`, a tensor made without one lands there and the first op that meets the model's
+    (CPU) tensors or reads it on the host fails, as it would meet CUDA tensors on a GPU
+    (the class of bug that crashed the learner bench's psn mode). The step must run and give
+    the same update as without the meta default."""
+    def update(default_meta: bool):
+        torch.manual_seed(0)
+        model = load_model(ckpt, dtype=torch.float32)
+        learner = Learner(model, loss_config(), lr=1e-2, micro_batch_tokens=24, noisy_logprobs=noisy_logprobs)
+        rows = rows_of(list(range(8)))
+        if default_meta:
+            with torch.device("meta"):
+                stats = learner.update(rows, rows_per_step)
+        else:
+            stats = learner.update(rows, rows_per_step)
+        return model, stats
+
+    model, stats = update(True)
+    want_model, want_stats = update(False)
+    assert stats == pytest.approx(want_stats, rel=1e-6, nan_ok=True)
+    for (name, p), (_, q) in zip(model.named_parameters(), want_model.named_parameters()):
+        assert p.device.type == "cpu" and torch.equal(p, q), name

@@ -53,7 +53,7 @@ class BatchNoise:
 
     def __init__(self, row_spec: Sequence[int] | torch.Tensor, specs: Sequence[NoiseSpec | None],
                  device: torch.device | str):
-        ids = torch.as_tensor(row_spec, dtype=torch.long).reshape(-1).cpu()
+        ids = torch.as_tensor(row_spec, dtype=torch.long, device="cpu").reshape(-1)
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(specs)):
             raise ValueError(f"row_spec ids must be in [-1, {len(specs) - 1}]")
         self.row_spec = ids
@@ -63,7 +63,7 @@ class BatchNoise:
         for group in TARGET_GROUPS:
             # Stream s >= 1 is specs[s - 1]; specs that skip this group map to 0 (clean).
             lookup = torch.tensor([0] + [i + 1 if s is not None and s.sigma > 0 and group in s.groups
-                                         else 0 for i, s in enumerate(self.specs)])
+                                         else 0 for i, s in enumerate(self.specs)], device="cpu")
             stream_ids = lookup[ids + 1]
             if ids.numel() == 0 or not bool((stream_ids > 0).any()):
                 self._rows[group] = None

@@ -86,7 +86,7 @@ def check_sigma(sigma: float) -> float:
 
 def radius_scale(sigma: float) -> float:
     """NEG_2LN2 * sigma^2 rounded in fp32 as the kernels round it (sigma read as fp32)."""
-    s = torch.tensor(sigma, dtype=torch.float32)
+    s = torch.tensor(sigma, dtype=torch.float32, device="cpu")
     return float(s * s * NEG_2LN2.value)
 
 

@@ -72,7 +72,7 @@ class StreamRows:
         sigmas = [0.0] + [float(s.sigma) for s in streams]
         self.sigmas = torch.tensor(sigmas, dtype=torch.float32, device=device)
         # A stream with sigma 0 is the clean policy.
-        noisy_cpu = torch.tensor(sigmas)[ids_cpu.long()] > 0
+        noisy_cpu = torch.tensor(sigmas, device="cpu")[ids_cpu.long()] > 0
         self.clean_mask = (~noisy_cpu).to(device)
         self.all_clean = not bool(noisy_cpu.any())
         self._runs = _runs(ids_cpu)
@@ -119,7 +119,7 @@ class StreamRows:
                 if len(spans) == 1:
                     rows: slice | torch.Tensor = slice(*spans[0])
                 else:
-                    rows = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.ids.device)
+                    rows = torch.cat([torch.arange(a, b, device="cpu") for a, b in spans]).to(self.ids.device)
                 self._groups.append((stream, rows))
         return self._groups
 

@@ -78,7 +78,7 @@ def _micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 def _padded(groups: list[list[int]]) -> list[list[int] | None]:
     """``groups`` followed by None (padding) up to the largest count of any rank."""
-    count = int(all_reduce(torch.tensor([len(groups)]), "max"))
+    count = int(all_reduce(torch.tensor([len(groups)], device="cpu"), "max"))
     return groups + [None] * (count - len(groups))
 
 
@@ -169,8 +169,8 @@ class Learner:
         for idx in steps:
             micro = [[idx[j] for j in mb] for mb in _micro_batches([len(rows.seqs[i]) for i in idx],
                                                                    self.micro_batch_tokens)]
-            masks = [_pad([torch.ones(len(rows.seqs[i]) - rows.prompt_lens[i]) for i in ids]) for ids in micro]
-            total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks), torch.zeros(())).float())
+            masks = [_pad([torch.ones(len(rows.seqs[i]) - rows.prompt_lens[i], device="cpu") for i in ids]) for ids in micro]
+            total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks), torch.zeros((), device="cpu")).float())
             self.optimizer.zero_grad()
             sums: dict[str, float] = {}
             padded = _padded(micro)
@@ -238,7 +238,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     """
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum() if local else torch.zeros((), device="cpu")
     norm = all_reduce(sq.cpu().double()).sqrt().item()
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
@@ -250,13 +250,15 @@ def clip_grad_norm(params, max_norm: float) -> float:
 def _token_means(sums: dict[str, float]) -> dict[str, float]:
     """Token-weighted means over every rank's micro-batches of one optimizer step."""
     names = sorted(k for k in sums if k != "tokens")  # the same on every rank
-    totals = all_reduce(torch.tensor([sums.get("tokens", 0.0)] + [sums[k] for k in names], dtype=torch.float64))
+    totals = all_reduce(torch.tensor([sums.get("tokens", 0.0)] + [sums[k] for k in names], dtype=torch.float64,
+                                      device="cpu"))
     return {k: (totals[j + 1] / totals[0]).item() for j, k in enumerate(names)} if totals[0] > 0 else {}
 
 
 def _global_mean(parts: list[torch.Tensor]) -> float:
-    local = torch.cat(parts) if parts else torch.zeros(0)
-    acc = all_reduce(torch.tensor([local.double().sum().item(), float(local.numel())], dtype=torch.float64))
+    local = torch.cat(parts) if parts else torch.zeros(0, device="cpu")
+    acc = all_reduce(torch.tensor([local.double().sum().item(), float(local.numel())], dtype=torch.float64,
+                                   device="cpu"))
     return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
 
 

@@ -77,7 +77,7 @@ def _flatten(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], dev
         lengths.append(len(seq) - n_prompt)
         cu.append(start + len(seq))
     return _Batch(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                  torch.tensor(cu, dtype=torch.int32, device=device), torch.tensor(rows, dtype=torch.long),
+                  torch.tensor(cu, dtype=torch.int32, device=device), torch.tensor(rows, dtype=torch.long, device="cpu"),
                   torch.tensor(targets, dtype=torch.long, device=device), lengths,
                   [len(s) for s in sequences])
 
@@ -89,8 +89,9 @@ def _batch_noise(specs_per_seq: Sequence[NoiseSpec | None], seq_lens: Sequence[i
     if not specs:
         return None
     index = {s: i for i, s in enumerate(specs)}
-    row_spec = torch.repeat_interleave(torch.tensor([index[s] if s is not None else -1 for s in specs_per_seq]),
-                                       torch.tensor(list(seq_lens)))
+    row_spec = torch.repeat_interleave(torch.tensor([index[s] if s is not None else -1 for s in specs_per_seq],
+                                                    device="cpu"),
+                                       torch.tensor(list(seq_lens), device="cpu"))
     return BatchNoise(row_spec, specs, device)
 
 
