@@ -501,19 +501,18 @@ def noisy_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          rows, pkey: int, row_offset: int, col_offset: int,
                          in_features: int, tiles: TileConfig | None = None,
                          up: torch.Tensor | None = None, up_key: int = 0) -> torch.Tensor:
-    """The one dispatcher of noisy matmuls, on checked, row-major 2-D inputs (no autograd).
+    """The one dispatcher of noisy matmuls, on checked, row-major 2-D inputs with at least one
+    noisy row (the wrappers send all-clean calls to cuBLAS first); no autograd.
 
-    Every row clean: cuBLAS. Up to FUSED_MAX_ROWS rows, or explicit ``tiles``, or rows of a
-    CUDA graph (device tables, no host streams): the fused kernel, weight-stationary, which
-    reads W once for clean and noisy rows. Larger batches: cuBLAS per policy on a transient
-    perturbed copy of one weight at a time. With ``up`` (a gated MLP's up weight, ``weight``
-    being its gate, no bias): SiLU(gate) * up.
+    Up to FUSED_MAX_ROWS rows, or explicit ``tiles``, or rows of a CUDA graph (device
+    tables, no host streams): the fused kernel, weight-stationary, which reads W once for
+    clean and noisy rows. Larger batches: cuBLAS per policy on a transient perturbed copy of
+    one weight at a time. With ``up`` (a gated MLP's up weight, ``weight`` being its gate,
+    no bias): SiLU(gate) * up.
     """
     m, n = x2d.shape[0], weight.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    if rows.all_clean:
-        return _clean(x2d, weight, bias, up)
     if m > FUSED_MAX_ROWS and tiles is None and isinstance(rows, StreamRows):
         return _materialized(x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, up, up_key)
     return _fused(x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, tiles, up, up_key)
@@ -524,14 +523,10 @@ class _NoisyLinearFn(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, rows, pkey, row_offset, col_offset, in_features, tiles):
         y = noisy_linear_forward(x2d, weight, bias, rows, pkey, row_offset, col_offset,
                                  in_features, tiles)
-        if any(ctx.needs_input_grad[:3]):
-            if rows.all_clean:
-                ctx.save_for_backward(x2d, weight)
-                ctx.clean_index = None
-            else:
-                index = rows.clean_mask.nonzero().squeeze(1)
-                ctx.save_for_backward(x2d.index_select(0, index), weight)
-                ctx.clean_index = index
+        if any(ctx.needs_input_grad[:3]):  # noisy_linear sends all-clean calls to F.linear
+            index = rows.clean_mask.nonzero().squeeze(1)
+            ctx.save_for_backward(x2d.index_select(0, index), weight)
+            ctx.clean_index = index
             ctx.num_rows = x2d.shape[0]
             ctx.has_bias = bias is not None
         return y
@@ -540,14 +535,11 @@ class _NoisyLinearFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_clean, weight = ctx.saved_tensors
         index = ctx.clean_index
-        g = grad_y if index is None else grad_y.index_select(0, index)
+        g = grad_y.index_select(0, index)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             gx = g @ weight
-            if index is None:
-                grad_x = gx
-            else:
-                grad_x = gx.new_zeros(ctx.num_rows, weight.shape[1]).index_copy_(0, index, gx)
+            grad_x = gx.new_zeros(ctx.num_rows, weight.shape[1]).index_copy_(0, index, gx)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ x_clean
         if ctx.has_bias and ctx.needs_input_grad[2]:
