@@ -20,8 +20,8 @@ FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_
         "checkpoint.every=2"]
 
 
-def trainer(tmp_path, name, *extra):
-    return PSNTrainer(load_config(None, FAST + [f"log.dir={tmp_path / name}", *extra]))
+def trainer(tmp_path, name, *extra, **options):
+    return PSNTrainer(load_config(None, FAST + [f"log.dir={tmp_path / name}", *extra]), **options)
 
 
 def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
@@ -38,7 +38,7 @@ def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
     assert all(r["sampler_logprob_gap"] < 1e-4 for r in rows)
     assert {"problems", "pass@1", "pass@2", "operation_diversity"} <= set(rows[1]["eval"]["sets"]["tiny-arith"])
     assert set(rows[1]["eval"]["average"]) == {"pass@1", "pass@2"}
-    assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.pt", "iter-000003.pt"]
+    assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.safetensors", "iter-000003.safetensors"]
     assert (tmp_path / "run" / "config.yaml").is_file()
     # TensorBoard event files and the reward/sigma PNG, by default and without extra packages.
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
@@ -84,8 +84,8 @@ def test_resume_continues_exactly(tmp_path):
     straight.run()
     first = trainer(tmp_path, "b", "train.iterations=2")
     first.run()
-    resumed = trainer(tmp_path, "b", "train.iterations=4")
-    resumed.run(resume=True)
+    resumed = trainer(tmp_path, "b", "train.iterations=4", resume=True)
+    resumed.run()
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
     assert resumed.sigma.state_dict() == straight.sigma.state_dict()
@@ -104,13 +104,13 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(t, "step", step)
     with pytest.raises(KeyboardInterrupt):
         t.run()
-    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.pt"]
+    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.safetensors"]
 
 
 def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     for i in range(1, 5):
         save_checkpoint(tmp_path, i, {"i": i}, keep=2)
-    assert [p.name for p in checkpoints(tmp_path)] == ["iter-000003.pt", "iter-000004.pt"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["iter-000003.safetensors", "iter-000004.safetensors"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 

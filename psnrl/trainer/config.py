@@ -568,8 +568,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
 def _parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # its own text names "<unicode string>" and spans lines
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
+        raise ConfigError(" ".join(f"{at}: invalid YAML: {problem}".split())) from None
 
 
 def _config_file(path: str | Path) -> Path:
