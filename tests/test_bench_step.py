@@ -178,6 +178,9 @@ def test_cpu_smoke_runs_every_mode_end_to_end(tmp_path):
 def test_gpu_run_of_the_tiny_model(tmp_path):
     from psnrl.bench.common import device_slug
 
-    assert bench.main(SMOKE + ["--device", "cuda", "--out-dir", str(tmp_path)]) == 0
+    # A KV cache of a fixed size (room for the rollouts many times over): memory-sized caches of
+    # tests running in parallel on one GPU would compete.
+    assert bench.main(SMOKE + ["--device", "cuda", "--out-dir", str(tmp_path),
+                               "--set", "rollout.num_kv_blocks=64"]) == 0
     rows = _check_smoke(tmp_path, device_slug(torch.cuda.get_device_name()))
     assert all(r["peak_bytes"] > r["kv_cache_bytes"] for r in rows.values())

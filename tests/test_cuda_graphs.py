@@ -418,6 +418,9 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
 # ---------------------------------------------------------------------------
 
 GPU_VOCAB = 1024
+# LLM tests size their KV caches by blocks, not by memory, so they can share a GPU under pytest -n:
+# room for 16 sequences of max_model_len 512 (block 16), above the admission watermark.
+GPU_KV_BLOCKS = 16 * 512 // 16 + 16
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +494,7 @@ def test_gpu_llm_greedy_tokens_identical_with_and_without_graphs(gpu_model, mode
     outs = []
     for eager in (True, False):
         llm = LLM(gpu_model, dtype="float32", block_size=16, max_num_seqs=16, max_model_len=512,
-                  enforce_eager=eager)
+                  num_kv_blocks=GPU_KV_BLOCKS, enforce_eager=eager)
         outs.append(llm.generate(prompts, params, noise, use_tqdm=False))
         if eager:
             assert llm.runner.graphs is None
@@ -502,7 +505,8 @@ def test_gpu_llm_greedy_tokens_identical_with_and_without_graphs(gpu_model, mode
     for ra, rb in zip(*outs):
         assert [c.token_ids for c in ra.outputs] == [c.token_ids for c in rb.outputs]
     # bf16 with graphs runs and stays close to eager (tokens may part at near-ties)
-    llm = LLM(gpu_model, dtype="bfloat16", block_size=16, max_num_seqs=16, max_model_len=512)
+    llm = LLM(gpu_model, dtype="bfloat16", block_size=16, max_num_seqs=16, max_model_len=512,
+              num_kv_blocks=GPU_KV_BLOCKS)
     out = llm.generate(prompts, params, noise, use_tqdm=False)
     assert all(len(c.token_ids) == p.max_tokens for r, p in zip(out, params) for c in r.outputs)
     assert not llm.runner.graphs.disabled

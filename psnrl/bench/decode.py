@@ -547,9 +547,11 @@ class Runner:
                 def once(w=work, n=noise):
                     return time_engine(llm, w, n, greedy=a.greedy, seed=a.seed, sync=self.sync)
                 if not self.measure(model, work, mode, once, once) and llm.scheduler.has_work():
-                    llm = None  # a failed generate leaves requests behind: a fresh engine next
+                    llm.close()  # a failed generate leaves requests behind: a fresh engine next
+                    llm = None
                     free_memory(a.device)
-        llm = None
+        if llm is not None:
+            llm.close()
         free_memory(a.device)
         if "hf" in a.modes:
             self.run_hf(model, path, [w for w in works if w.name == FIXED])

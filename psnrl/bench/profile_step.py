@@ -90,6 +90,7 @@ def profile_run(out_dir: Path, iterations: int = DEFAULT_ITERATIONS, config: str
         wall = time.perf_counter() - start
     finally:
         profiling.enable_torch_ranges(was_on)
+        trainer.close()
     prof.export_chrome_trace(str(trace_path))
     totals = range_totals(json.loads(trace_path.read_text()))
     ranges_path = out_dir / f"step-ranges-{slug}.json"

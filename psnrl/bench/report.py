@@ -299,14 +299,14 @@ def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
                               where, value, GEMM_LEARNER_RATIO))
     out += _decode_targets([r for r in _rows(current.get("decode")) if _ok(r)])
     learner = [r for r in _rows(current.get("learner")) if _ok(r)]
-    by = {(r.get("model"), r.get("tokens"), r.get("mode")): r for r in learner}
-    for (model, tokens, mode), row in by.items():
+    by = {(*_learner_case(r), r.get("mode")): r for r in learner}
+    for (model, tokens, checkpointing, mode), row in by.items():
         if mode != "psn":
             continue
-        plain = by.get((model, tokens, "plain"))
+        plain = by.get((model, tokens, checkpointing, "plain"))
         if plain is None:
             continue
-        where = f"{model} {tokens} tokens"
+        where = f"{model} {tokens} tokens{', activation checkpointing' if checkpointing else ''}"
         out.append(Target("learner", f"peak memory PSN/plain <= {LEARNER_MEMORY_RATIO:.2f}", where,
                           ratio(row.get("peak_bytes"), plain.get("peak_bytes")), LEARNER_MEMORY_RATIO))
         out.append(Target("learner", f"step time PSN/plain <= {LEARNER_TIME_RATIO:.2f}", where,
@@ -356,7 +356,8 @@ ROW_LABELS: dict[str, Callable[[dict], str]] = {
     "noisy_gemm": lambda r: f"{r.get('shape')} M={r.get('M')}",
     "decode": lambda r: (f"{r.get('model')}{_workload_tag(r)} batch {r.get('batch')} prompt "
                          f"{r.get('prompt_len')} output {r.get('output_len')} {decode_mode(r.get('mode'))}"),
-    "learner": lambda r: f"{r.get('model')} {r.get('tokens')} tokens {r.get('mode')}",
+    "learner": lambda r: (f"{r.get('model')} {r.get('tokens')} tokens"
+                          f"{' act-ckpt' if r.get('activation_checkpointing') else ''} {r.get('mode')}"),
     "step": lambda r: f"{r.get('model')} {r.get('mode')}",
     "lm_head": lambda r: f"{r.get('tokens')} x {r.get('vocab')} (hidden {r.get('hidden')}) {r.get('impl')}",
 }
@@ -369,7 +370,7 @@ COMPARISONS: dict[str, tuple[Callable[[dict], tuple], list[tuple[str, Callable[[
     "decode": (lambda r: (r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
                           r.get("output_len"), decode_mode(r.get("mode"))),
                [("tok_s", lambda r: r.get("tok_s"), HIGHER)]),
-    "learner": (lambda r: (r.get("model"), r.get("tokens"), r.get("mode")),
+    "learner": (lambda r: (*_learner_case(r), r.get("mode")),
                 [("step_ms", lambda r: r.get("step_ms"), LOWER),
                  ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
     "step": (lambda r: (r.get("model"), r.get("mode")),
@@ -491,18 +492,24 @@ def decode_table(doc: dict) -> str:
                   "over HF", "over clean"], rows, "lrrrlrrrrrr")
 
 
+def _learner_case(r: dict) -> tuple:
+    """Learner rows compared with each other (files from before the option: checkpointing off)."""
+    return r.get("model"), r.get("tokens"), bool(r.get("activation_checkpointing"))
+
+
 def learner_table(doc: dict) -> str:
     rows_in = _rows(doc)
-    plain = {(r.get("model"), r.get("tokens")): r for r in rows_in if r.get("mode") == "plain" and _ok(r)}
+    plain = {_learner_case(r): r for r in rows_in if r.get("mode") == "plain" and _ok(r)}
     rows = []
     for r in rows_in:
-        p = plain.get((r.get("model"), r.get("tokens")))
-        rows.append([str(r.get("model", "?")), fmt(r.get("tokens"), "g"), str(r.get("mode", "?")),
+        p = plain.get(_learner_case(r))
+        rows.append([str(r.get("model", "?")), fmt(r.get("tokens"), "g"),
+                     "on" if r.get("activation_checkpointing") else "off", str(r.get("mode", "?")),
                      fmt_bytes(r.get("peak_bytes")), fmt(r.get("step_ms"), ".1f"),
                      fmt(ratio(r.get("peak_bytes"), p.get("peak_bytes")) if p else None, ".3f"),
                      fmt(ratio(r.get("step_ms"), p.get("step_ms")) if p else None, ".3f")])
-    text = table(["model", "tokens", "mode", "peak GiB", "step ms", "memory / plain", "time / plain"],
-                 rows, "lrlrrrr")
+    text = table(["model", "tokens", "act. ckpt", "mode", "peak GiB", "step ms", "memory / plain", "time / plain"],
+                 rows, "lrllrrrr")
     mismatch = doc.get("mismatch")
     if isinstance(mismatch, dict) and mismatch:
         text += "\n\nMismatch: " + ", ".join(f"{k} = {fmt(v, '.3g') if _num(v) is not None else v}"
@@ -587,12 +594,14 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
                                ylabel="output tokens/s", logx=True, logy=True)))
     learner = [r for r in _rows(current.get("learner")) if _ok(r) and _num(r.get("peak_bytes")) is not None]
     if learner:
-        cats = list(dict.fromkeys(f"{r.get('model', '?')} {r.get('tokens', '?')} tok" for r in learner))
+        def cat(r: dict) -> str:
+            return (f"{r.get('model', '?')} {r.get('tokens', '?')} tok"
+                    f"{' ckpt' if r.get('activation_checkpointing') else ''}")
+        cats = list(dict.fromkeys(cat(r) for r in learner))
         modes = list(dict.fromkeys(str(r.get("mode", "?")) for r in learner))
         values = {m: [math.nan] * len(cats) for m in modes}
         for r in learner:
-            values[str(r.get("mode", "?"))][cats.index(f"{r.get('model', '?')} {r.get('tokens', '?')} tok")] = \
-                r["peak_bytes"] / GIB
+            values[str(r.get("mode", "?"))][cats.index(cat(r))] = r["peak_bytes"] / GIB
         specs.append(("learner", "learner_memory.png", "bar_chart",
                       dict(categories=cats, series=values, title="learner peak memory: PSN vs plain vs naive",
                            ylabel="peak GiB")))

@@ -308,6 +308,7 @@ def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
         return records[args.warmup:], {"peak_bytes": peak, "kv_cache_bytes": kv_bytes,
                                        "allocated_before_bytes": before}
     finally:
+        trainer.close()
         del trainer
         free_memory(args.device)
 

@@ -98,7 +98,8 @@ from psnrl.engine.attention import AttentionMetadata
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
 from psnrl.kernels import noise as noise_mod
-from psnrl.kernels.noisy_linear import MAX_SLOTS, NoiseStream, max_work_tiles, pack_work_tiles, pick_tiles
+from psnrl.kernels.noisy_linear import (MAX_SLOTS, NoiseStream, max_work_tiles, pack_work_tiles, pick_tiles,
+                                        workspace_pins)
 from psnrl.kernels.paged_attention import pick_num_splits
 
 # Noise-stream slots per work tile in graphs (a constexpr of the noisy kernel).
@@ -267,6 +268,7 @@ class DecodeGraph:
         self.groups = groups
         self.level = level
         self.graph = None
+        self.pinned: list[torch.Tensor] = []
         dev = owner.device
         pin = dev.type == "cuda"
         # Layout of the flat int32 buffer: name -> (offset, length), 16-element aligned.
@@ -372,10 +374,10 @@ class DecodeGraph:
         self.forward()  # warm-up: compiles kernels; computes this step (and writes its K/V)
         torch.cuda.synchronize(o.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=o.pool):
+        with workspace_pins() as pins, torch.cuda.graph(graph, pool=o.pool):
             self.forward()
         torch.cuda.synchronize(o.device)
-        self.graph = graph
+        self.graph, self.pinned = graph, pins  # replays write into the pinned workspaces
 
     def replay(self) -> None:
         if self.graph is not None:
@@ -474,6 +476,17 @@ class DecodeGraphs:
         graph.replay()
         self.num_replays += 1
         return self.out[:bucket].index_select(0, graph.out_rows[:len(plan.out_rows)])
+
+    def close(self) -> None:
+        """Drop every graph, the graphs' memory pool and the shared output buffer; the object
+        runs nothing afterwards (``run`` returns None, so a caller falls back to eager)."""
+        for graph in self.graphs.values():
+            if graph.graph is not None:
+                graph.graph.reset()
+        self.graphs.clear()
+        self.pool = self.out = None
+        self.model = self.kv_caches = None
+        self.disabled = True
 
     def _capture(self, graph: DecodeGraph) -> bool:
         start = time.perf_counter()

@@ -27,6 +27,7 @@ from psnrl.engine.sampling import (SamplingParams, Sampler, batch_tensors, check
                              pad_stop_ids)
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig
 from psnrl.engine.sequence import Sequence
+from psnrl.kernels.noisy_linear import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,7 +39,8 @@ CPU_KV_BYTES = 1 << 30
 class EngineConfig:
     dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    gpu_memory_utilization: float = 0.9  # fraction of the GPU the engine may fill, KV cache included
+    # Share of the GPU memory free when the engine starts that it may fill, weights and KV cache included.
+    gpu_memory_utilization: float = 0.9
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -95,6 +97,10 @@ class LLM:
         self.config = cfg = EngineConfig(**kwargs)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = None if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+        # The memory budget is a share of what is free now, not of the device's total: other
+        # processes or engines on the same GPU keep what they hold.
+        free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.closed = False
         self.model = load_model(model, dtype=dtype, device=self.device)
         mcfg = self.model.config
         self.tokenizer = _load_tokenizer(Path(model))
@@ -102,7 +108,7 @@ class LLM:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mcfg.max_position_embeddings}")
-        num_blocks = cfg.num_kv_blocks or self._kv_blocks_for_memory()
+        num_blocks = cfg.num_kv_blocks or self._kv_blocks_for_memory(free_at_start)
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {cfg.block_size} tokens = "
@@ -127,15 +133,42 @@ class LLM:
         elem = self.model.model.embed_tokens.weight.element_size()
         return 2 * m.num_layers * self.config.block_size * m.num_kv_heads * m.head_dim * elem
 
-    def _kv_blocks_for_memory(self) -> int:
+    def _kv_blocks_for_memory(self, free_at_start: int | None) -> int:
+        """Blocks that fit in gpu_memory_utilization x (memory free before the weights loaded),
+        less what loading took; on a CPU, room for max_num_seqs full sequences up to CPU_KV_BYTES."""
         per_block = self._kv_bytes_per_block()
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free)
+        if free_at_start is not None:
+            free_now = torch.cuda.mem_get_info(self.device)[0]
+            budget = free_at_start * self.config.gpu_memory_utilization - (free_at_start - free_now)
         else:
             per_seq = math.ceil(self.max_model_len / self.config.block_size) * per_block
             budget = min(CPU_KV_BYTES, per_seq * self.config.max_num_seqs)
         return max(int(budget // per_block), 0)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free what the engine holds on its device: KV cache, decode CUDA graphs and their
+        memory pool, the noisy kernel's workspace and the engine's reference to the weights
+        (a trainer that shares them keeps its own). Idempotent; the engine runs nothing after."""
+        if self.closed:
+            return
+        self.closed = True
+        self.runner.close()
+        self.runner.model = self.model = None
+        release_workspace(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the cached blocks back, so the next engine can size its cache
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this LLM has been closed; build a new one")
 
     # -- requests -------------------------------------------------------------------------
 
@@ -149,6 +182,7 @@ class LLM:
         noise None is sampled from the clean policy. A bad request (too long, empty)
         finishes with an "error: ..." reason; the others run.
         """
+        self._check_open()
         prompts = _as_prompt_list(prompts)
         params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompts),
                                   "params", SamplingParams)
@@ -297,6 +331,7 @@ class LLM:
 
         The prefix cache is dropped: KV computed with the old weights is stale.
         """
+        self._check_open()
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
             if name not in params:

@@ -28,6 +28,13 @@ class ModelRunner:
                 model, kv_caches, block_size, max_num_seqs,
                 max_model_len or model.config.max_position_embeddings)
 
+    def close(self) -> None:
+        """Release the KV cache and the decode graphs (the model belongs to the caller)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+        self.kv_caches = []
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate KV blocks (src -> dst) in every layer before the step."""
         if not copies:

@@ -182,6 +182,21 @@ class PSNTrainer:
         limit = self.cfg.data.max_prompt_tokens
         return [p for p in problems if len(self.tokenizer.encode(self._prompt(p), add_special_tokens=False)) <= limit]
 
+    def close(self) -> None:
+        """Free the engine (KV cache, CUDA graphs) and drop the models and optimizer state, so
+        another trainer or engine in this process gets the memory back. Idempotent."""
+        self.llm.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.model = self.ref_model = self.learner = self.optimizer = self.embedder = None
+
+    def __enter__(self) -> "PSNTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _reward(self, text: str, answer: str) -> float:
         return exact_answer_reward(text, answer) if self.tiny else math_reward(text, answer)
 
