@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from psnrl.bench import decode as bench
 from psnrl.bench import model_configs as mc
+from psnrl.bench.common import device_slug
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -366,7 +367,7 @@ def test_main_on_a_small_subset(tmp_path):
     rc = bench.main(["--models", "0.5B", "--batches", "1", "8", "--prompt-len", "16", "--output-len", "16",
                      "--nano-vllm-seqs", "8", "--nano-vllm-lengths", "16", "32", "--out-dir", str(tmp_path)])
     assert rc == 0
-    slug = bench.device_slug(torch.cuda.get_device_name())
+    slug = device_slug(torch.cuda.get_device_name())
     doc = json.loads((tmp_path / f"decode-{slug}.json").read_text())
     assert (tmp_path / f"decode-{slug}.md").exists()
     assert len(doc["rows"]) == 2 * 4 + 3  # fixed: 2 batches x 4 modes; nano-vllm: 3 engine modes

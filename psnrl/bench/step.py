@@ -309,7 +309,6 @@ def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
                                        "allocated_before_bytes": before}
     finally:
         trainer.close()
-        del trainer
         free_memory(args.device)
 
 
