@@ -32,7 +32,7 @@ SHORT_RUN = ("train.sft_warmup_steps=0", "eval.every=0", "checkpoint.every=0")
 def device_slug() -> str:
     import torch
 
-    from psnrl.bench.noisy_gemm import device_slug as slug
+    from psnrl.bench.common import device_slug as slug
     return slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
 
 
