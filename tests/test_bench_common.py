@@ -38,12 +38,12 @@ def test_bench_run_rewrites_its_files_after_every_row(tmp_path, capsys):
     run.record({"mode": "a", "ms": 2.0}, "a")
     doc = json.loads((tmp_path / "demo-some-gpu.json").read_text())
     assert list(doc) == ["device", "torch", "note", "rows"] and len(doc["rows"]) == 1
-    run.extra["mismatch"] = {"mean": 0.5}
+    run.meta["mismatch"] = {"mean": 0.5}
     run.record(common.error_row(("mode", "ms"), RuntimeError("out of memory"), mode="b"), "b")
     assert "[demo] b: RuntimeError: out of memory" in capsys.readouterr().err
     doc = json.loads((tmp_path / "demo-some-gpu.json").read_text())
     assert doc["rows"][0]["over_a"] == 1.0 and doc["rows"][1]["error"] == "RuntimeError: out of memory"
-    assert doc["mismatch"] == {"mean": 0.5}
+    assert doc["mismatch"] == {"mean": 0.5} and list(doc)[-1] == "rows"
     assert (tmp_path / "demo-some-gpu.md").read_text() == "# 2 rows\n"
     assert run.close() == 1  # a row failed
     assert "# 2 rows" in capsys.readouterr().out

@@ -196,32 +196,29 @@ def run_meta(device: str, **fields) -> dict:
 @dataclass(frozen=True)
 class BenchFiles:
     """What a bench's result files hold: ``<name>-<device>.json`` (``meta_keys`` first, then the
-    other metadata, the rows and ``extra`` fields) and the markdown ``render(meta, rows)`` makes;
-    ``finish(rows)`` completes the rows before they are written (ratios between rows)."""
+    other metadata, then the rows) and the markdown ``render(meta, rows)`` makes; ``finish(rows)``
+    completes the rows before they are written (ratios between rows)."""
 
     name: str
     meta_keys: tuple[str, ...]
     render: Callable[[dict, list[dict]], str]
     finish: Callable[[Sequence[dict]], list[dict]] = list
 
-    def write(self, out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict],
-              extra: dict | None = None) -> tuple[Path, Path]:
+    def write(self, out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
         """Write both files into ``out_dir`` atomically; return their paths."""
         rows = self.finish(rows)
         doc = results_document(meta, rows, self.meta_keys)
-        doc.update(extra or {})
         return write_result_files(out_dir, self.name, meta["device"], doc, self.render(meta, rows))
 
 
 class BenchRun:
     """The rows of one bench run, its files rewritten after every ``record`` so that an
-    interrupted run keeps what it measured. ``extra``: top-level JSON fields besides the rows,
-    kept up to date by the bench (a mismatch measurement, say)."""
+    interrupted run keeps what it measured. A measurement that is not a row (the learner's
+    mismatch, say) goes into ``meta``, which the bench may update between writes."""
 
     def __init__(self, files: BenchFiles, meta: dict, out_dir: str | os.PathLike, rows: Sequence[dict] = ()):
         self.files, self.meta, self.out_dir = files, meta, out_dir
         self.rows: list[dict] = list(rows)
-        self.extra: dict = {}
 
     def log(self, message: str) -> None:
         print(f"[{self.files.name}] {message}", file=sys.stderr, flush=True)
@@ -234,7 +231,7 @@ class BenchRun:
         self.write()
 
     def write(self) -> tuple[Path, Path]:
-        return self.files.write(self.out_dir, self.meta, self.rows, self.extra)
+        return self.files.write(self.out_dir, self.meta, self.rows)
 
     def close(self, summary: str | None = None) -> int:
         """Write the files a last time, print ``summary`` (default: the markdown) and where they

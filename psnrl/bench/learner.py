@@ -53,8 +53,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -65,11 +65,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (RESULTS_DIR, fmt_cell, free_memory, positive_int, ratio, results_document,
-                          round_or_none, split_list, write_result_files)
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, error_row as _error_row,
+                                error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
+                                ratio, round_or_none, run_meta, split_list)
 
 NAME = "learner"
-DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
                    "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny)")
 
@@ -347,10 +347,8 @@ def build_row(model: str, case: Case, seq_len: int, checkpointing: bool, mode: s
 
 def error_row(model: str, tokens: int, seqs: int, seq_len: int, prompt_len: int, checkpointing: bool, mode: str,
               error: BaseException) -> dict:
-    row = {key: None for key in ROW_KEYS}
-    row.update(model=model, tokens=tokens, activation_checkpointing=checkpointing, mode=mode, seqs=seqs,
-               seq_len=seq_len, prompt_len=prompt_len, error=f"{type(error).__name__}: {error}".strip()[:500])
-    return row
+    return _error_row(ROW_KEYS, error, model=model, tokens=tokens, activation_checkpointing=checkpointing,
+                      mode=mode, seqs=seqs, seq_len=seq_len, prompt_len=prompt_len)
 
 
 def case_key(row: dict) -> tuple:
@@ -360,18 +358,17 @@ def case_key(row: dict) -> tuple:
 
 def add_ratios(rows: Sequence[dict]) -> list[dict]:
     """Fill over_plain_mem / _time / _saved and extra_saved_tensors from the plain row of the same case."""
-    plain = {case_key(r): r for r in rows if r["mode"] == "plain" and not r.get("error")}
-    out = []
-    for row in rows:
-        row = dict(row)
+    def is_plain(r: dict) -> bool:
+        return r["mode"] == "plain"
+
+    out = fill_ratios(rows, case_key, is_plain, [("over_plain_mem", "peak_bytes", 4),
+                                                 ("over_plain_time", "step_ms", 4),
+                                                 ("over_plain_saved", "saved_bytes", 4)])
+    plain = {case_key(r): r for r in out if is_plain(r) and not r.get("error")}
+    for row in out:
         p = plain.get(case_key(row))
-        ok = p is not None and not row.get("error")
-        for key, field, digits in (("over_plain_mem", "peak_bytes", 4), ("over_plain_time", "step_ms", 4),
-                                   ("over_plain_saved", "saved_bytes", 4)):
-            row[key] = round_or_none(ratio(row.get(field), p.get(field)), digits) if ok else None
         row["extra_saved_tensors"] = (extra_saved_tensors(row["saved_tensors"], p["saved_tensors"])
-                                      if ok and row["mode"] != "plain" else None)
-        out.append(row)
+                                      if p and not row.get("error") and not is_plain(row) else None)
     return out
 
 
@@ -438,10 +435,6 @@ def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> 
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _mib(value) -> str:
-    return "—" if value is None else f"{value / 2**20:,.1f}"
-
-
 def _on_off(checkpointing) -> str:
     return "on" if checkpointing else "off"
 
@@ -450,17 +443,14 @@ def _case(r: dict) -> str:
     return f"{r['model']} {r['tokens']} tokens, activation checkpointing {_on_off(r.get('activation_checkpointing'))}"
 
 
-def render_table(rows: Sequence[dict]) -> str:
-    head = ["model", "tokens", "act. ckpt", "mode", "peak MiB", "step ms", "mem / plain", "time / plain",
-            "saved MiB", "saved / plain", "weight copy MiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            str(r["model"]), str(r["tokens"]), _on_off(r.get("activation_checkpointing")), r["mode"],
-            _mib(r.get("peak_bytes")), fmt_cell(r.get("step_ms"), ",.1f"),
-            fmt_cell(r.get("over_plain_mem"), ".3f"), fmt_cell(r.get("over_plain_time"), ".3f"), _mib(r.get("saved_bytes")),
-            fmt_cell(r.get("over_plain_saved"), ".3f"), _mib(r.get("weight_copy_bytes"))]) + " |")
-    return "\n".join(lines)
+COLUMNS = (
+    Column("model", "model", left=True), Column("tokens", "tokens", left=True),
+    Column(lambda r: _on_off(r.get("activation_checkpointing")), "act. ckpt", left=True),
+    Column("mode", "mode", left=True), Column("peak_bytes", "peak MiB", "mib"), Column("step_ms", "step ms", "{:,.1f}"),
+    Column("over_plain_mem", "mem / plain", "{:.3f}"), Column("over_plain_time", "time / plain", "{:.3f}"),
+    Column("saved_bytes", "saved MiB", "mib"), Column("over_plain_saved", "saved / plain", "{:.3f}"),
+    Column("weight_copy_bytes", "weight copy MiB", "mib"),
+)
 
 
 def target_lines(rows: Sequence[dict]) -> list[str]:
@@ -519,30 +509,24 @@ def render_mismatch(m: dict) -> list[str]:
     return lines
 
 
-def render_markdown(meta: dict, rows: Sequence[dict], mismatch: dict | None) -> str:
-    rows = add_ratios(rows)
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     parts = [f"# learner on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; dtype {meta.get('dtype', '?')}; "
              f"noise: {meta.get('noise', '')}.", "",
              f"Method: {meta.get('method', '')}", "",
-             render_table(rows), ""]
+             markdown_table(COLUMNS, rows), ""]
     targets = target_lines(rows)
     if targets:
         parts += ["Targets:", "", *targets, ""]
     parts += render_extra_tensors(rows)
-    parts += render_mismatch(mismatch or {})
+    parts += render_mismatch(meta.get("mismatch") or {})
     errors = [r for r in rows if r.get("error")]
     if errors:
         parts += ["## Errors", "", *[f"- {_case(r)}, {r['mode']}: {r['error']}" for r in errors], ""]
     return "\n".join(parts)
 
 
-def write_results(out_dir, meta: dict, rows: Sequence[dict], mismatch: dict | None) -> tuple[Path, Path]:
-    """Write ``learner-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    rows = add_ratios(rows)
-    doc = results_document(meta, rows, META_KEYS)
-    doc["mismatch"] = dict(mismatch or {})
-    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows, mismatch))
+FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
 # ---------------------------------------------------------------------------
@@ -633,8 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cpu: a smoke run without a GPU (default cuda)")
     parser.add_argument("--ckpt-dir", default=None,
                         help="keep the random checkpoints here and reuse them (default: a temp dir)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
-                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    add_out_dir(parser)
     return parser
 
 
@@ -691,47 +674,31 @@ def method_description(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
-
-    import triton
-
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    meta = {
-        "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-        "dtype": args.dtype,
-        "noise": f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
-        "sigma": args.sigma, "targets": args.targets,
-        "method": method_description(args),
-        "targets_psn_over_plain": {"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
-        "warmup": args.warmup, "iters": args.iters, "seed": args.seed,
-    }
-    rows: list[dict] = []
-    state = {"mismatch": {}}
-
-    def log(message: str) -> None:
-        print(f"[learner] {message}", file=sys.stderr, flush=True)
+    meta = run_meta(
+        torch.cuda.get_device_name() if args.device == "cuda" else "cpu", dtype=args.dtype,
+        noise=f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        sigma=args.sigma, targets=args.targets, method=method_description(args),
+        targets_psn_over_plain={"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
+        warmup=args.warmup, iters=args.iters, seed=args.seed, mismatch={})
+    run = BenchRun(FILES, meta, args.out_dir)
 
     def record(row: dict) -> None:
-        rows.append(row)
-        if row.get("error"):
-            log(f"{_case(row)}, {row['mode']}: {row['error']}")
-        else:
-            peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
-            log(f"{_case(row)}, {row['mode']}: {row['step_ms']:,.1f} ms{peak}, "
-                f"saved {row['saved_bytes'] / 2**20:,.1f} MiB")
-        write_results(args.out_dir, meta, rows, state["mismatch"])
-
+        peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
+        run.record(row, f"{_case(row)}, {row['mode']}",
+                   None if row.get("error") else
+                   f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB")
 
     models = list(args.models)
     if not args.no_mismatch and args.mismatch_model not in models:
         models.append(args.mismatch_model)
     with tempfile.TemporaryDirectory(prefix="psnrl-learner-") as tmp:
         for model in models:
-            log(f"{model}: random {args.dtype} weights")
+            run.log(f"{model}: random {args.dtype} weights")
             try:
-                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir, args.device, Path(tmp))
+                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir,
+                                                              args.device, Path(tmp))
             except Exception as exc:
                 if model in args.models:
                     for checkpointing in args.checkpointing:
@@ -740,26 +707,22 @@ def main(argv: list[str] | None = None) -> int:
                                 record(error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing,
                                                  mode, exc))
                 if model == args.mismatch_model and not args.no_mismatch:
-                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
                 continue
             if model == args.mismatch_model and not args.no_mismatch:
-                log(f"{model}: engine vs learner mismatch")
+                run.log(f"{model}: engine vs learner mismatch")
                 try:
-                    state["mismatch"] = measure_mismatch(path, model, args, args.spec)
+                    meta["mismatch"] = measure_mismatch(path, model, args, args.spec)
                 except Exception as exc:
-                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                    log(f"mismatch failed: {state['mismatch']['error']}")
+                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
+                    run.log(f"mismatch failed: {meta['mismatch']['error']}")
                 free_memory(args.device)
             if model in args.models:
-                run_model(model, path, args, args.spec, record, log)
+                run_model(model, path, args, args.spec, record, run.log)
             if not args.ckpt_dir:
-                import shutil
                 shutil.rmtree(path, ignore_errors=True)
-    json_path, md_path = write_results(args.out_dir, meta, rows, state["mismatch"])
-    print(render_markdown(meta, rows, state["mismatch"]))
-    print(f"wrote {json_path}\nwrote {md_path}")
-    failed = any(r.get("error") for r in rows) or bool(state["mismatch"].get("error"))
-    return 1 if failed else 0
+    rc = run.close()
+    return 1 if rc or meta["mismatch"].get("error") else 0
 
 
 if __name__ == "__main__":
