@@ -67,7 +67,7 @@ def test_markdown_and_report_read_the_rows(tmp_path):
                             peak_bytes=20 << 30, kv_cache_bytes=8 << 30, setup=SETUP)
             for mode, s in (("plain", 1.0), ("psn", 1.03), ("psn-var2", 1.15))]
     rows.append(bench.error_row("Qwen2.5-0.5B", "psn", RuntimeError("boom"), SETUP))
-    json_path, md_path = bench.write_results(tmp_path, meta, rows)
+    json_path, md_path = bench.FILES.write(tmp_path, meta, rows)
     assert json_path.name == "step-nvidia-h100-80gb-hbm3.json"
     doc = json.loads(json_path.read_text())
     assert list(doc)[:4] == list(bench.META_KEYS) and len(doc["rows"]) == 4

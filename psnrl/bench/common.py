@@ -210,6 +210,14 @@ class BenchFiles:
         doc = results_document(meta, rows, self.meta_keys)
         return write_result_files(out_dir, self.name, meta["device"], doc, self.render(meta, rows))
 
+    def previous_rows(self, out_dir: str | os.PathLike, device: str, keep: Callable[[dict], bool]) -> list[dict]:
+        """The rows of this device's results file in ``out_dir`` that ``keep`` accepts (``--merge``:
+        a long run split into several commands keeps what the others measured)."""
+        path = Path(out_dir) / f"{self.name}-{device_slug(device)}.json"
+        if not path.is_file():
+            return []
+        return [row for row in json.loads(path.read_text()).get("rows", []) if keep(row)]
+
 
 class BenchRun:
     """The rows of one bench run, its files rewritten after every ``record`` so that an
@@ -250,9 +258,14 @@ def cuda_missing(device: str, message: str) -> bool:
     return False
 
 
-def add_out_dir(parser: argparse.ArgumentParser) -> None:
+def add_out_dir(parser: argparse.ArgumentParser, merge: bool = False) -> None:
+    """``--out-dir`` (and ``--merge``, for benches whose runs may be split into several commands)."""
     parser.add_argument("--out-dir", default=str(RESULTS_DIR),
                         help="where the results go (default: psnrl/bench/results of this checkout)")
+    if merge:
+        parser.add_argument("--merge", action="store_true",
+                            help="keep the rows of an existing results file of this device that this run "
+                                 "does not measure (to split a long run into several commands)")
 
 
 # ---------------------------------------------------------------------------
