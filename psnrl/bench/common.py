@@ -268,6 +268,20 @@ def add_out_dir(parser: argparse.ArgumentParser, merge: bool = False) -> None:
                                  "does not measure (to split a long run into several commands)")
 
 
+def add_model_runs(parser: argparse.ArgumentParser, default_models: Sequence[str], note: str = "") -> None:
+    """The options of a bench that runs random-weight checkpoints: ``--models``, ``--device``
+    (cpu: a smoke run) and ``--ckpt-dir``."""
+    from psnrl.bench import model_configs
+
+    parser.add_argument("--models", nargs="+", default=list(default_models), metavar="MODEL",
+                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
+                             f"(default {' '.join(default_models)}{note})")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run without a GPU (default cuda)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
+
+
 # ---------------------------------------------------------------------------
 # GPU timing and memory
 # ---------------------------------------------------------------------------

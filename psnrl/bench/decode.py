@@ -53,7 +53,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, add_out_dir, cuda_missing, device_and_sync,
+from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing, device_and_sync,
                                 error_row as _error_row, fmt_cell, free_memory, nonnegative_int, positive_int,
                                 ratio, round_or_none, run_meta, split_list)
 
@@ -592,9 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode throughput of the rollout engine (clean, noisy, mixed) and of "
                     "transformers generate on random-weight Qwen2.5 checkpoints; writes "
                     "decode-<device>.json and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)})")
+    add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
     parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
@@ -636,10 +634,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (default sdpa)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's peak memory bandwidth in GB/s (default: from PEAK_GBPS by name)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
     add_out_dir(parser, merge=True)
     return parser
 

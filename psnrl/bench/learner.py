@@ -65,7 +65,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, error_row as _error_row,
+from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, Column, add_out_dir, cuda_missing, error_row as _error_row,
                                 error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
                                 ratio, round_or_none, run_meta, split_list)
 
@@ -580,9 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Peak memory and step time of a learner step (plain GRPO, PSN-GRPO with dual-stream "
                     "log-probs, naive PSN with a materialized perturbed copy) on random-weight Qwen2.5 "
                     "models, and the engine/learner log-prob mismatch; writes learner-<device>.json and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)}; add 7B when memory allows)")
+    add_model_runs(parser, DEFAULT_MODELS, "; add 7B when memory allows")
     parser.add_argument("--seq-lens", nargs="+", default=None, metavar="N",
                         help="tokens per sequence, one micro-batch each (default 512 1024 on cuda, 24 48 on cpu)")
     parser.add_argument("--seqs", type=positive_int, default=None,
@@ -613,10 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mismatch-prompt-len", type=positive_int, default=None, help="default 64 (cpu 8)")
     parser.add_argument("--mismatch-tokens", type=positive_int, default=None,
                         help="tokens sampled per prompt (default 256, cpu 16)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
     add_out_dir(parser)
     return parser
 

@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync,
+from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, Column, add_out_dir, cuda_missing, device_and_sync,
                                 error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
                                 nonnegative_int, positive_int, round_or_none, run_meta, split_list)
 
@@ -331,9 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sync, Var-II probes) and peak GPU memory: plain GRPO vs PSN-GRPO vs PSN-GRPO "
                     "with Var-II, on random-weight Qwen2.5 checkpoints; writes step-<device>.json "
                     "and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)})")
+    add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
                         help=f"what to run: {', '.join(MODES)} (default all)")
     parser.add_argument("--prompts", type=positive_int, default=16,
@@ -362,10 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="weights and train.seed")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another config override for every run (repeatable), e.g. --set algo.kl_coef=0")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
     add_out_dir(parser, merge=True)
     return parser
 
