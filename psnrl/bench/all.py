@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from psnrl.bench import report
+from psnrl.bench.common import device_slug
 
 GPU_BENCHES = ("noisy-gemm", "decode", "learner", "step", "lm-head")
 # Names a bench may be registered under in psnrl/trainer/cli.py's BENCHES.
@@ -84,9 +85,9 @@ def run_benches(names: list[str], benches: dict[str, str], bench_args: dict[str,
 def pick_slug(device: str | None, results_dir: Path, cuda_name: str | None) -> str:
     """The device whose results go in the summary: --device, the GPU here, or the only one with results."""
     if device:
-        return report.device_slug(device)
+        return device_slug(device)
     if cuda_name:
-        return report.device_slug(cuda_name)
+        return device_slug(cuda_name)
     slugs = sorted(report.result_slugs(results_dir))
     if len(slugs) == 1:
         return slugs[0]
