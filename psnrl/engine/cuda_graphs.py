@@ -98,8 +98,8 @@ from psnrl.engine.attention import AttentionMetadata
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
 from psnrl.kernels import noise as noise_mod
-from psnrl.kernels.noisy_linear import (MAX_SLOTS, NoiseStream, max_work_tiles, pack_work_tiles, pick_tiles,
-                                        workspace_pins)
+from psnrl.kernels.noisy_linear import (MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles,
+                                        pick_tiles, workspace_pins)
 from psnrl.kernels.paged_attention import pick_num_splits
 
 # Noise-stream slots per work tile in graphs (a constexpr of the noisy kernel).
@@ -223,9 +223,9 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
     return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows)
 
 
-class _GraphRows:
-    """The ``StreamRows`` of one noise group in a graph: the attributes the noisy kernel
-    reads, backed by the graph's fixed-size device tables (refilled every step)."""
+class _GraphRows(NoiseRows):
+    """The rows of one noise group in a graph, as the noisy kernel reads them (``NoiseRows``),
+    backed by the graph's fixed-size device tables (refilled every step)."""
 
     all_clean = False
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import triton
@@ -39,6 +39,24 @@ class NoiseStream:
 
 # Most distinct streams one block of rows serves with one W tile (a static unroll).
 MAX_SLOTS = 4
+
+
+class NoiseRows(Protocol):
+    """What the fused kernel reads of a batch's rows: a stream id per row, the streams' seed and
+    sigma tables (index 0 = clean), and the row blocks it launches over. ``StreamRows`` builds
+    them from a tensor of stream ids; a decode CUDA graph keeps them in fixed device buffers it
+    refills every step (psnrl/engine/cuda_graphs.py). The torch reference and the materialized
+    path need the whole ``StreamRows``."""
+
+    shape: tuple[int, ...]
+    ids: torch.Tensor      # [rows] int32 stream ids
+    seeds: torch.Tensor    # [streams + 1, 2] int32 (noise.seed_table)
+    sigmas: torch.Tensor   # [streams + 1] fp32
+    all_clean: bool
+
+    def work_tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, 2] int32 row ranges, [T, slots] int32 stream ids padded with -1)."""
+        ...
 
 
 class StreamRows:
@@ -440,7 +458,7 @@ def splitk_workspace(numel: int, device: torch.device) -> torch.Tensor:
     return buf[:numel]
 
 
-def _fused(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows, pkey: int,
+def _fused(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: NoiseRows, pkey: int,
            row_offset: int, col_offset: int, in_features: int, tiles: TileConfig | None,
            up: torch.Tensor | None, up_key: int) -> torch.Tensor:
     """The fused kernel on checked, row-major 2-D inputs: one launch (plus the split-K reduce)."""
