@@ -19,6 +19,7 @@ BENCHES = {
     "decode": "psnrl.bench.decode",
     "step": "psnrl.bench.step",
     "learner": "psnrl.bench.learner",
+    "tiny-ab": "psnrl.bench.tiny_ab",
     "all": "psnrl.bench.all",
 }
 
