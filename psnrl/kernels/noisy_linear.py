@@ -180,7 +180,7 @@ def _pack(runs: list[tuple[int, int, int]], block_m: int, slots: int):
     """Greedy row blocks: a block closes when it holds block_m rows or would need slots + 1 streams."""
     ranges: list[list[int]] = []
     table: list[list[int]] = []
-    start, present = 0, []
+    start, present = 0, []  # type: int, list[int]
     for run_start, run_end, stream in runs:
         pos = run_start
         while pos < run_end:
@@ -509,21 +509,22 @@ def _materialized(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     so bit-identical weights), which the next weight or stream of the call reuses."""
     m, n = x2d.shape[0], weight.shape[0]
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    scratch = None
-    shard = dict(row_offset=row_offset, col_offset=col_offset, in_features=in_features)
+    scratch: torch.Tensor | None = None
+
+    def perturbed(w: torch.Tensor, st: NoiseStream, key: int) -> torch.Tensor:
+        nonlocal scratch
+        scratch = noise.fill_perturbed(scratch if scratch is not None else torch.empty_like(weight), w, st.seed,
+                                       key, st.sigma, row_offset=row_offset, col_offset=col_offset,
+                                       in_features=in_features)
+        return scratch
+
     for stream, index in rows.row_groups():
         xs = x2d[index]
-        if stream == 0:
-            ws, us = weight, up
-        else:
-            st = rows.streams[stream - 1]
-            scratch = noise.fill_perturbed(scratch if scratch is not None else torch.empty_like(weight),
-                                           weight, st.seed, pkey, st.sigma, **shard)
-            ws = scratch
+        st = rows.streams[stream - 1] if stream else None
+        ws = perturbed(weight, st, pkey) if st is not None else weight
         if up is not None:
             gate = torch.nn.functional.linear(xs, ws)  # before the scratch holds the up weight
-            if stream != 0:
-                us = noise.fill_perturbed(scratch, up, st.seed, up_key, st.sigma, **shard)
+            us = perturbed(up, st, up_key) if st is not None else up
             ys = torch.nn.functional.silu(gate) * torch.nn.functional.linear(xs, us)
         elif isinstance(index, slice):
             out = y[index]
