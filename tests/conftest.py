@@ -1,4 +1,5 @@
 """Test setup: Triton runs in its CPU interpreter where no GPU is present."""
+import gc
 import importlib
 import os
 import pkgutil
@@ -30,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
 def device() -> str:
     """Where kernel tests run: the GPU when there is one, else the interpreter on the CPU."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def release_cuda_memory():
+    """After each test on a GPU: collect what it left and return the cached blocks, so tests
+    running in parallel on one GPU (pytest -n 8) find the memory free again."""
+    yield
+    if HAS_CUDA:
+        gc.collect()
+        torch.cuda.empty_cache()
