@@ -11,14 +11,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from psnrl.engine.attention import AttentionMetadata, paged_attention
-from psnrl.engine.config import ModelConfig
+from psnrl.engine.config import ArchitectureConfig
 from psnrl.engine.layers import Hidden, RMSNorm, RotaryEmbedding, Streams, StreamLinear, per_stream
 from psnrl.engine.noise_spec import BatchNoise
 from psnrl.kernels.noisy_linear import noisy_gate_up
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         p = f"model.layers.{layer}.self_attn"
         d = cfg.head_dim
@@ -53,7 +53,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         p = f"model.layers.{layer}.mlp"
         hs, im, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -79,7 +79,7 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """The model; parameter names match the Hugging Face checkpoint's."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ArchitectureConfig):
         super().__init__()
         self.config = cfg
         self.model = nn.Module()
@@ -113,7 +113,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> "CausalLM":
+    def empty(cls, cfg: ArchitectureConfig, device: torch.device | str, dtype: torch.dtype) -> "CausalLM":
         """A model with uninitialized weights on ``device``, never materialized elsewhere."""
         with torch.device("meta"):
             model = cls(cfg)
