@@ -601,13 +601,8 @@ def make_charts(current: Mapping[str, dict | None], fig_dir: str | Path) -> tupl
     problems = []
     for kind, name, fn_name, kwargs in chart_specs(current):
         path = fig_dir / name
-        fn = getattr(charts, fn_name, None)
-        if fn is None and fn_name == "stacked_bar_chart":  # a charts module without it: grouped bars
-            kwargs = dict(kwargs)
-            kwargs["series"] = kwargs.pop("parts")
-            fn = charts.bar_chart
         try:
-            fn(path, **kwargs)
+            getattr(charts, fn_name)(path, **kwargs)
         except Exception as e:  # a chart must not stop the summary
             problems.append(f"{name}: {type(e).__name__}: {e}")
             continue

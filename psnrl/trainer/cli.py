@@ -125,7 +125,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             runs[other] = json.loads(Path(other).read_text())
         try:
             plot_curves(runs, args.plot)
-        except ValueError as e:  # e.g. no k to plot
+        except (ValueError, ImportError) as e:  # no k to plot; matplotlib missing
             raise SystemExit(f"psnrl eval: --plot: {e}")
     return 0
 

@@ -397,8 +397,8 @@ class CheckpointConfig(_Section):
 @dataclass(frozen=True)
 class LogConfig(_Section):
     """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/,
-    trainer.tensorboard) and the reward/sigma PNG (<dir>/reward_sigma.png, trainer.charts); both
-    need no extra package."""
+    trainer.tensorboard; no extra package) and the reward/sigma PNG (<dir>/reward_sigma.png,
+    trainer.charts; needs matplotlib, the ``plots`` extra, else the run says it is not drawn)."""
 
     _name = "log"
     dir: str = "runs/tiny"

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from psnrl.engine.llm import LLM, RequestOutput
 from psnrl.engine.loader import load_model
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.advantages import compute_advantages
-from psnrl.trainer.charts import line_chart
+from psnrl.trainer.charts import ChartsUnavailable, line_chart
 from psnrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from psnrl.trainer.config import TrainConfig, dump_config
 from psnrl.trainer.datasets import Problem, format_prompt, load_problems
@@ -444,7 +445,10 @@ def _plot(metrics_path: Path, out: Path) -> None:
     if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
         return
     running = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
-    line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
-               secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
-               title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
-               secondary_label="sigma")
+    try:
+        line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
+                   secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
+                   title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
+                   secondary_label="sigma")
+    except ChartsUnavailable as e:  # the run itself is unaffected: say what is off (log.plot=false hides it)
+        print(f"psnrl train: {out.name} not drawn: {e}", file=sys.stderr)
