@@ -92,7 +92,7 @@ def test_paper_configs(name, checkpoint):
 def test_paper_configs_need_a_model_path(name):
     message = error(name)
     assert f"{name}.yaml" in message
-    assert f"model.path '/path/to/" in message and "does not exist" in message
+    assert "model.path '/path/to/" in message and "does not exist" in message
     assert "local Hugging Face checkpoint directory" in message and "model.path=" in message
 
 

@@ -146,7 +146,7 @@ def test_digest_command_line(tmp_path, capsys):
     digest = json.loads((tmp_path / "digest.json").read_text())
     assert [d["case"] for d in digest] == ["ncu_gemm_details", "ncu_attention_details"]
     md = (tmp_path / "digest.md").read_text()
-    assert "| ncu_gemm_details | `_noisy_linear_kernel` | (1, 280, 2) | (256, 1, 1) | 84.4 | 41.3 | 23.6 | 19.46 |" in md
+    assert "| ncu_gemm_details | `_noisy_linear_kernel` | (1, 280, 2) | (256, 1, 1) | 84.4 | 41.3 | 23.6 | 19.46 |" in md  # noqa: E501
     # a report to import needs ncu
     assert ncu_digest.main(["--ncu", str(tmp_path / "no-ncu"), str(tmp_path / "x.ncu-rep")]) == 2
     assert "not found" in capsys.readouterr().err

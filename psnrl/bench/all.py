@@ -58,7 +58,8 @@ def run_benches(names: list[str], benches: dict[str, str], bench_args: dict[str,
     for name in names:
         registered, module = resolve(name, benches)
         if registered is None:
-            status.append({"bench": name, "status": "missing", "detail": "not registered in psnrl/trainer/cli.py BENCHES"})
+            status.append({"bench": name, "status": "missing",
+                           "detail": "not registered in psnrl/trainer/cli.py BENCHES"})
             print(f"== {name}: missing (not registered)", flush=True)
             continue
         if not module_exists(module):
@@ -108,9 +109,10 @@ def _bench_args(items: list[str]) -> dict[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psnrl bench all",
-                                     description="Run every GPU bench, then write psnrl/bench/results/summary-<device>.md "
-                                                 "(tables, charts, targets, regressions against HEAD).")
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench all",
+        description="Run every GPU bench, then write psnrl/bench/results/summary-<device>.md (tables, charts, "
+                    "targets, regressions against HEAD).")
     parser.add_argument("--only", nargs="+", choices=GPU_BENCHES, default=None, metavar="NAME",
                         help=f"run only these ({', '.join(GPU_BENCHES)})")
     parser.add_argument("--skip", nargs="+", choices=GPU_BENCHES, default=[], metavar="NAME", help="do not run these")

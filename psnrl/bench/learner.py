@@ -31,8 +31,8 @@ largest micro-batch) plus the perturbed weight copy a step materializes
 per-tensor account of what the dual-stream pass keeps that plain does not. ``over_plain_*`` =
 the mode over plain of the same model, tokens and activation checkpointing
 (``--activation-checkpointing off|on|both``, default both: each decoder layer recomputed in
-backward, as ``train.activation_checkpointing`` does). Targets (psnrl/bench/README.md): peak memory PSN/plain <= 1.02, step time
-PSN/plain <= 1.15.
+backward, as ``train.activation_checkpointing`` does). Targets (psnrl/bench/README.md): peak
+memory PSN/plain <= 1.02, step time PSN/plain <= 1.15.
 
 Mismatch (``--mismatch-model``, default the first model): the engine (engine.llm.LLM on
 the same random checkpoint and dtype) samples ``--mismatch-tokens`` tokens for each of
@@ -65,7 +65,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, Column, add_out_dir, cuda_missing, error_row as _error_row,
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+                                error_row as _error_row,
                                 error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
                                 ratio, round_or_none, run_meta, split_list)
 

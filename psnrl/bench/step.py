@@ -54,7 +54,8 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, Column, add_out_dir, cuda_missing, device_and_sync,
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+                                device_and_sync,
                                 error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
                                 nonnegative_int, positive_int, round_or_none, run_meta, split_list)
 

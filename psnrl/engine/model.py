@@ -23,9 +23,10 @@ class Attention(nn.Module):
         p = f"model.layers.{layer}.self_attn"
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = StreamLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias, f"{p}.q_proj.weight", "attn")
-        self.k_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.k_proj.weight", "attn")
-        self.v_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.v_proj.weight", "attn")
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = StreamLinear(h, cfg.num_heads * d, bias, f"{p}.q_proj.weight", "attn")
+        self.k_proj = StreamLinear(h, cfg.num_kv_heads * d, bias, f"{p}.k_proj.weight", "attn")
+        self.v_proj = StreamLinear(h, cfg.num_kv_heads * d, bias, f"{p}.v_proj.weight", "attn")
         # Qwen2's o_proj has no bias; Llama's follows attention_bias.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
         self.o_proj = StreamLinear(cfg.num_heads * d, cfg.hidden_size, o_bias, f"{p}.o_proj.weight", "attn")
