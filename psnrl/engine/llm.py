@@ -11,11 +11,13 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import numbers
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence as Seq
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -180,44 +182,57 @@ class LLM:
 
         ``params`` and ``noise`` are one for all prompts or one per prompt; a prompt with
         noise None is sampled from the clean policy. A bad request (too long, empty)
-        finishes with an "error: ..." reason; the others run.
+        finishes with an "error: ..." reason; the others run. Malformed input (a token id
+        that is not an integer, text without a tokenizer) raises ValueError before any
+        request is queued. The call is all or nothing: on any exception, Ctrl-C included,
+        its requests are dropped and their blocks freed before the exception propagates,
+        so the engine is ready for the next call.
         """
         self._check_open()
         prompts = _as_prompt_list(prompts)
         params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompts),
                                   "params", SamplingParams)
         noise_list = _per_prompt(noise, len(prompts), "noise", NoiseSpec)
+        tokens_list = [self._tokenize(p) for p in prompts]  # before anything is queued
         specs: list[NoiseSpec] = list(dict.fromkeys(n for n in noise_list if n is not None))
         spec_index = {s: i for i, s in enumerate(specs)}
-        outputs: list[RequestOutput] = []
-        seqs: list[Sequence] = []
-        for prompt, p, spec in zip(prompts, params_list, noise_list):
-            out, first = self._add_request(prompt, p, spec, spec_index.get(spec, -1))
-            outputs.append(out)
-            if first is not None:
-                seqs.append(first)
-        by_request = {o.request_id: o for o in outputs}
-        total = sum(p.n for p in params_list)
-        with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
-            while self.scheduler.has_work():
-                for seq in self._step(specs):
-                    by_request[seq.request_id].outputs.append(CompletionOutput(
-                        seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
-                    bar.update(1)
+        try:
+            outputs = [self._add_request(prompt, tokens, p, spec, spec_index.get(spec, -1))
+                       for prompt, tokens, p, spec in zip(prompts, tokens_list, params_list, noise_list)]
+            by_request = {o.request_id: o for o in outputs}
+            total = sum(p.n for p in params_list)
+            with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
+                while self.scheduler.has_work():
+                    for seq in self._step(specs):
+                        by_request[seq.request_id].outputs.append(CompletionOutput(
+                            seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
+                        bar.update(1)
+        except BaseException:
+            self._abandon()
+            raise
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
         return outputs
 
-    def _add_request(self, prompt: str | list[int], params: SamplingParams, spec: NoiseSpec | None,
-                     noise_index: int) -> tuple[RequestOutput, Sequence | None]:
+    def _abandon(self) -> None:
+        """Drop every sequence an interrupted call left behind (a call runs to completion, so
+        these are all of the engine's) and free their blocks. The prefix cache keeps only
+        KV that completed steps wrote (``_step`` publishes after its forward)."""
+        self.scheduler.abort_all()
+        for seq_id in self.blocks.sequence_ids():  # e.g. a fork the scheduler had not seen yet
+            self.blocks.free(seq_id)
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer files: pass prompts as token ids")
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _add_request(self, prompt: str | list[int], tokens: list[int], params: SamplingParams,
+                     spec: NoiseSpec | None, noise_index: int) -> RequestOutput:
         rid = next(self._ids)
         text = prompt if isinstance(prompt, str) else None
-        if text is not None:
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer files: pass prompts as token ids")
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            tokens = list(prompt)
         out = RequestOutput(rid, text, tokens, spec)
         error = None
         if not tokens:
@@ -229,13 +244,13 @@ class LLM:
             error = f"error: prompt token ids must be in [0, {self.model.config.vocab_size})"
         if error:
             out.outputs = [CompletionOutput(i, "", [], [], error) for i in range(params.n)]
-            return out, None
+            return out
         seeds = self.sampler.sample_seeds(params)
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
                        cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
-        return out, seq
+        return out
 
     # -- one step -------------------------------------------------------------------------
 
@@ -255,6 +270,8 @@ class LLM:
         sampling: list[Sequence] = []
         for entry in step.seqs:
             entry_samples = entry.samples
+            # The forward wrote these tokens' KV: their full blocks may now be shared.
+            self.blocks.mark_computed(entry.seq.seq_id, entry.seq.num_computed + entry.num_new)
             entry.seq.num_computed += entry.num_new
             if entry_samples:
                 sampling.append(entry.seq)
@@ -361,15 +378,39 @@ def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:
+    """Prompts as text or lists of Python ints: one prompt (a string, or a flat sequence of token
+    ids) or a sequence of them. Token ids may be ints or integer numpy / torch scalars; a bool, a
+    float or anything else is refused with its value and position."""
     if isinstance(prompts, str):
         return [prompts]
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    for p in prompts:
-        if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p)):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    if prompts and all(_is_scalar(t) for t in prompts):
+        prompts = [prompts]
+    return [p if isinstance(p, str) else _token_ids(p, i) for i, p in enumerate(prompts)]
+
+
+def _is_scalar(t) -> bool:
+    return isinstance(t, (numbers.Number, np.generic)) or (isinstance(t, torch.Tensor) and t.dim() == 0)
+
+
+def _token_ids(prompt, index: int) -> list[int]:
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1:
+            raise ValueError(f"prompt {index}: token ids must be 1-D, got shape {tuple(prompt.shape)}")
+        prompt = list(prompt)
+    elif not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt {index}: a prompt must be a string or a sequence of token ids, "
+                         f"got {type(prompt).__name__}")
+    ids = []
+    for position, t in enumerate(prompt):
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.is_floating_point() or t.is_complex()
+                                                                  or t.dtype == torch.bool):
+            t = t.item()
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+            kind = "a bool" if isinstance(t, (bool, np.bool_)) else f"a {type(t).__name__}"
+            raise ValueError(f"prompt {index}, position {position}: {t!r} is {kind}, not an integer token id")
+        ids.append(int(t))
+    return ids
 
 
 def _per_prompt(value, n: int, name: str, kind: type) -> list:
