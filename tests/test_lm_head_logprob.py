@@ -270,7 +270,7 @@ def test_bench_results_files(tmp_path):
     doc = json.loads(json_path.read_text())
     assert doc["device"] == meta["device"] and len(doc["rows"]) == 2
     md = md_path.read_text()
-    assert "| 8192 | 151936 | 1536 | 50.00 | 40.00 | 300.0 | 20,480.0 | 469.1 | 1.250 | 68.3 | 1.00e-03 | 2.00e-03 |" in md
+    assert "| 8192 | 151936 | 1536 | 50.00 | 40.00 | 300.0 | 20,480.0 | 469.1 | 1.250 | 68.3 | 1.00e-03 | 2.00e-03 |" in md  # noqa: E501
     assert "| 16384 | 151936 | 1536 | 90.00 | — |" in md
     assert "T=16384 H=1536 naive: OutOfMemoryError: CUDA out of memory" in md
 

@@ -7,7 +7,9 @@ of the weights.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import hashlib
 import itertools
 import math
@@ -33,6 +35,9 @@ from psnrl.kernels.noisy_linear import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Engines freeze what they hold out of the collector (LLM.__init__); at exit it goes back, so the
+# shutdown collection finalizes it (extension modules report objects never finalized as leaks).
+atexit.register(gc.unfreeze)
 # KV cache on a CPU (no memory probe there): at most this many bytes unless num_kv_blocks is set.
 CPU_KV_BYTES = 1 << 30
 
@@ -127,6 +132,10 @@ class LLM:
         self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
         self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
         self._ids = itertools.count()
+        # The model, tokenizer and caches live as long as the engine: keep them out of the
+        # collector's full passes, which otherwise stall decode steps for a long time.
+        gc.collect()
+        gc.freeze()
 
     # -- sizing ---------------------------------------------------------------------------
 
@@ -282,11 +291,17 @@ class LLM:
                 rows.append(row)
         if not sampling:
             return finished
-        logits = logits[torch.tensor(rows, device=logits.device)]
         params = [s.params for s in sampling]
-        steps = torch.tensor([len(s.output_tokens) for s in sampling])
-        stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
-        mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
+        generated = [s.num_tokens - s.prompt_len for s in sampling]
+        steps = torch.tensor(generated)
+        masked = any(g < p.min_tokens for g, p in zip(generated, params))  # stop tokens still barred
+        if len(rows) > logits.shape[0]:  # forks sample from their parent's row
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        elif masked:
+            logits = logits.clone()  # masked in place below; the runner may reuse its buffer
+        if masked:
+            stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
+            mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
         temps, top_p, top_k = batch_tensors(params, logits.device)
         with nvtx_range("sample"):
             result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)

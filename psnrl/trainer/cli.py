@@ -20,6 +20,7 @@ BENCHES = {
     "step": "psnrl.bench.step",
     "learner": "psnrl.bench.learner",
     "tiny-ab": "psnrl.bench.tiny_ab",
+    "host": "psnrl.bench.host",
     "all": "psnrl.bench.all",
 }
 
