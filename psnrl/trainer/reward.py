@@ -1,6 +1,6 @@
 """Math answer reward: extract the final answer, normalize it, and check it against a reference.
 
-Model output is hostile text (DESIGN.md, "Rewards are untrusted input"). Nothing in this module
+Model output is hostile text (docs/design.md, "Rewards and evaluation"). Nothing in this module
 hands model text to ``eval``, ``exec``, ``sympify``, ``parse_expr`` or a LaTeX front end that
 evaluates Python. The pipeline is::
 
