@@ -88,7 +88,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -267,7 +267,7 @@ class DecodeGraph:
         self.bucket = bucket
         self.groups = groups
         self.level = level
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.pinned: list[torch.Tensor] = []
         dev = owner.device
         pin = dev.type == "cuda"
@@ -299,7 +299,7 @@ class DecodeGraph:
         width = owner.table_width
         self.tables = torch.zeros(bucket, width, dtype=torch.int32, device=dev)
         self.host_tables = torch.zeros(bucket * width, dtype=torch.int32, pin_memory=pin)
-        self._copied = None  # event after the last host -> device copies (CUDA)
+        self._copied: torch.cuda.Event | None = None  # after the last host -> device copies (CUDA)
 
         v = self._view
         self.tokens, self.positions, self.slots = v("tokens"), v("positions"), v("slots")
@@ -359,13 +359,14 @@ class DecodeGraph:
         # Entries past a row's blocks (and padding rows) keep stale values: never read.
         self.tables[:n, :width].copy_(staged, non_blocking=cuda)
         if cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied = event = torch.cuda.Event()
+            event.record()
 
     def forward(self) -> None:
         """The recorded computation: the model on the static buffers, logits into the shared output."""
         o = self.owner
         hidden = o.model(self.tokens.long(), self.positions.long(), self.meta, o.kv_caches, self.noise)
+        assert o.out is not None  # allocated before the first graph is built
         o.out[:self.bucket].copy_(o.model.logits(hidden, self.noise))
 
     def capture(self) -> None:
@@ -408,7 +409,7 @@ class DecodeGraphs:
             raise ValueError(f"CUDA graphs need a CUDA model, got one on {self.device}")
         self.verbose = verbose
         self.graphs: dict[tuple[int, tuple[str, ...], int], DecodeGraph] = {}
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None
         self.disabled = False  # a capture failed: eager from then on
         self.num_replays = 0
@@ -417,7 +418,7 @@ class DecodeGraphs:
         self._linears: dict[str, list[tuple[int, int]]] = {g: [] for g in TARGET_GROUPS}
         for module in model.modules():
             if isinstance(module, StreamLinear):
-                self._linears[module.group].append(tuple(module.weight.shape))
+                self._linears[module.group].append((module.weight.shape[0], module.weight.shape[1]))
         self._block_ms: dict[tuple[int, str], list[int]] = {}
 
     # -- sizes ----------------------------------------------------------------------------
@@ -451,6 +452,7 @@ class DecodeGraphs:
         if self.disabled or not self.fits(seqs, block_tables):
             return None
         bucket = bucket_for(len(seqs), self.buckets)
+        assert bucket is not None  # fits() checked it
         plan = plan_decode(seqs, block_tables, specs, bucket, self.block_size)
         tiles: dict[tuple[str, int], tuple[list, list]] = {}
         for g, ids in plan.group_ids.items():
@@ -460,19 +462,18 @@ class DecodeGraphs:
         for (g, bm), (ranges, _) in tiles.items():
             needed[bm] = max(needed.get(bm, 0), len(ranges))
         key = (bucket, plan.noisy_groups, tile_level(bucket, needed))
+        if self.out is None:
+            self.out = torch.empty(self.buckets[-1], self.model.config.vocab_size, dtype=torch.float32,
+                                   device=self.device)
         graph = self.graphs.get(key)
-        new = graph is None
-        if new:
-            if self.out is None:
-                self.out = torch.empty(self.buckets[-1], self.model.config.vocab_size, dtype=torch.float32,
-                                       device=self.device)
+        if graph is None:
             graph = DecodeGraph(self, *key)
-        graph.fill(plan, tiles)
-        if new:
-            if self.capture_graphs:
-                if not self._capture(graph):
-                    return None
+            graph.fill(plan, tiles)
+            if self.capture_graphs and not self._capture(graph):
+                return None
             self.graphs[key] = graph
+        else:
+            graph.fill(plan, tiles)
         graph.replay()
         self.num_replays += 1
         return self.out[:bucket].index_select(0, graph.out_rows[:len(plan.out_rows)])
@@ -485,7 +486,6 @@ class DecodeGraphs:
                 graph.graph.reset()
         self.graphs.clear()
         self.pool = self.out = None
-        self.model = self.kv_caches = None
         self.disabled = True
 
     def _capture(self, graph: DecodeGraph) -> bool:

@@ -17,7 +17,7 @@ import numbers
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence as Seq
+from typing import Iterable, Literal, Sequence as Seq
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class EngineConfig:
     watermark: float = 0.01  # blocks kept free when admitting new prompts
     seed: int = 0  # seeds requests that have no SamplingParams.seed
     device: str | None = None  # default: cuda if available
-    logprobs_mode: str = "sampled"  # see engine.sampling.sample
+    logprobs_mode: Literal["sampled", "raw"] = "sampled"  # see engine.sampling.sample
     # False: on CUDA, pure decode steps replay CUDA graphs captured per batch-size bucket
     # (psnrl/engine/cuda_graphs.py), lazily, at the first step of each kind. True: every step runs
     # eagerly (debugging, profiling single kernels). A CPU always runs eagerly.
@@ -166,7 +166,7 @@ class LLM:
             return
         self.closed = True
         self.runner.close()
-        self.runner.model = self.model = None
+        del self.runner.model, self.model  # the engine runs nothing after close
         release_workspace(self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the cached blocks back, so the next engine can size its cache
@@ -198,16 +198,16 @@ class LLM:
         so the engine is ready for the next call.
         """
         self._check_open()
-        prompts = _as_prompt_list(prompts)
-        params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompts),
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompt_list),
                                   "params", SamplingParams)
-        noise_list = _per_prompt(noise, len(prompts), "noise", NoiseSpec)
-        tokens_list = [self._tokenize(p) for p in prompts]  # before anything is queued
+        noise_list = _per_prompt(noise, len(prompt_list), "noise", NoiseSpec)
+        tokens_list = [self._tokenize(p) for p in prompt_list]  # before anything is queued
         specs: list[NoiseSpec] = list(dict.fromkeys(n for n in noise_list if n is not None))
         spec_index = {s: i for i, s in enumerate(specs)}
         try:
             outputs = [self._add_request(prompt, tokens, p, spec, spec_index.get(spec, -1))
-                       for prompt, tokens, p, spec in zip(prompts, tokens_list, params_list, noise_list)]
+                       for prompt, tokens, p, spec in zip(prompt_list, tokens_list, params_list, noise_list)]
             by_request = {o.request_id: o for o in outputs}
             total = sum(p.n for p in params_list)
             with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
@@ -384,7 +384,9 @@ def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
     digest (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted groups
     that shape K/V (mlp, attn); unlike ``hash()`` it is the same in every process.
     """
-    groups = sorted(spec.groups - {"lm_head"}) if spec is not None and spec.sigma != 0 else []
+    if spec is None or spec.sigma == 0:
+        return None
+    groups = sorted(spec.groups - {"lm_head"})
     if not groups:
         return None
     payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(groups).encode()

@@ -1,6 +1,8 @@
 """Turns a scheduled step into model inputs, runs the model and returns the sampling rows' logits."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from psnrl.engine import cuda_graphs
@@ -47,7 +49,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[ScheduledSeq], block_tables: list[list[int]],
-            specs: list[NoiseSpec | None]) -> torch.Tensor:
+            specs: Sequence[NoiseSpec | None]) -> torch.Tensor:
         """Logits (fp32) [num sampling seqs, vocab], in the order of the sampling entries of ``seqs``."""
         if self.graphs is not None:
             logits = self.graphs.run(seqs, block_tables, specs)

@@ -153,5 +153,5 @@ class Scheduler:
                     return False
                 continue
             if result.cow is not None:
-                step.copies.append(tuple(result.cow))
+                step.copies.append(result.cow)
         return True

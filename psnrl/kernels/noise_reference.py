@@ -48,7 +48,7 @@ def stream_keys(seed: int, key: int) -> tuple[int, int]:
     return k1, k2
 
 
-def pair_hash(p: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+def pair_hash(p: torch.Tensor, k1: int | torch.Tensor, k2: int | torch.Tensor) -> torch.Tensor:
     return lowbias32((p * (k1 | 1) + k2) & M32)
 
 
