@@ -156,14 +156,16 @@ def test_ctrl_c_from_a_timer_mid_call(checkpoint, reference):
     slow = [p + p[:4] for p in PROMPTS] * 4
     interrupted = 0
     for delay in (0.001, 0.005, 0.02, 0.05):
-        signal.setitimer(signal.ITIMER_REAL, delay)
         previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
         try:
-            llm.generate(slow, GREEDY, use_tqdm=False)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                llm.generate(slow, GREEDY, use_tqdm=False)
+            finally:  # the timer may also fire here, after the call: caught below all the same
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except KeyboardInterrupt:
             interrupted += 1
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         assert_idle(llm)
         assert tokens(llm.generate(PROMPTS, PARAMS, noise=NOISE, use_tqdm=False)) == reference
