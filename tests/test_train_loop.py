@@ -38,7 +38,8 @@ def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
     assert all(r["sampler_logprob_gap"] < 1e-4 for r in rows)
     assert {"problems", "pass@1", "pass@2", "operation_diversity"} <= set(rows[1]["eval"]["sets"]["tiny-arith"])
     assert set(rows[1]["eval"]["average"]) == {"pass@1", "pass@2"}
-    assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == ["iter-000002.pt", "iter-000003.pt"]
+    assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "iter-000002.safetensors", "iter-000003.safetensors"]
     assert (tmp_path / "run" / "config.yaml").is_file()
     # TensorBoard event files and the reward/sigma PNG, by default and without extra packages.
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
@@ -104,13 +105,13 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(t, "step", step)
     with pytest.raises(KeyboardInterrupt):
         t.run()
-    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.pt"]
+    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.safetensors"]
 
 
 def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     for i in range(1, 5):
         save_checkpoint(tmp_path, i, {"i": i}, keep=2)
-    assert [p.name for p in checkpoints(tmp_path)] == ["iter-000003.pt", "iter-000004.pt"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["iter-000003.safetensors", "iter-000004.safetensors"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -35,7 +35,7 @@ from psnrl.engine.loader import load_model
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.advantages import compute_advantages
 from psnrl.trainer.charts import ChartsUnavailable, line_chart
-from psnrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from psnrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, old_checkpoints, save_checkpoint
 from psnrl.trainer.config import TrainConfig, dump_config
 from psnrl.trainer.datasets import Problem, format_prompt, load_problems
 from psnrl.trainer import distributed
@@ -378,6 +378,10 @@ class PSNTrainer:
         cfg = self.cfg
         last = latest_checkpoint(self.ckpt_dir) if resume else None
         if resume and last is None:
+            old = old_checkpoints(self.ckpt_dir)
+            if old:
+                raise FileNotFoundError(f"--resume: {self.ckpt_dir} holds only pickled checkpoints of an earlier "
+                                        f"psnrl ({old[-1].name}), which are never loaded (pickles can run code)")
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
         if last is not None:
             self.load_state_dict(load_checkpoint(last))
