@@ -28,11 +28,11 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from psnrl.engine.llm import LLM
-    from psnrl.engine.noise_spec import NoiseSpec
-    from psnrl.engine.sampling import SamplingParams
-    from psnrl.trainer.config import load_config
-    from psnrl.trainer.loop import PSNTrainer
+    from psnrl.engine.llm import LLM as LLM
+    from psnrl.engine.noise_spec import NoiseSpec as NoiseSpec
+    from psnrl.engine.sampling import SamplingParams as SamplingParams
+    from psnrl.trainer.config import load_config as load_config
+    from psnrl.trainer.loop import PSNTrainer as PSNTrainer
 
 
 def __getattr__(name: str) -> Any:

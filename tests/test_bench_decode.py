@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from psnrl.bench import decode as bench
 from psnrl.bench import model_configs as mc
+from psnrl.bench.common import device_slug
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -246,7 +247,7 @@ def test_markdown_puts_modes_side_by_side_and_lists_errors():
             "dtype": "bf16", "peak_gbps": 3350.0, "peak_source": "PEAK_GBPS table", "method": "M."}
     err = bench.error_row("Qwen2.5-0.5B", work(256), "hf", RuntimeError("CUDA out of memory"))
     assert set(bench.ROW_KEYS) <= set(err)
-    md = bench.render_markdown(meta, fixture_rows() + [err])
+    md = bench.render_markdown(meta, bench.add_ratios(fixture_rows() + [err]))  # as FILES writes it
     assert "# decode on NVIDIA H100 80GB HBM3" in md
     assert "## Qwen2.5-0.5B, prompt 128, output 256" in md
     assert "| batch | clean tok/s | noisy tok/s | mixed tok/s | hf tok/s |" in md
@@ -258,19 +259,19 @@ def test_markdown_puts_modes_side_by_side_and_lists_errors():
 
 def test_write_results_and_merge(tmp_path):
     meta = {"device": "NVIDIA H200", "torch": "t", "triton": "tr", "transformers": "tf"}
-    json_path, md_path = bench.write_results(tmp_path, meta, fixture_rows())
+    json_path, md_path = bench.FILES.write(tmp_path, meta, fixture_rows())
     assert json_path.name == "decode-nvidia-h200.json" and md_path.name == "decode-nvidia-h200.md"
     doc = json.loads(json_path.read_text())
     assert list(doc)[:4] == list(bench.META_KEYS) and doc["rows"][1]["over_clean"] == 0.8
     with pytest.raises(ValueError, match="transformers"):
-        bench.write_results(tmp_path, {"device": "x", "torch": "", "triton": ""}, [])
+        bench.FILES.write(tmp_path, {"device": "x", "torch": "", "triton": ""}, [])
     args = bench.parse_args(["--models", "0.5B", "--batches", "8", "--modes", "hf", "--prompt-len", "128",
                              "--output-len", "256", "--out-dir", str(tmp_path)])
     kept = bench.previous_rows(args, "NVIDIA H200")
     assert [(r["batch"], r["mode"]) for r in kept] == [(8, "clean"), (8, "noisy"), (8, "mixed")]
     nano = bench.build_row("Qwen2.5-0.5B", bench.nano_vllm_workload(100, 0, seqs=4), "clean",
                            [timing()], None, None)
-    bench.write_results(tmp_path, meta, fixture_rows() + [nano])
+    bench.FILES.write(tmp_path, meta, fixture_rows() + [nano])
     kept = bench.previous_rows(bench.parse_args(["--models", "0.5B", "--modes", "clean", "--batches", "8",
                                                  "--out-dir", str(tmp_path)]), "NVIDIA H200")
     assert nano["workload"] not in {r["workload"] for r in kept}  # measured again: replaced
@@ -366,7 +367,7 @@ def test_main_on_a_small_subset(tmp_path):
     rc = bench.main(["--models", "0.5B", "--batches", "1", "8", "--prompt-len", "16", "--output-len", "16",
                      "--nano-vllm-seqs", "8", "--nano-vllm-lengths", "16", "32", "--out-dir", str(tmp_path)])
     assert rc == 0
-    slug = bench.device_slug(torch.cuda.get_device_name())
+    slug = device_slug(torch.cuda.get_device_name())
     doc = json.loads((tmp_path / f"decode-{slug}.json").read_text())
     assert (tmp_path / f"decode-{slug}.md").exists()
     assert len(doc["rows"]) == 2 * 4 + 3  # fixed: 2 batches x 4 modes; nano-vllm: 3 engine modes

@@ -42,15 +42,15 @@ def test_cpu_smoke_run_writes_every_mode(smoke):
     assert list(doc)[:3] == ["device", "torch", "triton"] and doc["device"] == "cpu"
     assert {"rows", "mismatch"} <= set(doc)
     rows = doc["rows"]
-    assert [(r["model"], r["tokens"], r["mode"]) for r in rows] == [
-        ("tiny", t, m) for t in (48, 96) for m in ("plain", "psn", "naive")]
+    assert [(r["model"], r["activation_checkpointing"], r["tokens"], r["mode"]) for r in rows] == [
+        ("tiny", ckpt, t, m) for ckpt in (False, True) for t in (48, 96) for m in ("plain", "psn", "naive")]
     for r in rows:
         assert set(bench.ROW_KEYS) <= set(r) and "error" not in r
         assert r["peak_bytes"] is None and r["over_plain_mem"] is None  # no CUDA peak on a CPU
         assert r["step_ms"] > 0 and r["saved_bytes"] > 0 and r["seqs"] == 3 and r["prompt_len"] == 6
-    by = {(r["tokens"], r["mode"]): r for r in rows}
-    for tokens in (48, 96):
-        plain, psn, naive = (by[(tokens, m)] for m in ("plain", "psn", "naive"))
+    by = {(r["activation_checkpointing"], r["tokens"], r["mode"]): r for r in rows}
+    for ckpt, tokens in [(c, t) for c in (False, True) for t in (48, 96)]:
+        plain, psn, naive = (by[(ckpt, tokens, m)] for m in ("plain", "psn", "naive"))
         assert plain["over_plain_time"] == 1.0 and plain["over_plain_saved"] == 1.0
         # The dual stream keeps nothing of the noisy stream for backward ...
         assert psn["saved_bytes"] <= 1.02 * plain["saved_bytes"]
@@ -59,6 +59,32 @@ def test_cpu_smoke_run_writes_every_mode(smoke):
         assert naive["saved_bytes"] > plain["saved_bytes"]
         assert naive["weight_copy_bytes"] == 2 * 3 * 64 * 128 * 4  # tiny: 2 layers x gate/up/down, fp32
         assert psn["over_plain_time"] == pytest.approx(psn["step_ms"] / plain["step_ms"], rel=1e-3)
+        # The per-tensor account adds up to the saved-bytes difference.
+        assert plain["extra_saved_tensors"] is None
+        assert sum(e["bytes"] for e in psn["extra_saved_tensors"]) == psn["saved_bytes"] - plain["saved_bytes"]
+        assert sum(e["bytes"] for e in plain["saved_tensors"].values()) == plain["saved_bytes"]
+    for tokens in (48, 96):  # recomputing each layer in backward saves less
+        assert by[(True, tokens, "plain")]["saved_bytes"] < by[(False, tokens, "plain")]["saved_bytes"]
+
+
+def test_extra_saved_tensors_is_a_per_label_difference():
+    plain = {"fp32[4x8]": {"count": 2, "bytes": 256}, "fp32[4]": {"count": 1, "bytes": 16}}
+    psn = {"fp32[4x8]": {"count": 3, "bytes": 384}, "fp32[4]": {"count": 1, "bytes": 16},
+           "bf16[4x2]": {"count": 1, "bytes": 16}}
+    assert bench.extra_saved_tensors(psn, plain) == [{"tensor": "fp32[4x8]", "count": 1, "bytes": 128},
+                                                     {"tensor": "bf16[4x2]", "count": 1, "bytes": 16}]
+    assert bench.extra_saved_tensors(plain, plain) == []
+
+
+def test_the_probe_names_each_saved_storage_once():
+    model = torch.nn.Linear(8, 4)
+    probe = bench.SavedTensorProbe(model)
+    x = torch.randn(5, 8, requires_grad=True)
+    with probe.micro_batch():
+        h = model(x)  # saves x (the weight is a parameter: excluded)
+        (h.relu() * h).sum().backward()  # relu saves its output; mul saves h and relu(h)
+    assert probe.tensors[0] == {"fp32[5x8]": {"count": 1, "bytes": 160}, "fp32[5x4]": {"count": 2, "bytes": 160}}
+    assert probe.per_micro_batch == [320]
 
 
 def test_mismatch_figures(smoke):
@@ -78,12 +104,13 @@ def test_markdown_and_report(smoke):
     _, out = smoke
     md = (out / "learner-cpu.md").read_text()
     assert md.startswith("# learner on cpu")
-    assert "| tiny | 48 | psn | — |" in md
+    assert "| tiny | 48 | off | psn | — |" in md and "| tiny | 48 | on | psn | — |" in md
+    assert "## What PSN saves for backward that plain does not" in md
     assert "## Engine vs learner mismatch" in md and "PSN effect" in md
     assert "step time PSN/plain" in md
     # psnrl/bench/report.py reads the file: its table and the mismatch line.
     text = report.learner_table(report.load_results(out, "cpu")["learner"])
-    assert "| tiny | 48 | psn | — |" in text
+    assert "| tiny | 48 | off | psn | — |" in text
     assert "Mismatch: model = tiny" in text
 
 
@@ -131,3 +158,7 @@ def test_bad_arguments_are_rejected():
     assert args.models == ["Qwen2.5-1.5B", "Qwen2.5-7B"] and args.seq_lens == [512, 1024]
     assert args.seqs == 16 and args.prompt_len == 256 and args.dtype == "bf16"
     assert args.spec == NoiseSpec(bench.NOISE_SEED, 0.004, "mlp")
+    assert args.checkpointing == (False, True)
+    assert bench.parse_args(["--activation-checkpointing", "on"]).checkpointing == (True,)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--activation-checkpointing", "sometimes"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from psnrl.bench import noisy_gemm as bench
+from psnrl.bench.common import device_slug
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -64,11 +65,6 @@ def test_subset_from_arguments():
     assert args.dtype == "bf16" and args.sigma == 0.004
 
 
-def test_device_slug():
-    assert bench.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert bench.device_slug("NVIDIA H200") == "nvidia-h200"
-
-
 def test_mixed_rows_are_half_noisy_and_m1_is_noisy():
     assert bench.mixed_row_streams(1, "cpu").tolist() == [1]
     assert bench.mixed_row_streams(6, "cpu").tolist() == [1, 0, 1, 0, 1, 0]
@@ -124,7 +120,7 @@ def test_failed_case_shows_as_not_measured():
 
 def test_write_results_is_valid_json_and_leaves_no_temp_file(tmp_path):
     rows = [fixture_row(m=1), fixture_row(m=8, ratio=1.3)]
-    json_path, md_path = bench.write_results(tmp_path / "results", META, rows)
+    json_path, md_path = bench.FILES.write(tmp_path / "results", META, rows)
     assert json_path.name == "noisy_gemm-nvidia-h100-80gb-hbm3.json"
     assert md_path.name == "noisy_gemm-nvidia-h100-80gb-hbm3.md"
     doc = json.loads(json_path.read_text())
@@ -135,14 +131,14 @@ def test_write_results_is_valid_json_and_leaves_no_temp_file(tmp_path):
         assert set(bench.ROW_KEYS) <= set(row)
     assert "| shape | M |" in md_path.read_text()
     # Rewriting replaces both files in place.
-    bench.write_results(tmp_path / "results", META, rows[:1])
+    bench.FILES.write(tmp_path / "results", META, rows[:1])
     assert len(json.loads(json_path.read_text())["rows"]) == 1
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [json_path.name, md_path.name]
 
 
 def test_write_results_needs_the_metadata(tmp_path):
     with pytest.raises(ValueError, match="method"):
-        bench.write_results(tmp_path, {k: v for k, v in META.items() if k != "method"}, [])
+        bench.FILES.write(tmp_path, {k: v for k, v in META.items() if k != "method"}, [])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -186,7 +182,7 @@ def test_main_on_a_small_subset(tmp_path):
     rc = bench.main(["--models", "0.5B", "--shapes", "down", "--m", "1", "128", "--warmup", "2",
                      "--iters", "5", "--out-dir", str(tmp_path)])
     assert rc == 0
-    slug = bench.device_slug(torch.cuda.get_device_name())
+    slug = device_slug(torch.cuda.get_device_name())
     doc = json.loads((tmp_path / f"noisy_gemm-{slug}.json").read_text())
     assert (tmp_path / f"noisy_gemm-{slug}.md").exists()
     assert set(bench.META_KEYS) <= set(doc) and doc["dtype"] == "bf16"

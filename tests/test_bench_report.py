@@ -35,7 +35,7 @@ def test_markdown_tables_hold_the_figures(tmp_path):
     assert "| Qwen2.5-1.5B | 32 | 128 | 256 | noisy | 3,800 | 8.30 | — | — | 4.22 | 0.974 |" in text
     assert "| Qwen2.5-7B | 1 | 128 | 256 | clean | 105 | 9.40 | 1,625 | 48.5% | — | — |" in text
     # learner: peak GiB and the ratios to plain; the mismatch figures
-    assert "| Qwen2.5-1.5B | 8192 | psn | 20.20 | 930.0 | 1.010 | 1.094 |" in text
+    assert "| Qwen2.5-1.5B | 8192 | off | psn | 20.20 | 930.0 | 1.010 | 1.094 |" in text  # an old file: off
     assert "loss_rel_diff = 1.2e-06" in text
     # step: the phases
     assert "| Qwen2.5-1.5B | psn-var2 | 11,500.0 | 8,300.0 | 300.0 | 2,800.0 | 100.0 | 30.50 | 1.150 |" in text
@@ -224,3 +224,18 @@ def test_lm_head_wide_rows_of_the_bench_are_read_per_impl(tmp_path):
                      "peak_bytes": 5120 << 20}]
     text = report.write_summary(tmp_path, SLUG, git_rev=None)[0].read_text()
     assert "| 8192 | 151936 | 1536 | naive | 11.00 | 5120.0 |" in text
+
+
+def test_learner_targets_compare_rows_of_the_same_activation_checkpointing():
+    from psnrl.bench.learner import add_ratios
+
+    def row(ckpt, mode, peak, ms):
+        return {"model": "m", "tokens": 8192, "activation_checkpointing": ckpt, "mode": mode,
+                "peak_bytes": peak, "step_ms": ms, "saved_tensors": {}}
+    doc = {"rows": add_ratios([row(False, "plain", 100, 10.0), row(False, "psn", 101, 11.0),
+                               row(True, "plain", 50, 14.0), row(True, "psn", 60, 15.0)])}  # as the bench stores them
+    found = {(t.where, t.target[:11]): t.value for t in report.check_targets({"learner": doc})}
+    assert found == {("m 8192 tokens", "peak memory"): 1.01, ("m 8192 tokens", "step time P"): 1.1,
+                     ("m 8192 tokens, activation checkpointing", "peak memory"): 1.2,
+                     ("m 8192 tokens, activation checkpointing", "step time P"): 1.0714}
+    assert "| m | 8192 | on | psn |" in report.learner_table(doc)

@@ -219,7 +219,11 @@ def test_append_fills_blocks_and_caches_full_ones():
     r = bm.append_token(1, 4)
     assert isinstance(r, AppendResult)
     assert (r.slot, r.block_id, r.new_block, r.cow) == (b0 * 4 + 3, b0, False, None)
-    assert bm.is_cached(b0) and bm.block_hash(b0) == hash_block(None, [1, 2, 3, 4])
+    # Full but not yet written (the step computing token 4 has not run): hashed, not shared.
+    assert bm.block_hash(b0) == hash_block(None, [1, 2, 3, 4]) and not bm.is_cached(b0)
+    assert bm.num_computed(1) == 3
+    bm.mark_computed(1, 4)  # the step completed
+    assert bm.is_cached(b0)
     r = bm.append_token(1, 5)
     assert r.new_block and r.cow is None
     b1 = bm.block_table(1)[1]
@@ -227,6 +231,7 @@ def test_append_fills_blocks_and_caches_full_ones():
     for t in (6, 7, 8):
         bm.append_token(1, t)
     assert bm.block_hash(b1) == hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+    bm.mark_computed(1, 8)
     assert bm.num_tokens(1) == 8 and bm.num_computed(1) == 8
     # The appended content is hit by a later prompt.
     assert bm.allocate(2, [1, 2, 3, 4, 5, 6, 7, 8, 9]) == 8
@@ -407,7 +412,7 @@ def test_clear_prefix_cache_after_weight_update():
     assert bm.num_required_blocks(list(range(100, 109))) == 3  # the live sequence's KV is stale
     # The live sequence keeps working, but nothing it computes is shared.
     for t in (109, 110, 111):
-        bm.append_token(2, t)
+        decode(bm, 2, t)
     assert bm.num_required_blocks(list(range(100, 113))) == 4
     table = bm.block_table(2)
     assert not any(bm.is_cached(b) for b in table)
@@ -515,6 +520,26 @@ def test_salted_root_never_aliases_a_block_whose_parent_hash_equals_the_salt():
     bm.check_invariants()
 
 
+def decode(bm: BlockManager, sid: int, token: int):
+    """What the engine does for a decode token: append it, run the step, then mark it written."""
+    r = bm.append_token(sid, token)
+    bm.mark_computed(sid, bm.num_tokens(sid))
+    return r
+
+
+def test_a_block_whose_step_never_completed_is_never_shared():
+    """A decode step that fills a block and then fails (the sequence is freed before
+    mark_computed): a later prompt with the same tokens must compute them, not reuse them."""
+    bm = BlockManager(8, 4)
+    bm.allocate(1, [1, 2, 3], num_scheduled=0)
+    bm.mark_computed(1, 3)  # the prefill ran
+    bm.append_token(1, 4)  # the next step was scheduled ... and never completed
+    bm.free(1)
+    assert bm.num_cached_blocks() == 0
+    assert bm.allocate(2, [1, 2, 3, 4, 5]) == 0
+    bm.check_invariants()
+
+
 def test_fork_keeps_the_salt():
     bm = BlockManager(16, 4)
     salt = 0xDEADBEEF
@@ -522,14 +547,14 @@ def test_fork_keeps_the_salt():
     bm.fork(1, 2)
     assert bm.cache_salt(2) == salt
     # The child fills the shared partial root block (CoW) and a second block.
-    r = bm.append_token(2, 3)
+    r = decode(bm, 2, 3)
     assert r.cow is not None
-    bm.append_token(2, 4)
+    decode(bm, 2, 4)
     root = bm.block_table(2)[0]
     h0 = hash_block(salt, [1, 2, 3, 4])
     assert bm.block_hash(root) == h0 and bm.is_cached(root)
     for t in (5, 6, 7, 8):
-        bm.append_token(2, t)
+        decode(bm, 2, t)
     assert bm.block_hash(bm.block_table(2)[1]) == hash_block(h0, [5, 6, 7, 8])
     # The child's appended blocks serve sequences of the same salt only.
     assert bm.allocate(3, [1, 2, 3, 4, 5, 6, 7, 8, 9], cache_salt=salt) == 8
@@ -540,8 +565,8 @@ def test_fork_keeps_the_salt():
     bm.fork(4, 6)
     assert bm.cache_salt(5) == salt and bm.cache_salt(6) is None
     # The parent fills its own root block: same hash as the child's (a duplicate).
-    bm.append_token(1, 3)
-    bm.append_token(1, 4)
+    decode(bm, 1, 3)
+    decode(bm, 1, 4)
     assert bm.block_hash(bm.block_table(1)[0]) == h0 and not bm.is_cached(bm.block_table(1)[0])
     bm.check_invariants()
     bm.clear_prefix_cache()
@@ -670,8 +695,7 @@ class RefModel:
             self.key[b] = (seq["salt"], tuple(seq["tokens"]))
             if len(seq["table"]) > 1 and self.stale[seq["table"][-2]]:
                 self.stale[b] = True
-        self._advance(seq, L + 1)
-        return b * bs + off, cow
+        return b * bs + off, cow  # the horizon moves when the step completes (mark_computed)
 
     def fork(self, parent, child):
         p = self.seqs[parent]
@@ -804,6 +828,9 @@ def test_random_operations_against_model(seed):
                             kv[dst * bs + o] = kv[src * bs + o]
                     counts["cow"] += 1
                 kv[r.slot] = (seq_version[sid], bm.cache_salt(sid), tuple(bm.token_ids(sid)))
+                # The step that wrote it completed: now its block may be shared.
+                model._advance(model.seqs[sid], len(model.seqs[sid]["tokens"]))
+                bm.mark_computed(sid, bm.num_tokens(sid))
         elif op < 0.68:  # next prefill chunk
             pending = [s for s in live if model.seqs[s]["computed"] < len(model.seqs[s]["tokens"])]
             if not pending:

@@ -92,7 +92,7 @@ def test_paper_configs(name, checkpoint):
 def test_paper_configs_need_a_model_path(name):
     message = error(name)
     assert f"{name}.yaml" in message
-    assert f"model.path '/path/to/" in message and "does not exist" in message
+    assert "model.path '/path/to/" in message and "does not exist" in message
     assert "local Hugging Face checkpoint directory" in message and "model.path=" in message
 
 
@@ -183,6 +183,7 @@ def test_built_objects():
     assert cfg.sampling_params() == SamplingParams(n=8, temperature=1.0, top_p=0.95, max_tokens=4)
     assert cfg.engine_config() == EngineConfig(dtype="bfloat16", max_model_len=64, gpu_memory_utilization=0.9,
                                                block_size=16, seed=7)
+    assert load_config(None, ["rollout.num_kv_blocks=40"]).engine_config().num_kv_blocks == 40
     sum_norm = load_config(None, ["algo.aggregation=seq_mean_token_sum_norm"]).loss_config()
     assert sum_norm.max_len == 4
 
@@ -292,6 +293,7 @@ def test_override_fixes_file_value_and_blames_override(tmp_path):
     (["rollout.gpu_memory_utilization=1.5"],
      r"rollout\.gpu_memory_utilization must be in \(0, 1\], got 1\.5"),
     (["rollout.block_size=12"], r"rollout\.block_size must be a power of two, got 12"),
+    (["rollout.num_kv_blocks=0"], r"rollout\.num_kv_blocks must be >= 1, got 0"),
     (["rollout.max_model_len=19"],
      r"rollout\.max_model_len = 19 is less than data\.max_prompt_tokens \+ rollout\.max_tokens = 20"),
     (["data.max_prompt_tokens=0"], r"data\.max_prompt_tokens must be >= 1, got 0"),

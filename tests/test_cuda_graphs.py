@@ -228,28 +228,23 @@ def test_unchecked_decode_with_fixed_splits_and_padding_rows(device):
         paged_decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, check=False)
 
 
-class FixedRows:
-    """Stream rows with fixed-capacity tile tables, as a decode graph passes them."""
-
-    all_clean = False  # which rows are noisy is only in the device tables
-
-    def __init__(self, ids, streams, block_m, capacity, device):
-        ref = StreamRows(torch.tensor(ids), streams)
-        self.ids = torch.tensor(ids, dtype=torch.int32, device=device)
-        self.shape = (len(ids),)
-        self.seeds, self.sigmas = ref.seeds.to(device), ref.sigmas.to(device)
-        self.streams = streams
-        ranges, table = pack_work_tiles(ids, block_m, MAX_SLOTS)
-        ranges += [[0, 0]] * (capacity - len(ranges))  # unused tiles: no rows
-        table += [[-1] * MAX_SLOTS] * (capacity - len(table))
-        self.tiles = (torch.tensor(ranges, dtype=torch.int32, device=device),
-                      torch.tensor(table, dtype=torch.int32, device=device))
-
-    def work_tiles(self, block_m):
-        return self.tiles
+def graph_rows(ids, streams, block_m, capacity, device) -> cg._GraphRows:
+    """The rows a decode graph passes the noisy kernel: fixed-capacity tile tables, padded."""
+    ref = StreamRows(torch.tensor(ids), streams)
+    ranges, table = pack_work_tiles(ids, block_m, MAX_SLOTS)
+    ranges += [[0, 0]] * (capacity - len(ranges))  # unused tiles: no rows
+    table += [[-1] * MAX_SLOTS] * (capacity - len(table))
+    tiles = (torch.tensor(ranges, dtype=torch.int32, device=device),
+             torch.tensor(table, dtype=torch.int32, device=device))
+    rows = cg._GraphRows(torch.tensor(ids, dtype=torch.int32, device=device), ref.seeds.to(device),
+                         ref.sigmas.to(device), {block_m: tiles})
+    rows.streams = list(streams)
+    return rows
 
 
-def test_noisy_linear_with_fixed_capacity_tiles_equals_stream_rows(device):
+def test_noisy_linear_with_graph_rows_equals_stream_rows(device):
+    """The graph's rows (NoiseRows over fixed-capacity device tables) through the kernel give what
+    StreamRows gives: a change to what the kernel reads that the graph rows lack fails here."""
     gen = torch.Generator().manual_seed(2)
     streams = [cg.NoiseStream(5, 0.1), cg.NoiseStream(2**63 + 1, 0.05), cg.NoiseStream(9, 0.0)]
     ids = [0] * 10 + [1] * 7 + [2] * 3 + [3] * 12 + [0] * 9 + [1] * 20
@@ -261,8 +256,8 @@ def test_noisy_linear_with_fixed_capacity_tiles_equals_stream_rows(device):
                        tiles=tiles)
     for split in (1, 2):
         cfg = TileConfig(16, 16, 16, 4, 1, split)  # several tiles, then unused ones
-        rows = FixedRows(ids, streams, 16, max_work_tiles(len(ids), 16, MAX_SLOTS) + 2, device)
-        assert len(pack_work_tiles(ids, 16, MAX_SLOTS)[0]) < rows.tiles[0].shape[0]
+        rows = graph_rows(ids, streams, 16, max_work_tiles(len(ids), 16, MAX_SLOTS) + 2, device)
+        assert len(pack_work_tiles(ids, 16, MAX_SLOTS)[0]) < rows.work_tiles(16)[0].shape[0]
         with torch.no_grad():
             out = noisy_linear(x, w, b, rows=rows, param_key=77, tiles=cfg)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -418,6 +413,9 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
 # ---------------------------------------------------------------------------
 
 GPU_VOCAB = 1024
+# LLM tests size their KV caches by blocks, not by memory, so they can share a GPU under pytest -n:
+# room for 16 sequences of max_model_len 512 (block 16), above the admission watermark.
+GPU_KV_BLOCKS = 16 * 512 // 16 + 16
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +489,7 @@ def test_gpu_llm_greedy_tokens_identical_with_and_without_graphs(gpu_model, mode
     outs = []
     for eager in (True, False):
         llm = LLM(gpu_model, dtype="float32", block_size=16, max_num_seqs=16, max_model_len=512,
-                  enforce_eager=eager)
+                  num_kv_blocks=GPU_KV_BLOCKS, enforce_eager=eager)
         outs.append(llm.generate(prompts, params, noise, use_tqdm=False))
         if eager:
             assert llm.runner.graphs is None
@@ -502,7 +500,8 @@ def test_gpu_llm_greedy_tokens_identical_with_and_without_graphs(gpu_model, mode
     for ra, rb in zip(*outs):
         assert [c.token_ids for c in ra.outputs] == [c.token_ids for c in rb.outputs]
     # bf16 with graphs runs and stays close to eager (tokens may part at near-ties)
-    llm = LLM(gpu_model, dtype="bfloat16", block_size=16, max_num_seqs=16, max_model_len=512)
+    llm = LLM(gpu_model, dtype="bfloat16", block_size=16, max_num_seqs=16, max_model_len=512,
+              num_kv_blocks=GPU_KV_BLOCKS)
     out = llm.generate(prompts, params, noise, use_tqdm=False)
     assert all(len(c.token_ids) == p.max_tokens for r, p in zip(out, params) for c in r.outputs)
     assert not llm.runner.graphs.disabled

@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+
+from psnrl.trainer.checkpoint import load_checkpoint
 
 FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_prompts=4",
         "train.sft_warmup_steps=3", "eval.n_samples=2", "eval.ks=[1, 2]", "algo.kl_coef=1e-3",
@@ -31,7 +32,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
         assert r["sampler_logprob_gap"] < 1e-4
         assert r["time_sync"] >= 0 and "kl_k3_mean" in r and "kl_noisy_clean" in r
     assert "eval" in rows[1] and rows[1]["eval"]["sets"]["tiny-arith"]["problems"] == 128
-    state = torch.load(run / "checkpoints" / "iter-000002.pt", weights_only=False)
+    state = load_checkpoint(run / "checkpoints" / "iter-000002.safetensors")
     assert state["iteration"] == 2 and "model.layers.0.mlp.up_proj.weight" in state["model"]
     assert state["optimizer"]["state"] and state["ref_model"] is not None
     resumed = torchrun(*FAST, f"log.dir={run}", "train.iterations=3", "checkpoint.every=1", "eval.every=0",

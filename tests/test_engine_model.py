@@ -9,7 +9,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           Qwen3ForCausalLM)
 
 from psnrl.engine.attention import AttentionMetadata
-from psnrl.engine.config import ModelConfig
+from psnrl.engine.config import ArchitectureConfig
 from psnrl.engine.loader import load_model
 from psnrl.engine import model as engine_model
 from psnrl.engine.noise_spec import BatchNoise, NoiseSpec
@@ -181,7 +181,7 @@ def test_config_errors_name_the_problem(tmp_path, models):
     (bad / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 2.0},
                                                  "rope_parameters": None}))
     with pytest.raises(ValueError, match="yarn"):
-        ModelConfig.from_dir(bad)
+        ArchitectureConfig.from_dir(bad)
 
 
 def test_noise_spec_validation():

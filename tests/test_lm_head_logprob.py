@@ -265,12 +265,12 @@ def test_bench_results_files(tmp_path):
                             errors={"naive": "OutOfMemoryError: CUDA out of memory"})]
     assert rows[0]["ours_over_naive_time"] == 1.25
     assert rows[0]["naive_over_ours_memory"] == pytest.approx(20 * 1024 / 300, abs=0.01)
-    json_path, md_path = bench.write_results(tmp_path, meta, rows)
+    json_path, md_path = bench.FILES.write(tmp_path, meta, rows)
     assert json_path.name == "lm_head_logprob-nvidia-h100-80gb-hbm3.json"
     doc = json.loads(json_path.read_text())
     assert doc["device"] == meta["device"] and len(doc["rows"]) == 2
     md = md_path.read_text()
-    assert "| 8192 | 151936 | 1536 | 50.00 | 40.00 | 300 | 20,480 | 469 | 1.250 | 68.3 | 1.00e-03 | 2.00e-03 |" in md
+    assert "| 8192 | 151936 | 1536 | 50.00 | 40.00 | 300.0 | 20,480.0 | 469.1 | 1.250 | 68.3 | 1.00e-03 | 2.00e-03 |" in md  # noqa: E501
     assert "| 16384 | 151936 | 1536 | 90.00 | — |" in md
     assert "T=16384 H=1536 naive: OutOfMemoryError: CUDA out of memory" in md
 

@@ -146,7 +146,7 @@ def test_digest_command_line(tmp_path, capsys):
     digest = json.loads((tmp_path / "digest.json").read_text())
     assert [d["case"] for d in digest] == ["ncu_gemm_details", "ncu_attention_details"]
     md = (tmp_path / "digest.md").read_text()
-    assert "| ncu_gemm_details | `_noisy_linear_kernel` | (1, 280, 2) | (256, 1, 1) | 84.4 | 41.3 | 23.6 | 19.46 |" in md
+    assert "| ncu_gemm_details | `_noisy_linear_kernel` | (1, 280, 2) | (256, 1, 1) | 84.4 | 41.3 | 23.6 | 19.46 |" in md  # noqa: E501
     # a report to import needs ncu
     assert ncu_digest.main(["--ncu", str(tmp_path / "no-ncu"), str(tmp_path / "x.ncu-rep")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -220,8 +220,15 @@ def test_profile_step_torch_profiler_trace_on_cpu(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_gpu_check_without_a_gpu_fails_fast_and_writes_nothing(bare_path, tmp_path):
     fake_tool(bare_path, "timeout", "echo no step may run >&2; exit 3")
-    done = run_script("gpu_check.sh", bare_path, str(tmp_path / "out"))
-    assert done.returncode == 2
-    assert "gpu_check.sh: no CUDA GPU visible" in done.stderr
-    assert "no step may run" not in done.stderr
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    for check in ("kernels", "learner"):
+        done = run_script("gpu_check.sh", bare_path, check, str(tmp_path / "out"))
+        assert done.returncode == 2
+        assert "gpu_check.sh: no CUDA GPU visible" in done.stderr
+        assert "no step may run" not in done.stderr
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_gpu_check_names_its_checks(bare_path, tmp_path):
+    for args in ((), ("decode",), (str(tmp_path / "out"),)):
+        done = run_script("gpu_check.sh", bare_path, *args)
+        assert done.returncode == 2 and "usage: gpu_check.sh {kernels|learner}" in done.stderr

@@ -456,3 +456,30 @@ def test_shipped_answers_do_not_match_each_other():
     # Legitimately equal distinct strings exist (e.g. "-1.25" vs "-5/4", "18^\circ" vs
     # "18\text{ units}"), so a tiny rate is allowed; measured: 0 of these 3000.
     assert len(hits) / len(pairs) <= 0.002, hits
+
+
+@pytest.mark.parametrize("pred, ref, expected", [
+    ("3.14159", r"\pi", False),                 # a rounded decimal of a constant, 1e-6 close
+    ("3.14159265358979", r"\pi", False),        # however many digits
+    ("0.7071067811865476", r"\frac{\sqrt{2}}{2}", False),  # equal as doubles, not as numbers
+    ("1.41421", r"\sqrt{2}", False),
+    ("0.5", r"\sin(\pi/6)", True),               # exactly equal: accepted
+    ("2", r"\sqrt{4}", True),
+    (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True),
+    ("0.3333333", r"\frac{1}{3}", True),          # two rationals: the relative tolerance, as before
+])
+def test_a_decimal_equals_a_constant_only_if_exactly_equal(pred, ref, expected):
+    assert math_reward(rf"\boxed{{{pred}}}", ref) == float(expected)
+    assert math_reward(rf"\boxed{{{ref}}}", pred) == float(expected)  # both ways round
+
+
+def test_the_nesting_bound_is_the_documented_number_of_groups_and_configurable():
+    def nested(d: int) -> str:
+        return r"\boxed{" + "(" * d + "1" + ")" * d + "}"
+    assert R.DEFAULT_CONFIG.max_depth == 40
+    assert math_reward(nested(40), "1") == 1.0 and math_reward(nested(41), "1") == 0.0
+    deeper = RewardConfig(max_depth=60)
+    assert math_reward(nested(60), "1", config=deeper) == 1.0
+    assert math_reward(nested(61), "1", config=deeper) == 0.0
+    braces = r"\boxed{" + r"\frac{1}{" * 20 + "1" + "}" * 20 + "}"  # 20 nested arguments
+    assert math_reward(braces, "1") == 1.0

@@ -114,7 +114,7 @@ def test_var2_hand_computed_sequence():
 
 
 def test_var2_normalize_similarity_option_hand_computed():
-    """Both signals normalized (DESIGN.md's reading; the paper normalizes only SC).
+    """Both signals normalized (the option; the paper normalizes only SC).
 
     t  SC  SC_norm  sem  sem range   sem_norm  Ind   mean     sigma
     1  1   0        0.5  [0.5,0.5]   0         0     0        tie: up   2

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from psnrl.bench import report
+from psnrl.bench.common import device_slug
 
 GPU_BENCHES = ("noisy-gemm", "decode", "learner", "step", "lm-head")
 # Names a bench may be registered under in psnrl/trainer/cli.py's BENCHES.
@@ -57,7 +58,8 @@ def run_benches(names: list[str], benches: dict[str, str], bench_args: dict[str,
     for name in names:
         registered, module = resolve(name, benches)
         if registered is None:
-            status.append({"bench": name, "status": "missing", "detail": "not registered in psnrl/trainer/cli.py BENCHES"})
+            status.append({"bench": name, "status": "missing",
+                           "detail": "not registered in psnrl/trainer/cli.py BENCHES"})
             print(f"== {name}: missing (not registered)", flush=True)
             continue
         if not module_exists(module):
@@ -84,9 +86,9 @@ def run_benches(names: list[str], benches: dict[str, str], bench_args: dict[str,
 def pick_slug(device: str | None, results_dir: Path, cuda_name: str | None) -> str:
     """The device whose results go in the summary: --device, the GPU here, or the only one with results."""
     if device:
-        return report.device_slug(device)
+        return device_slug(device)
     if cuda_name:
-        return report.device_slug(cuda_name)
+        return device_slug(cuda_name)
     slugs = sorted(report.result_slugs(results_dir))
     if len(slugs) == 1:
         return slugs[0]
@@ -107,9 +109,10 @@ def _bench_args(items: list[str]) -> dict[str, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psnrl bench all",
-                                     description="Run every GPU bench, then write psnrl/bench/results/summary-<device>.md "
-                                                 "(tables, charts, targets, regressions against HEAD).")
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench all",
+        description="Run every GPU bench, then write psnrl/bench/results/summary-<device>.md (tables, charts, "
+                    "targets, regressions against HEAD).")
     parser.add_argument("--only", nargs="+", choices=GPU_BENCHES, default=None, metavar="NAME",
                         help=f"run only these ({', '.join(GPU_BENCHES)})")
     parser.add_argument("--skip", nargs="+", choices=GPU_BENCHES, default=[], metavar="NAME", help="do not run these")

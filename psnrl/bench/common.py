@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmarks: result file names, atomic writes, argument parsing, rounding,
-table cells.
+"""The benches' shared harness: a run's result files, markdown tables, ratios, timing, errors,
+argument parsing.
 
-Every bench writes ``psnrl/bench/results/<name>-<device slug>.json`` and ``.md`` with
-``write_result_files``; the JSON is written with ``allow_nan=False`` so a broken
-measurement cannot produce a file other tools fail to parse.
+Every bench writes ``psnrl/bench/results/<name>-<device slug>.json`` and ``.md`` through a
+``BenchRun``, which rewrites both after every row (an interrupted run keeps what it measured).
+The JSON is written with ``allow_nan=False`` so a broken measurement cannot produce a file other
+tools fail to parse. Ratios between rows (mode over baseline) are computed once, by
+``fill_ratios``, stored in the rows, and read back by ``report.py``.
 """
 from __future__ import annotations
 
@@ -11,9 +13,15 @@ import argparse
 import json
 import os
 import re
+import statistics
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -95,8 +103,6 @@ def fmt_cell(value, spec: str) -> str:
 
 def device_and_sync(device: str) -> tuple[str, Callable[[], None]]:
     """The name of ``device`` ("cuda" or "cpu") and a function that waits for its queued work."""
-    import torch
-
     if device == "cuda":
         return torch.cuda.get_device_name(), torch.cuda.synchronize
     return "cpu", lambda: None
@@ -106,8 +112,264 @@ def free_memory(device: str) -> None:
     """Drop unreferenced objects and, on CUDA, return cached blocks (between measurements)."""
     import gc
 
-    import torch
-
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None; None if there are none."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def error_text(error: BaseException, limit: int = 500) -> str:
+    """``"OutOfMemoryError: ..."``: how an exception is stored in a row."""
+    return f"{type(error).__name__}: {error}".strip()[:limit]
+
+
+def error_row(row_keys: Sequence[str], error: BaseException, **fields) -> dict:
+    """A row that failed: every key None but the ``fields`` that name the case, and ``error``."""
+    row = dict.fromkeys(row_keys)
+    row.update(fields, error=error_text(error))
+    return row
+
+
+def fill_ratios(rows: Sequence[dict], case: Callable[[dict], tuple], is_base: Callable[[dict], bool],
+                ratios: Sequence[tuple[str, str, int]]) -> list[dict]:
+    """Copies of ``rows`` with each ``(out, field, digits)`` of ``ratios`` set to the row's field
+    over that of the base row of the same case (rounded), or None for failed rows and missing
+    values."""
+    base = {case(r): r for r in rows if is_base(r) and not r.get("error")}
+    out = []
+    for row in rows:
+        row = dict(row)
+        b = None if row.get("error") else base.get(case(row))
+        for key, field, digits in ratios:
+            row[key] = round_or_none(ratio(row.get(field), b.get(field)), digits) if b else None
+        out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a markdown table: the row's ``key`` (or a function of the row), its title,
+    and a ``str.format`` pattern ("mib" / "gib": bytes in MiB / GiB); missing values print as —."""
+
+    key: str | Callable[[dict], object]
+    title: str
+    fmt: str = "{}"
+    left: bool = False
+
+    def cell(self, row: dict) -> str:
+        value = self.key(row) if callable(self.key) else row.get(self.key)
+        if value is None:
+            return "—"
+        if self.fmt in ("mib", "gib"):
+            return f"{value / 2 ** (20 if self.fmt == 'mib' else 30):,.{1 if self.fmt == 'mib' else 2}f}"
+        return self.fmt.format(value)
+
+
+def markdown_table(columns: Sequence[Column], rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(c.title for c in columns) + " |",
+             "|" + "|".join("---" if c.left else "---:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_meta(device: str, **fields) -> dict:
+    """The metadata every result file starts with: device, torch, triton, transformers."""
+    import transformers
+    import triton
+
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, **fields}
+
+
+@dataclass(frozen=True)
+class BenchFiles:
+    """What a bench's result files hold: ``<name>-<device>.json`` (``meta_keys`` first, then the
+    other metadata, then the rows) and the markdown ``render(meta, rows)`` makes; ``finish(rows)``
+    completes the rows before they are written (ratios between rows)."""
+
+    name: str
+    meta_keys: tuple[str, ...]
+    render: Callable[[dict, list[dict]], str]
+    finish: Callable[[Sequence[dict]], list[dict]] = list
+
+    def write(self, out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
+        """Write both files into ``out_dir`` atomically; return their paths."""
+        rows = self.finish(rows)
+        doc = results_document(meta, rows, self.meta_keys)
+        return write_result_files(out_dir, self.name, meta["device"], doc, self.render(meta, rows))
+
+    def previous_rows(self, out_dir: str | os.PathLike, device: str, keep: Callable[[dict], bool]) -> list[dict]:
+        """The rows of this device's results file in ``out_dir`` that ``keep`` accepts (``--merge``:
+        a long run split into several commands keeps what the others measured)."""
+        path = Path(out_dir) / f"{self.name}-{device_slug(device)}.json"
+        if not path.is_file():
+            return []
+        return [row for row in json.loads(path.read_text()).get("rows", []) if keep(row)]
+
+
+class BenchRun:
+    """The rows of one bench run, its files rewritten after every ``record`` so that an
+    interrupted run keeps what it measured. A measurement that is not a row (the learner's
+    mismatch, say) goes into ``meta``, which the bench may update between writes."""
+
+    def __init__(self, files: BenchFiles, meta: dict, out_dir: str | os.PathLike, rows: Sequence[dict] = ()):
+        self.files, self.meta, self.out_dir = files, meta, out_dir
+        self.rows: list[dict] = list(rows)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.files.name}] {message}", file=sys.stderr, flush=True)
+
+    def record(self, row: dict, label: str, detail: str | None = None) -> None:
+        """Add a row, log ``label: error`` (or ``label: detail``), and rewrite the files."""
+        self.rows.append(row)
+        if row.get("error") or detail:
+            self.log(f"{label}: {row.get('error') or detail}")
+        self.write()
+
+    def write(self) -> tuple[Path, Path]:
+        return self.files.write(self.out_dir, self.meta, self.rows)
+
+    def close(self, summary: str | None = None) -> int:
+        """Write the files a last time, print ``summary`` (default: the markdown) and where they
+        went; 1 if a row failed, else 0."""
+        json_path, md_path = self.write()
+        print(summary if summary is not None else md_path.read_text())
+        print(f"wrote {json_path}\nwrote {md_path}")
+        return 1 if any(r.get("error") for r in self.rows) else 0
+
+
+def cuda_missing(device: str, message: str) -> bool:
+    """True (after printing ``message``) when a bench asked for CUDA and there is none."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(message, file=sys.stderr)
+        return True
+    return False
+
+
+def add_out_dir(parser: argparse.ArgumentParser, merge: bool = False) -> None:
+    """``--out-dir`` (and ``--merge``, for benches whose runs may be split into several commands)."""
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR),
+                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    if merge:
+        parser.add_argument("--merge", action="store_true",
+                            help="keep the rows of an existing results file of this device that this run "
+                                 "does not measure (to split a long run into several commands)")
+
+
+def add_model_runs(parser: argparse.ArgumentParser, default_models: Sequence[str], note: str = "") -> None:
+    """The options of a bench that runs random-weight checkpoints: ``--models``, ``--device``
+    (cpu: a smoke run) and ``--ckpt-dir``."""
+    from psnrl.bench import model_configs
+
+    parser.add_argument("--models", nargs="+", default=list(default_models), metavar="MODEL",
+                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
+                             f"(default {' '.join(default_models)}{note})")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run without a GPU (default cuda)")
+    parser.add_argument("--ckpt-dir", default=None,
+                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
+
+
+# ---------------------------------------------------------------------------
+# GPU timing and memory
+# ---------------------------------------------------------------------------
+
+def gpu_timing_method(warmup: int, iters: int, flush_l2: bool, spin: bool = True) -> str:
+    queued = ("each call queued behind a GPU spin kernel (torch.cuda._sleep) so that host launch "
+              "overhead is excluded and only GPU time is measured" if spin else
+              "host launch overhead included (torch.cuda._sleep unavailable)")
+    l2 = ("L2 flushed (256 MiB buffer zeroed) before every call" if flush_l2 else
+          "L2 not flushed between calls, so weights that fit in L2 (the smaller shapes) may be "
+          "read from it")
+    return (f"CUDA events around each call, {queued}; median of {iters} timed calls after "
+            f"{warmup} warmup calls; {l2}; all columns of a row measured in the same run")
+
+
+class EventTimer:
+    """Median GPU time of a callable, in microseconds, from CUDA events around each call.
+
+    Before each timed call a spin kernel keeps the GPU busy while the host enqueues the call and
+    its events, so the events bracket GPU work only (no host launch gaps).
+    """
+
+    def __init__(self, warmup: int, iters: int, flush_l2: bool = False):
+        self.warmup = warmup
+        self.iters = iters
+        self.spin = hasattr(torch.cuda, "_sleep")
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if flush_l2 else None
+        self.cycles_per_us = self._calibrate() if self.spin else 0.0
+
+    @staticmethod
+    def _calibrate() -> float:
+        """GPU clock cycles per microsecond as torch.cuda._sleep counts them."""
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
+        cycles = 10_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        return cycles / max(start.elapsed_time(end) * 1e3, 1e-3)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        # Host time to enqueue one call: the spin must outlast it.
+        reps = 3
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host_us = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize()
+        spin_cycles = int(max(3.0 * host_us + 20.0, 50.0) * self.cycles_per_us)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        for i in range(self.iters):
+            if self.flush is not None:
+                self.flush.zero_()
+            if self.spin:
+                torch.cuda._sleep(spin_cycles)
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory allocated during one call, above what was allocated before it (its
+    output included)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def cuda_extra_bytes(fn: Callable[[], object]) -> int:
+    """Bytes a call allocates beyond what it still holds when it returns (its output)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    held = torch.cuda.memory_allocated() - base  # the output, as the allocator rounds it
+    del out
+    return int(peak - base - held)

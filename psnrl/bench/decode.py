@@ -40,10 +40,9 @@ with ``--device cpu`` (a smoke run: ``--device cpu --models tiny --batches 1 2 -
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -54,11 +53,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
-                          ratio, results_document, round_or_none, split_list, write_result_files)
+from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing, device_and_sync,
+                                error_row as _error_row, fmt_cell, free_memory, nonnegative_int, positive_int,
+                                ratio, round_or_none, run_meta, split_list)
 
 NAME = "decode"
-DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
                    "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny)")
 
@@ -365,10 +364,7 @@ def build_row(model: str, work: Workload, mode: str, timings: Sequence[Timing],
 
 
 def error_row(model: str, work: Workload, mode: str, error: BaseException) -> dict:
-    row = {key: None for key in ROW_KEYS}
-    row.update(_row_head(model, work, mode), over_noisy=None,
-               error=f"{type(error).__name__}: {error}".strip()[:500])
-    return row
+    return _error_row(ROW_KEYS, error, **_row_head(model, work, mode))
 
 
 def _group_key(row: dict) -> tuple:
@@ -444,7 +440,6 @@ def _section_title(model: str, workload: str, prompt_len: int, output_len: int) 
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    rows = add_ratios(rows)
     peak = meta.get("peak_gbps")
     parts = [
         f"# decode on {meta['device']}",
@@ -472,15 +467,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
-# ---------------------------------------------------------------------------
-# Results files
-# ---------------------------------------------------------------------------
-
-def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``decode-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    rows = add_ratios(rows)
-    doc = results_document(meta, rows, META_KEYS)
-    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
 # ---------------------------------------------------------------------------
@@ -490,17 +477,13 @@ def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path
 class Runner:
     """Runs every workload and mode of one model and appends rows; writes results after each."""
 
-    def __init__(self, args: argparse.Namespace, meta: dict, rows: list[dict], sync, log):
-        self.args, self.meta, self.rows, self.sync, self.log = args, meta, rows, sync, log
+    def __init__(self, args: argparse.Namespace, run: BenchRun, sync: Callable[[], None]):
+        self.args, self.run, self.sync, self.log = args, run, sync, run.log
 
     def record(self, row: dict) -> None:
-        self.rows.append(row)
-        where = f"{row['model']} {row['workload']} batch {row['batch']} {row['mode']}"
-        if row.get("error"):
-            self.log(f"{where}: {row['error']}")
-        else:
-            self.log(f"{where}: {row['tok_s']:,.1f} tok/s, {fmt_cell(row['step_ms'], '.2f')} ms/step")
-        write_results(self.args.out_dir, self.meta, self.rows)
+        self.run.record(row, f"{row['model']} {row['workload']} batch {row['batch']} {row['mode']}",
+                        None if row.get("error") else
+                        f"{row['tok_s']:,.1f} tok/s, {fmt_cell(row['step_ms'], '.2f')} ms/step")
 
     def workloads(self, model: str) -> list[Workload]:
         a = self.args
@@ -547,9 +530,11 @@ class Runner:
                 def once(w=work, n=noise):
                     return time_engine(llm, w, n, greedy=a.greedy, seed=a.seed, sync=self.sync)
                 if not self.measure(model, work, mode, once, once) and llm.scheduler.has_work():
-                    llm = None  # a failed generate leaves requests behind: a fresh engine next
+                    llm.close()  # a failed generate leaves requests behind: a fresh engine next
+                    llm = None
                     free_memory(a.device)
-        llm = None
+        if llm is not None:
+            llm.close()
         free_memory(a.device)
         if "hf" in a.modes:
             self.run_hf(model, path, [w for w in works if w.name == FIXED])
@@ -601,22 +586,13 @@ class Runner:
 # Command line
 # ---------------------------------------------------------------------------
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psnrl bench decode",
         description="Decode throughput of the rollout engine (clean, noisy, mixed) and of "
                     "transformers generate on random-weight Qwen2.5 checkpoints; writes "
                     "decode-<device>.json and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)})")
+    add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
     parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
@@ -627,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generated tokens per request, never fewer (default %(default)s)")
     parser.add_argument("--group-size", type=positive_int, default=GROUP_SIZE,
                         help="fixed workload: sequences per prompt (default %(default)s)")
-    parser.add_argument("--probes", type=_nonnegative_int, default=PROBES,
+    parser.add_argument("--probes", type=nonnegative_int, default=PROBES,
                         help="mixed mode: clean probes in every group of --group-size sequences, "
                              "the others noisy (default %(default)s)")
     parser.add_argument("--nano-vllm-model", default=None, metavar="MODEL",
@@ -647,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="noise targets: mlp, attn, lm_head or all (default %(default)s)")
     parser.add_argument("--noise-seed", type=int, default=NOISE_SEED)
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
-    parser.add_argument("--warmup", type=_nonnegative_int, default=1,
+    parser.add_argument("--warmup", type=nonnegative_int, default=1,
                         help="untimed runs before each measurement (engine: the full run; HF: "
                              f"{HF_WARMUP_TOKENS} tokens) (default %(default)s)")
     parser.add_argument("--repeats", type=positive_int, default=1,
@@ -658,15 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (default sdpa)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's peak memory bandwidth in GB/s (default: from PEAK_GBPS by name)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of an existing decode-<device>.json that this run does "
-                             "not measure (to split a long run into several commands)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
-                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    add_out_dir(parser, merge=True)
     return parser
 
 
@@ -739,71 +707,45 @@ def method_description(args: argparse.Namespace) -> str:
 
 
 def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
-    """Rows of this device's results file that this run will not measure again."""
-    path = Path(args.out_dir) / f"{NAME}-{device_slug(device_name)}.json"
-    if not path.is_file():
-        return []
+    """Rows of this device's results file that this run will not measure again (``--merge``)."""
     fixed = {(m, FIXED, b, args.prompt_len, args.output_len, mode)
              for m in args.models for b in args.batches for mode in args.modes}
     nano = {(args.nano_vllm_model, NANO_VLLM, mode) for mode in args.modes if mode in ENGINE_MODES}
 
-    def planned(row: dict) -> bool:
+    def measured(row: dict) -> bool:
         workload = row.get("workload", FIXED)
         if workload == NANO_VLLM:
             return (row.get("model"), workload, row.get("mode")) in nano
         return (row.get("model"), workload, row.get("batch"), row.get("prompt_len"),
                 row.get("output_len"), row.get("mode")) in fixed
-    return [row for row in json.loads(path.read_text()).get("rows", []) if not planned(row)]
+    return FILES.previous_rows(args.out_dir, device_name, lambda row: not measured(row))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
-
-    import transformers
-    import triton
-
     device_name, sync = device_and_sync(args.device)
     peak = args.peak_gbps if args.peak_gbps is not None else peak_gbps(device_name)
     args.peak = peak
-    meta = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "dtype": args.dtype,
-        "sampling": "greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
-        "noise": f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
-        "sigma": args.sigma,
-        "targets": args.targets,
-        "peak_gbps": peak,
-        "peak_source": ("--peak-gbps" if args.peak_gbps is not None else
-                        "PEAK_GBPS table" if peak is not None else None),
-        "method": method_description(args),
-        "hf_attn_implementation": args.hf_attn,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "block_size": args.block_size,
-        "group_size": args.group_size,
-        "probes": args.probes,
-        "nano_vllm_model": args.nano_vllm_model,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seed": args.seed,
-    }
-    rows = previous_rows(args, device_name) if args.merge else []
-
-    def log(message: str) -> None:
-        print(f"[decode] {message}", file=sys.stderr, flush=True)
-
-    runner = Runner(args, meta, rows, sync, log)
+    meta = run_meta(
+        device_name, dtype=args.dtype,
+        sampling="greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
+        noise=f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        sigma=args.sigma, targets=args.targets, peak_gbps=peak,
+        peak_source="--peak-gbps" if args.peak_gbps is not None else "PEAK_GBPS table" if peak is not None else None,
+        method=method_description(args), hf_attn_implementation=args.hf_attn,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        group_size=args.group_size, probes=args.probes, nano_vllm_model=args.nano_vllm_model,
+        warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+    run = BenchRun(FILES, meta, args.out_dir, previous_rows(args, device_name) if args.merge else [])
+    runner = Runner(args, run, sync)
     with tempfile.TemporaryDirectory(prefix="psnrl-decode-") as tmp:
         for model in args.models:
-            log(f"{model}: writing random {args.dtype} weights")
+            run.log(f"{model}: writing random {args.dtype} weights")
             try:
                 path = model_configs.cached_random_checkpoint(model, args.dtype, args.seed, args.ckpt_dir,
-                                      args.device, Path(tmp))
+                                                              args.device, Path(tmp))
             except Exception as exc:
                 for work in runner.workloads(model):
                     for mode in args.modes:
@@ -812,14 +754,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runner.model(model, path)
             if not args.ckpt_dir:
-                import shutil
                 shutil.rmtree(path, ignore_errors=True)
-    json_path, md_path = write_results(args.out_dir, meta, rows)
-    for key, mine in _sections(add_ratios(rows)).items():
-        print(f"\n{_section_title(*key)}\n")
-        print(render_model_table(mine))
-    print(f"\nwrote {json_path}\nwrote {md_path}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return run.close("\n".join(f"\n{_section_title(*key)}\n\n{render_model_table(mine)}"
+                               for key, mine in _sections(add_ratios(run.rows)).items()))
 
 
 if __name__ == "__main__":

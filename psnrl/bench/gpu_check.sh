@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# The noise kernels' GPU check, sized for one device call (about 6 minutes in all).
+# GPU checks, each sized for one device call (about 6 minutes).
 #
-#   psnrl/bench/gpu_check.sh [OUT_DIR]     (default: $OUT if set, else psnrl/bench/results/gpu-check)
+#   psnrl/bench/gpu_check.sh CHECK [OUT_DIR]   (default: $OUT if set, else psnrl/bench/results/gpu-check)
 #
-# On a CUDA machine whose torch and Triton are already installed (and no registry in reach):
-#   1. install   pip install --no-deps --no-build-isolation -e . (the C++ block manager builds)
-#   2. tests     the gpu-marked kernel tests: noise, noisy_linear, noisy_gate_up (pytest -n 8 when
-#                pytest-xdist is there)
-#   3. bench     psnrl bench noisy-gemm on the Qwen2.5-1.5B and 7B MLP shapes (all M)
-#   4. ncu       psnrl/bench/profile_kernels.sh on the 1.5B gate_up / down noisy matmul and its
-#                cuBLAS twin at M = 1 and M = 256
-# Each step runs under its own `timeout` (seconds: INSTALL_S, TESTS_S, BENCH_S, NCU_S); a step
-# that fails or runs out of time is logged and the next one still runs. Everything it wrote (logs,
-# noisy_gemm-<device>.json/.md, ncu digests and reports) is packed into one tarball,
-# OUT_DIR/gpu-check-<device>.tar.gz, and summary.txt lists each step's exit status.
+# On a CUDA machine whose torch and Triton are already installed (and no registry in reach), each
+# check first installs the project (pip install --no-deps --no-build-isolation -e .; the C++ block
+# manager builds), then:
+#   kernels   tests: the gpu-marked noise, noisy_linear and noisy_gate_up tests;
+#             bench: psnrl bench noisy-gemm on the Qwen2.5-1.5B and 7B MLP shapes (all M);
+#             ncu:   psnrl/bench/profile_kernels.sh on the 1.5B gate_up / down noisy matmul and
+#                    its cuBLAS twin at M = 1 and M = 256
+#   learner   tests: every gpu-marked test;
+#             learner: psnrl bench learner --models 1.5B (8k and 16k tokens, activation
+#                    checkpointing off and on, plain / psn / naive, the engine mismatch);
+#             step:  psnrl bench step --models 0.5B --iters 2 (plain, psn, psn-var2 in one process)
+# Tests run under pytest -n 8 when pytest-xdist is there. Each step runs under its own `timeout`
+# (seconds: INSTALL_S, TESTS_S, BENCH_S, NCU_S, STEP_S); a step that fails or runs out of time is
+# logged and the next one still runs. Everything it wrote (logs, the benches' <name>-<device>.json
+# and .md, ncu digests and reports) is packed into one tarball, OUT_DIR/gpu-check-CHECK-<device>.tar.gz,
+# and summary.txt lists each step's exit status.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-DEST="${1:-${OUT:-$ROOT/psnrl/bench/results/gpu-check}}"
+CHECK="${1:-}"
+case "$CHECK" in
+    kernels) TIMES=(60 100 120 80) ;;  # install, tests, bench, ncu
+    learner) TIMES=(45 110 100 90) ;;  # install, tests, learner bench, step bench
+    *) echo "usage: gpu_check.sh {kernels|learner} [OUT_DIR]" >&2; exit 2 ;;
+esac
+DEST="${2:-${OUT:-$ROOT/psnrl/bench/results/gpu-check}}"
 PYTHON="${PYTHON:-python3}"
-INSTALL_S="${INSTALL_S:-60}" TESTS_S="${TESTS_S:-100}" BENCH_S="${BENCH_S:-120}" NCU_S="${NCU_S:-80}"
+INSTALL_S="${INSTALL_S:-${TIMES[0]}}" TESTS_S="${TESTS_S:-${TIMES[1]}}"
+BENCH_S="${BENCH_S:-${TIMES[2]}}" NCU_S="${NCU_S:-${TIMES[3]}}" STEP_S="${STEP_S:-${TIMES[3]}}"
 cd "$ROOT"
 
 step() {  # step NAME SECONDS COMMAND...: run, log to NAME.log, record the exit status
@@ -49,17 +61,27 @@ DEVICE="$("$PYTHON" -c 'import torch; from psnrl.bench.common import device_slug
 step install "$INSTALL_S" "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 XDIST=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
-step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests/test_noise.py tests/test_noisy_linear.py \
-    tests/test_noisy_gate_up.py
-step bench "$BENCH_S" "$PYTHON" -m psnrl.trainer.cli bench noisy-gemm --models 1.5B 7B --out-dir "$WORK/results"
-if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
-    step ncu "$NCU_S" env PYTHON="$PYTHON" bash psnrl/bench/profile_kernels.sh --only gemm --m "1 256" \
-        --out-dir "$WORK/results/ncu"
-else
-    echo "ncu: skipped (no ncu on PATH)" | tee -a "$WORK/summary.txt"
-fi
+BENCH=("$PYTHON" -m psnrl.trainer.cli bench)
+case "$CHECK" in
+kernels)
+    step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests/test_noise.py tests/test_noisy_linear.py \
+        tests/test_noisy_gate_up.py
+    step bench "$BENCH_S" "${BENCH[@]}" noisy-gemm --models 1.5B 7B --out-dir "$WORK/results"
+    if command -v "${NCU:-ncu}" >/dev/null 2>&1; then
+        step ncu "$NCU_S" env PYTHON="$PYTHON" bash psnrl/bench/profile_kernels.sh --only gemm --m "1 256" \
+            --out-dir "$WORK/results/ncu"
+    else
+        echo "ncu: skipped (no ncu on PATH)" | tee -a "$WORK/summary.txt"
+    fi
+    ;;
+learner)
+    step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests
+    step learner "$BENCH_S" "${BENCH[@]}" learner --models 1.5B --out-dir "$WORK/results"
+    step step "$STEP_S" "${BENCH[@]}" step --models 0.5B --warmup 1 --iters 2 --out-dir "$WORK/results"
+    ;;
+esac
 
-TARBALL="$DEST/gpu-check-$DEVICE.tar.gz"
+TARBALL="$DEST/gpu-check-$CHECK-$DEVICE.tar.gz"
 tar -czf "$TARBALL" -C "$WORK" .
 echo "wrote $TARBALL"
 cat "$WORK/summary.txt"

@@ -26,9 +26,13 @@ the peak; the largest over the timed steps; None on a CPU); ``saved_bytes`` = a
 device-independent proxy: the bytes of distinct storages autograd saves for backward in
 one micro-batch (torch.autograd.graph.saved_tensors_hooks; parameters excluded, the
 largest micro-batch) plus the perturbed weight copy a step materializes
-(``weight_copy_bytes``, naive only). ``over_plain_*`` = the mode over plain of the same
-model and tokens. Targets (psnrl/bench/README.md): peak memory PSN/plain <= 1.02, step time
-PSN/plain <= 1.15.
+(``weight_copy_bytes``, naive only); ``saved_tensors`` = those storages by dtype and shape
+(``bf16[8192x896]`` -> count, bytes) and ``extra_saved_tensors`` = a mode's minus plain's, the
+per-tensor account of what the dual-stream pass keeps that plain does not. ``over_plain_*`` =
+the mode over plain of the same model, tokens and activation checkpointing
+(``--activation-checkpointing off|on|both``, default both: each decoder layer recomputed in
+backward, as ``train.activation_checkpointing`` does). Targets (psnrl/bench/README.md): peak
+memory PSN/plain <= 1.02, step time PSN/plain <= 1.15.
 
 Mismatch (``--mismatch-model``, default the first model): the engine (engine.llm.LLM on
 the same random checkpoint and dtype) samples ``--mismatch-tokens`` tokens for each of
@@ -49,8 +53,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -61,11 +65,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (RESULTS_DIR, fmt_cell, free_memory, positive_int, ratio, results_document,
-                          round_or_none, split_list, write_result_files)
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+                                error_row as _error_row,
+                                error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
+                                ratio, round_or_none, run_meta, split_list)
 
 NAME = "learner"
-DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
                    "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny)")
 
@@ -86,9 +91,10 @@ DEVICE_DEFAULTS = {
             "iters": 2, "mismatch_prompts": 2, "mismatch_prompt_len": 8, "mismatch_tokens": 16},
 }
 
-ROW_KEYS = ("model", "tokens", "mode", "peak_bytes", "step_ms", "over_plain_mem", "over_plain_time",
-            "saved_bytes", "over_plain_saved", "weight_copy_bytes", "held_bytes", "seqs", "seq_len",
-            "prompt_len", "step_ms_all")
+ROW_KEYS = ("model", "tokens", "activation_checkpointing", "mode", "peak_bytes", "step_ms", "over_plain_mem",
+            "over_plain_time", "saved_bytes", "over_plain_saved", "weight_copy_bytes", "held_bytes", "seqs",
+            "seq_len", "prompt_len", "step_ms_all", "saved_tensors", "extra_saved_tensors")
+CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 META_KEYS = ("device", "torch", "triton")
 
 
@@ -134,8 +140,19 @@ def perturbed_copy(model, spec) -> tuple[torch.nn.Module, int]:
 # Saved-for-backward bytes (the device-independent memory proxy)
 # ---------------------------------------------------------------------------
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "int64",
+                torch.int32: "int32", torch.bool: "bool", torch.uint8: "uint8"}
+
+
+def tensor_label(t: torch.Tensor) -> str:
+    """``bf16[8192x896]``: how a saved storage is named in the per-tensor accounting."""
+    return f"{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}[{'x'.join(map(str, t.shape))}]"
+
+
 class SavedTensorProbe:
-    """Bytes of the distinct storages autograd saves for backward, per micro-batch.
+    """Bytes of the distinct storages autograd saves for backward, per micro-batch, and which
+    tensors they are (label -> count and bytes; a storage is named by the first tensor saved
+    from it).
 
     Within one forward every saved tensor is alive (the graph holds it), so storages are told
     apart by address. Parameters are excluded: they are held whatever the mode. The hooks
@@ -145,10 +162,11 @@ class SavedTensorProbe:
     def __init__(self, model: torch.nn.Module):
         self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.per_micro_batch: list[int] = []
+        self.tensors: list[dict[str, dict[str, int]]] = []  # per micro-batch: label -> {count, bytes}
 
     @contextmanager
     def micro_batch(self) -> Iterator[None]:
-        seen: dict[int, int] = {}
+        seen: dict[int, tuple[str, int]] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             try:
@@ -157,12 +175,29 @@ class SavedTensorProbe:
                 return t
             ptr = storage.data_ptr()
             if ptr not in self.exclude and ptr not in seen:
-                seen[ptr] = storage.nbytes()
+                seen[ptr] = (tensor_label(t), storage.nbytes())
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
-        self.per_micro_batch.append(sum(seen.values()))
+        self.per_micro_batch.append(sum(nbytes for _, nbytes in seen.values()))
+        tensors: dict[str, dict[str, int]] = {}
+        for label, nbytes in seen.values():
+            entry = tensors.setdefault(label, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += nbytes
+        self.tensors.append(tensors)
+
+
+def extra_saved_tensors(mode: dict[str, dict[str, int]], plain: dict[str, dict[str, int]]) -> list[dict]:
+    """What a mode saves for backward that plain does not (or fewer of), per tensor label,
+    largest first: [{"tensor", "count", "bytes"}] with count and bytes as differences."""
+    out = []
+    for label in set(mode) | set(plain):
+        a, b = mode.get(label, {"count": 0, "bytes": 0}), plain.get(label, {"count": 0, "bytes": 0})
+        if a["count"] != b["count"] or a["bytes"] != b["bytes"]:
+            out.append({"tensor": label, "count": a["count"] - b["count"], "bytes": a["bytes"] - b["bytes"]})
+    return sorted(out, key=lambda e: (-abs(e["bytes"]), e["tensor"]))
 
 
 def _probed_learner_class():
@@ -253,6 +288,7 @@ class Measurement:
     held_bytes: int | None
     saved_bytes: int
     weight_copy_bytes: int
+    saved_tensors: dict[str, dict[str, int]]
 
 
 def measure(step: Callable[[], dict], learner, device: str, warmup: int, iters: int) -> Measurement:
@@ -279,7 +315,10 @@ def measure(step: Callable[[], dict], learner, device: str, warmup: int, iters: 
     learner.probe = SavedTensorProbe(learner.model)
     try:
         once()
-        activations = max(learner.probe.per_micro_batch, default=0)
+        probe = learner.probe
+        largest = max(range(len(probe.per_micro_batch)), key=probe.per_micro_batch.__getitem__, default=None)
+        activations = probe.per_micro_batch[largest] if largest is not None else 0
+        tensors = probe.tensors[largest] if largest is not None else {}
     finally:
         learner.probe = None
     times, peaks, held, info = [], [], None, {}
@@ -289,12 +328,12 @@ def measure(step: Callable[[], dict], learner, device: str, warmup: int, iters: 
         peaks.append(peak)
     learner.optimizer.zero_grad(set_to_none=True)
     copied = int(info.get("weight_copy_bytes", 0))
-    return Measurement(times, max(peaks) if cuda else None, held, activations + copied, copied)
+    return Measurement(times, max(peaks) if cuda else None, held, activations + copied, copied, tensors)
 
 
-def build_row(model: str, case: Case, seq_len: int, mode: str, m: Measurement) -> dict:
+def build_row(model: str, case: Case, seq_len: int, checkpointing: bool, mode: str, m: Measurement) -> dict:
     return {
-        "model": model, "tokens": case.tokens, "mode": mode,
+        "model": model, "tokens": case.tokens, "activation_checkpointing": checkpointing, "mode": mode,
         "peak_bytes": m.peak_bytes,
         "step_ms": round_or_none(statistics.median(m.step_ms), 3),
         "over_plain_mem": None, "over_plain_time": None,
@@ -303,29 +342,34 @@ def build_row(model: str, case: Case, seq_len: int, mode: str, m: Measurement) -
         "held_bytes": m.held_bytes,
         "seqs": len(case.seqs), "seq_len": seq_len, "prompt_len": case.prompt_lens[0],
         "step_ms_all": [round(t, 3) for t in m.step_ms],
+        "saved_tensors": m.saved_tensors, "extra_saved_tensors": None,
     }
 
 
-def error_row(model: str, tokens: int, seqs: int, seq_len: int, prompt_len: int, mode: str,
+def error_row(model: str, tokens: int, seqs: int, seq_len: int, prompt_len: int, checkpointing: bool, mode: str,
               error: BaseException) -> dict:
-    row = {key: None for key in ROW_KEYS}
-    row.update(model=model, tokens=tokens, mode=mode, seqs=seqs, seq_len=seq_len, prompt_len=prompt_len,
-               error=f"{type(error).__name__}: {error}".strip()[:500])
-    return row
+    return _error_row(ROW_KEYS, error, model=model, tokens=tokens, activation_checkpointing=checkpointing,
+                      mode=mode, seqs=seqs, seq_len=seq_len, prompt_len=prompt_len)
+
+
+def case_key(row: dict) -> tuple:
+    """Rows compared with each other: same model, tokens and activation checkpointing."""
+    return row["model"], row["tokens"], bool(row.get("activation_checkpointing"))
 
 
 def add_ratios(rows: Sequence[dict]) -> list[dict]:
-    """Fill over_plain_mem / _time / _saved from the plain row of the same model and tokens."""
-    plain = {(r["model"], r["tokens"]): r for r in rows if r["mode"] == "plain" and not r.get("error")}
-    out = []
-    for row in rows:
-        row = dict(row)
-        p = plain.get((row["model"], row["tokens"]))
-        for key, field, digits in (("over_plain_mem", "peak_bytes", 4), ("over_plain_time", "step_ms", 4),
-                                   ("over_plain_saved", "saved_bytes", 4)):
-            row[key] = round_or_none(ratio(row.get(field), p.get(field)), digits) if p and not row.get("error") \
-                else None
-        out.append(row)
+    """Fill over_plain_mem / _time / _saved and extra_saved_tensors from the plain row of the same case."""
+    def is_plain(r: dict) -> bool:
+        return r["mode"] == "plain"
+
+    out = fill_ratios(rows, case_key, is_plain, [("over_plain_mem", "peak_bytes", 4),
+                                                 ("over_plain_time", "step_ms", 4),
+                                                 ("over_plain_saved", "saved_bytes", 4)])
+    plain = {case_key(r): r for r in out if is_plain(r) and not r.get("error")}
+    for row in out:
+        p = plain.get(case_key(row))
+        row["extra_saved_tensors"] = (extra_saved_tensors(row["saved_tensors"], p["saved_tensors"])
+                                      if p and not row.get("error") and not is_plain(row) else None)
     return out
 
 
@@ -371,7 +415,7 @@ def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> 
             naive = response_logprobs(noisy_model, seqs, plens).logprobs
             del noisy_model
     finally:
-        del llm
+        llm.close()
         free_memory(args.device)
     eng = torch.cat(engine_lp)
     noisy, clean = dual.noisy.logprobs.double().cpu(), dual.clean.logprobs.double().cpu()
@@ -392,20 +436,22 @@ def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> 
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _mib(value) -> str:
-    return "—" if value is None else f"{value / 2**20:,.1f}"
+def _on_off(checkpointing) -> str:
+    return "on" if checkpointing else "off"
 
 
-def render_table(rows: Sequence[dict]) -> str:
-    head = ["model", "tokens", "mode", "peak MiB", "step ms", "mem / plain", "time / plain", "saved MiB",
-            "saved / plain", "weight copy MiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            str(r["model"]), str(r["tokens"]), r["mode"], _mib(r.get("peak_bytes")), fmt_cell(r.get("step_ms"), ",.1f"),
-            fmt_cell(r.get("over_plain_mem"), ".3f"), fmt_cell(r.get("over_plain_time"), ".3f"), _mib(r.get("saved_bytes")),
-            fmt_cell(r.get("over_plain_saved"), ".3f"), _mib(r.get("weight_copy_bytes"))]) + " |")
-    return "\n".join(lines)
+def _case(r: dict) -> str:
+    return f"{r['model']} {r['tokens']} tokens, activation checkpointing {_on_off(r.get('activation_checkpointing'))}"
+
+
+COLUMNS = (
+    Column("model", "model", left=True), Column("tokens", "tokens", left=True),
+    Column(lambda r: _on_off(r.get("activation_checkpointing")), "act. ckpt", left=True),
+    Column("mode", "mode", left=True), Column("peak_bytes", "peak MiB", "mib"), Column("step_ms", "step ms", "{:,.1f}"),
+    Column("over_plain_mem", "mem / plain", "{:.3f}"), Column("over_plain_time", "time / plain", "{:.3f}"),
+    Column("saved_bytes", "saved MiB", "mib"), Column("over_plain_saved", "saved / plain", "{:.3f}"),
+    Column("weight_copy_bytes", "weight copy MiB", "mib"),
+)
 
 
 def target_lines(rows: Sequence[dict]) -> list[str]:
@@ -417,9 +463,30 @@ def target_lines(rows: Sequence[dict]) -> list[str]:
                                  ("step time", "over_plain_time", TIME_TARGET)):
             value = r.get(key)
             verdict = "not measured" if value is None else "met" if value <= limit else "MISSED"
-            lines.append(f"- {r['model']} {r['tokens']} tokens: {what} PSN/plain = {fmt_cell(value, '.3f')} "
+            lines.append(f"- {_case(r)}: {what} PSN/plain = {fmt_cell(value, '.3f')} "
                          f"(target <= {limit:.2f}): {verdict}")
     return lines
+
+
+def render_extra_tensors(rows: Sequence[dict], limit: int = 8) -> list[str]:
+    """Per PSN case: the tensors its step saves for backward that plain's does not."""
+    lines = []
+    for r in rows:
+        if r["mode"] != "psn" or r.get("extra_saved_tensors") is None:
+            continue
+        extra = r["extra_saved_tensors"]
+        total = sum(e["bytes"] for e in extra)
+        if not extra:
+            lines.append(f"- {_case(r)}: none (the same storages as plain)")
+            continue
+        shown = ", ".join(f"{e['count']:+d} x {e['tensor']} ({e['bytes'] / 2**20:+,.2f} MiB)" for e in extra[:limit])
+        more = f", and {len(extra) - limit} more" if len(extra) > limit else ""
+        lines.append(f"- {_case(r)}: {total / 2**20:+,.2f} MiB in all: {shown}{more}")
+    if not lines:
+        return []
+    return ["## What PSN saves for backward that plain does not", "",
+            "Distinct storages saved for backward in one micro-batch, PSN minus plain, by dtype and shape "
+            "(parameters excluded):", "", *lines, ""]
 
 
 def render_mismatch(m: dict) -> list[str]:
@@ -443,30 +510,24 @@ def render_mismatch(m: dict) -> list[str]:
     return lines
 
 
-def render_markdown(meta: dict, rows: Sequence[dict], mismatch: dict | None) -> str:
-    rows = add_ratios(rows)
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     parts = [f"# learner on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; dtype {meta.get('dtype', '?')}; "
              f"noise: {meta.get('noise', '')}.", "",
              f"Method: {meta.get('method', '')}", "",
-             render_table(rows), ""]
+             markdown_table(COLUMNS, rows), ""]
     targets = target_lines(rows)
     if targets:
         parts += ["Targets:", "", *targets, ""]
-    parts += render_mismatch(mismatch or {})
+    parts += render_extra_tensors(rows)
+    parts += render_mismatch(meta.get("mismatch") or {})
     errors = [r for r in rows if r.get("error")]
     if errors:
-        parts += ["## Errors", "", *[f"- {r['model']} {r['tokens']} tokens {r['mode']}: {r['error']}"
-                                     for r in errors], ""]
+        parts += ["## Errors", "", *[f"- {_case(r)}, {r['mode']}: {r['error']}" for r in errors], ""]
     return "\n".join(parts)
 
 
-def write_results(out_dir, meta: dict, rows: Sequence[dict], mismatch: dict | None) -> tuple[Path, Path]:
-    """Write ``learner-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    rows = add_ratios(rows)
-    doc = results_document(meta, rows, META_KEYS)
-    doc["mismatch"] = dict(mismatch or {})
-    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows, mismatch))
+FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
 # ---------------------------------------------------------------------------
@@ -485,25 +546,30 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Ca
         net = load_model(path, dtype=args.torch_dtype, device=args.device)
         learner = _probed_learner_class()(net, LossConfig(), lr=args.lr, micro_batch_tokens=cases[0][1].tokens)
     except Exception as exc:
-        for seq_len, case in cases:
-            for mode in args.modes:
-                record(error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, mode, exc))
+        for checkpointing in args.checkpointing:
+            for seq_len, case in cases:
+                for mode in args.modes:
+                    record(error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing, mode,
+                                     exc))
         free_memory(args.device)
         return
     try:
-        for seq_len, case in cases:
-            learner.micro_batch_tokens = case.tokens  # the whole step is one micro-batch
-            for mode in args.modes:
-                try:
-                    m = measure(step_fn(mode, learner, case, spec, args.device), learner, args.device,
-                                args.warmup, args.iters)
-                    row = build_row(model, case, seq_len, mode, m)
-                except Exception as exc:  # OOM (7B), a kernel failure: a result, keep going
-                    row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, mode, exc)
-                    learner.optimizer.zero_grad(set_to_none=True)
-                    learner.noisy_logprobs = "learner"
-                record(row)
-                free_memory(args.device)
+        for checkpointing in args.checkpointing:
+            net.activation_checkpointing = checkpointing  # recompute each decoder layer in backward
+            for seq_len, case in cases:
+                learner.micro_batch_tokens = case.tokens  # the whole step is one micro-batch
+                for mode in args.modes:
+                    try:
+                        m = measure(step_fn(mode, learner, case, spec, args.device), learner, args.device,
+                                    args.warmup, args.iters)
+                        row = build_row(model, case, seq_len, checkpointing, mode, m)
+                    except Exception as exc:  # OOM (7B), a kernel failure: a result, keep going
+                        row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing,
+                                        mode, exc)
+                        learner.optimizer.zero_grad(set_to_none=True)
+                        learner.noisy_logprobs = "learner"
+                    record(row)
+                    free_memory(args.device)
     finally:
         del learner, net
         free_memory(args.device)
@@ -515,9 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Peak memory and step time of a learner step (plain GRPO, PSN-GRPO with dual-stream "
                     "log-probs, naive PSN with a materialized perturbed copy) on random-weight Qwen2.5 "
                     "models, and the engine/learner log-prob mismatch; writes learner-<device>.json and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)}; add 7B when memory allows)")
+    add_model_runs(parser, DEFAULT_MODELS, "; add 7B when memory allows")
     parser.add_argument("--seq-lens", nargs="+", default=None, metavar="N",
                         help="tokens per sequence, one micro-batch each (default 512 1024 on cuda, 24 48 on cpu)")
     parser.add_argument("--seqs", type=positive_int, default=None,
@@ -526,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens of each sequence (default 256 on cuda, 8 on cpu)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
                         help=f"what to run: {', '.join(MODES)} (default all)")
+    parser.add_argument("--activation-checkpointing", choices=sorted(CHECKPOINTING), default="both",
+                        help="recompute each decoder layer in backward: off, on, or both, each its own rows "
+                             "(default %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and compute (default bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
@@ -545,12 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mismatch-prompt-len", type=positive_int, default=None, help="default 64 (cpu 8)")
     parser.add_argument("--mismatch-tokens", type=positive_int, default=None,
                         help="tokens sampled per prompt (default 256, cpu 16)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
-                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    add_out_dir(parser)
     return parser
 
 
@@ -589,6 +651,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
     args.torch_dtype = model_configs.as_dtype(args.dtype)
+    args.checkpointing = CHECKPOINTING[args.activation_checkpointing]
     return args
 
 
@@ -596,81 +659,65 @@ def method_description(args: argparse.Namespace) -> str:
     return (f"{args.seqs} sequences of {'/'.join(map(str, args.seq_lens))} random tokens ({args.prompt_len} prompt) "
             f"as one micro-batch and one AdamW step (lr {args.lr}, grad clip 1.0, LossConfig defaults: TIS cap "
             f"10 for psn and naive); {args.warmup} warmup step(s), one step under the saved-tensor probe, "
-            f"{args.iters} timed step(s) per row, median host wall time (CUDA-synchronized); peak = "
+            f"{args.iters} timed step(s) per row, median host wall time (CUDA-synchronized); activation "
+            f"checkpointing {args.activation_checkpointing} (on: each decoder layer recomputed in backward); peak = "
             f"max_memory_allocated during a step minus memory_allocated before it (weights and AdamW state "
             f"held before; gradients freed before each step); saved = bytes of distinct storages saved for "
-            f"backward in one micro-batch (parameters excluded) + the perturbed weight copy (naive).")
+            f"backward in one micro-batch (parameters excluded) + the perturbed weight copy (naive); "
+            f"extra_saved_tensors = those storages of a mode minus plain's, by dtype and shape.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
-
-    import triton
-
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    meta = {
-        "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-        "dtype": args.dtype,
-        "noise": f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
-        "sigma": args.sigma, "targets": args.targets,
-        "method": method_description(args),
-        "targets_psn_over_plain": {"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
-        "warmup": args.warmup, "iters": args.iters, "seed": args.seed,
-    }
-    rows: list[dict] = []
-    state = {"mismatch": {}}
-
-    def log(message: str) -> None:
-        print(f"[learner] {message}", file=sys.stderr, flush=True)
+    meta = run_meta(
+        torch.cuda.get_device_name() if args.device == "cuda" else "cpu", dtype=args.dtype,
+        noise=f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        sigma=args.sigma, targets=args.targets, method=method_description(args),
+        targets_psn_over_plain={"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
+        warmup=args.warmup, iters=args.iters, seed=args.seed, mismatch={})
+    run = BenchRun(FILES, meta, args.out_dir)
 
     def record(row: dict) -> None:
-        rows.append(row)
-        if row.get("error"):
-            log(f"{row['model']} {row['tokens']} tokens {row['mode']}: {row['error']}")
-        else:
-            peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
-            log(f"{row['model']} {row['tokens']} tokens {row['mode']}: {row['step_ms']:,.1f} ms{peak}, "
-                f"saved {row['saved_bytes'] / 2**20:,.1f} MiB")
-        write_results(args.out_dir, meta, rows, state["mismatch"])
-
+        peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
+        run.record(row, f"{_case(row)}, {row['mode']}",
+                   None if row.get("error") else
+                   f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB")
 
     models = list(args.models)
     if not args.no_mismatch and args.mismatch_model not in models:
         models.append(args.mismatch_model)
     with tempfile.TemporaryDirectory(prefix="psnrl-learner-") as tmp:
         for model in models:
-            log(f"{model}: random {args.dtype} weights")
+            run.log(f"{model}: random {args.dtype} weights")
             try:
-                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir, args.device, Path(tmp))
+                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir,
+                                                              args.device, Path(tmp))
             except Exception as exc:
                 if model in args.models:
-                    for n in args.seq_lens:
-                        for mode in args.modes:
-                            record(error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, mode, exc))
+                    for checkpointing in args.checkpointing:
+                        for n in args.seq_lens:
+                            for mode in args.modes:
+                                record(error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing,
+                                                 mode, exc))
                 if model == args.mismatch_model and not args.no_mismatch:
-                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
                 continue
             if model == args.mismatch_model and not args.no_mismatch:
-                log(f"{model}: engine vs learner mismatch")
+                run.log(f"{model}: engine vs learner mismatch")
                 try:
-                    state["mismatch"] = measure_mismatch(path, model, args, args.spec)
+                    meta["mismatch"] = measure_mismatch(path, model, args, args.spec)
                 except Exception as exc:
-                    state["mismatch"] = {"model": model, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                    log(f"mismatch failed: {state['mismatch']['error']}")
+                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
+                    run.log(f"mismatch failed: {meta['mismatch']['error']}")
                 free_memory(args.device)
             if model in args.models:
-                run_model(model, path, args, args.spec, record, log)
+                run_model(model, path, args, args.spec, record, run.log)
             if not args.ckpt_dir:
-                import shutil
                 shutil.rmtree(path, ignore_errors=True)
-    json_path, md_path = write_results(args.out_dir, meta, rows, state["mismatch"])
-    print(render_markdown(meta, rows, state["mismatch"]))
-    print(f"wrote {json_path}\nwrote {md_path}")
-    failed = any(r.get("error") for r in rows) or bool(state["mismatch"].get("error"))
-    return 1 if failed else 0
+    rc = run.close()
+    return 1 if rc or meta["mismatch"].get("error") else 0
 
 
 if __name__ == "__main__":

@@ -17,18 +17,15 @@ it needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from psnrl.bench.noisy_gemm import EventTimer, _atomic_write_text, device_slug, method_description
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_missing, cuda_peak_bytes,
+                                error_text, markdown_table, gpu_timing_method, positive_int, ratio,
+                                round_or_none, run_meta)
 
 NAME = "lm_head_logprob"
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 NO_CUDA_MESSAGE = "psnrl bench lm-head needs a CUDA GPU; none found"
 
 TOKENS = (2048, 8192, 16384)
@@ -37,9 +34,6 @@ HIDDEN = (896, 1536)  # Qwen2.5-0.5B, -1.5B
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ENTROPY_WEIGHT = 0.01
 METHODS = ("ours", "naive")
-
-DEFAULT_WARMUP = 2
-DEFAULT_ITERS = 5
 
 ROW_KEYS = ("T", "V", "H", "ours_ms", "naive_ms", "ours_peak_bytes", "naive_peak_bytes", "grad_bytes",
             "ours_over_naive_time", "naive_over_ours_memory", "max_diff_logprob", "max_diff_entropy")
@@ -72,17 +66,6 @@ def train_step(forward: Callable, hidden: torch.Tensor, weight: torch.Tensor,
     return step
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak CUDA memory allocated during one call, above what was allocated before it."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    del out
-    return int(torch.cuda.max_memory_allocated() - base)
-
-
 def run_case(t: int, v: int, h: int, dtype: torch.dtype, timer: Callable[[Callable[[], object]], float]
              ) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(t + h)
@@ -95,10 +78,10 @@ def run_case(t: int, v: int, h: int, dtype: torch.dtype, timer: Callable[[Callab
             with torch.no_grad():
                 outs[name] = FORWARDS[name](hidden, weight, targets)
             step = train_step(FORWARDS[name], hidden, weight, targets)
-            peaks[name] = peak_bytes(step)
+            peaks[name] = cuda_peak_bytes(step)
             times[name] = timer(step) / 1e3
         except Exception as exc:  # OOM of the naive path at large T is a result, not a failure
-            errors[name] = f"{type(exc).__name__}: {exc}".strip()[:300]
+            errors[name] = error_text(exc, 300)
         torch.cuda.empty_cache()
     diffs = {}
     if len(outs) == 2:
@@ -108,21 +91,16 @@ def run_case(t: int, v: int, h: int, dtype: torch.dtype, timer: Callable[[Callab
     return build_row(t, v, h, times, peaks, diffs, grad_bytes=(t + v) * h * elem, errors=errors)
 
 
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(float(value), digits)
-
-
 def build_row(t: int, v: int, h: int, times_ms: dict, peaks: dict, diffs: dict, *,
               grad_bytes: int = 0, errors: dict | None = None) -> dict:
     """The JSON row of a case; a method missing from ``times_ms``/``peaks`` shows as None."""
     row = {"T": t, "V": v, "H": h}
     for name in METHODS:
-        row[f"{name}_ms"] = _round(times_ms.get(name), 3)
+        row[f"{name}_ms"] = round_or_none(times_ms.get(name), 3)
         row[f"{name}_peak_bytes"] = peaks.get(name)
     row["grad_bytes"] = grad_bytes
-    ratio = lambda a, b: None if a is None or not b else a / b  # noqa: E731
-    row["ours_over_naive_time"] = _round(ratio(row["ours_ms"], row["naive_ms"]), 3)
-    row["naive_over_ours_memory"] = _round(ratio(row["naive_peak_bytes"], row["ours_peak_bytes"]), 2)
+    row["ours_over_naive_time"] = round_or_none(ratio(row["ours_ms"], row["naive_ms"]), 3)
+    row["naive_over_ours_memory"] = round_or_none(ratio(row["naive_peak_bytes"], row["ours_peak_bytes"]), 2)
     row["max_diff_logprob"] = diffs.get("logprob")
     row["max_diff_entropy"] = diffs.get("entropy")
     if errors:
@@ -130,28 +108,15 @@ def build_row(t: int, v: int, h: int, times_ms: dict, peaks: dict, diffs: dict, 
     return row
 
 
-_COLUMNS = (
-    ("T", "T", "{}"), ("V", "V", "{}"), ("H", "H", "{}"),
-    ("ours_ms", "ours ms", "{:.2f}"), ("naive_ms", "naive ms", "{:.2f}"),
-    ("ours_peak_bytes", "ours peak MiB", "mib"), ("naive_peak_bytes", "naive peak MiB", "mib"),
-    ("grad_bytes", "of which grads MiB", "mib"),
-    ("ours_over_naive_time", "ours/naive time", "{:.3f}"),
-    ("naive_over_ours_memory", "naive/ours memory", "{:.1f}"),
-    ("max_diff_logprob", "max Δ logprob", "{:.2e}"), ("max_diff_entropy", "max Δ entropy", "{:.2e}"),
+COLUMNS = (
+    Column("T", "T"), Column("V", "V"), Column("H", "H"),
+    Column("ours_ms", "ours ms", "{:.2f}"), Column("naive_ms", "naive ms", "{:.2f}"),
+    Column("ours_peak_bytes", "ours peak MiB", "mib"), Column("naive_peak_bytes", "naive peak MiB", "mib"),
+    Column("grad_bytes", "of which grads MiB", "mib"),
+    Column("ours_over_naive_time", "ours/naive time", "{:.3f}"),
+    Column("naive_over_ours_memory", "naive/ours memory", "{:.1f}"),
+    Column("max_diff_logprob", "max Δ logprob", "{:.2e}"), Column("max_diff_entropy", "max Δ entropy", "{:.2e}"),
 )
-
-
-def render_table(rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
-             "|" + "|".join("---:" for _ in _COLUMNS) + "|"]
-    for row in rows:
-        cells = []
-        for key, _, fmt in _COLUMNS:
-            value = row.get(key)
-            cells.append("—" if value is None else f"{value / 2**20:,.0f}" if fmt == "mib"
-                         else fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
@@ -164,32 +129,13 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
              "hidden and weight. ours = psnrl.kernels.lm_head_logprob; naive = full logits, fp32 "
              "log_softmax, gather, entropy, autograd. Peak = max_memory_allocated during one call "
              "minus memory_allocated before it, the returned gradients included.", "",
-             render_table(rows), ""]
+             markdown_table(COLUMNS, rows), ""]
     if errors:
         parts += ["## Errors", "", *errors, ""]
     return "\n".join(parts)
 
 
-def write_results(out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``lm_head_logprob-<device>.json`` and ``.md`` into ``out_dir`` atomically."""
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing:
-        raise ValueError(f"results metadata lacks {missing}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{NAME}-{device_slug(meta['device'])}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    doc = {**meta, "rows": [dict(r) for r in rows]}
-    _atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(md_path, render_markdown(meta, rows))
-    return json_path, md_path
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,38 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="psnrl bench lm-head",
         description="Peak memory and time of forward + backward of the fused lm_head log-prob "
                     "against the materializing torch path; write lm_head_logprob-<device>.json and .md.")
-    parser.add_argument("--tokens", type=_positive_int, nargs="+", default=list(TOKENS))
-    parser.add_argument("--vocab", type=_positive_int, default=VOCAB)
-    parser.add_argument("--hidden", type=_positive_int, nargs="+", default=list(HIDDEN))
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--vocab", type=positive_int, default=VOCAB)
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=list(HIDDEN))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--warmup", type=_positive_int, default=DEFAULT_WARMUP)
-    parser.add_argument("--iters", type=_positive_int, default=DEFAULT_ITERS,
+    parser.add_argument("--warmup", type=positive_int, default=2)
+    parser.add_argument("--iters", type=positive_int, default=5,
                         help="timed calls; the median is reported (default %(default)s)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
+    add_out_dir(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing("cuda", NO_CUDA_MESSAGE):
         return 2
-
-    import triton
-
     timer = EventTimer(args.warmup, args.iters)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "dtype": args.dtype,
-            "method": method_description(args.warmup, args.iters, False, timer.spin)}
-    rows: list[dict] = []
+    meta = run_meta(torch.cuda.get_device_name(), dtype=args.dtype,
+                    method=gpu_timing_method(args.warmup, args.iters, False, timer.spin))
+    run = BenchRun(FILES, meta, args.out_dir)
     for h in args.hidden:
         for t in args.tokens:
-            rows.append(run_case(t, args.vocab, h, DTYPES[args.dtype], timer))
-            print(render_table(rows[-1:]).splitlines()[-1], flush=True)
-            json_path, md_path = write_results(args.out_dir, meta, rows)
-    print(render_table(rows))
-    print(f"\nwrote {json_path}\nwrote {md_path}")
-    return 1 if any("ours" in r.get("errors", {}) for r in rows) else 0
+            row = run_case(t, args.vocab, h, DTYPES[args.dtype], timer)
+            run.record(row, f"T={t} H={h}", markdown_table(COLUMNS, [row]).splitlines()[-1])
+    run.close(markdown_table(COLUMNS, run.rows))
+    return 1 if any("ours" in r.get("errors", {}) for r in run.rows) else 0
 
 
 if __name__ == "__main__":

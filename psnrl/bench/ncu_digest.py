@@ -206,7 +206,8 @@ def render_markdown(digests: list[dict]) -> str:
         for k in d["kernels"]:
             lines.append(f"| {d['case']} | `{k['kernel']}` | {k.get('grid_size') or '—'} | "
                          f"{k.get('block_size') or '—'} | {fmt_cell(k['dram_throughput_pct'], '.1f')} | "
-                         f"{fmt_cell(k['sm_throughput_pct'], '.1f')} | {fmt_cell(k['achieved_occupancy_pct'], '.1f')} | "
+                         f"{fmt_cell(k['sm_throughput_pct'], '.1f')} | "
+                         f"{fmt_cell(k['achieved_occupancy_pct'], '.1f')} | "
                          f"{fmt_cell(k['duration_us'], '.2f')} |")
         if not d["kernels"]:
             lines.append(f"| {d['case']} | (no kernel profiled) | | | | | | |")

@@ -30,12 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -43,13 +38,11 @@ import torch
 from psnrl.bench import model_configs
 from psnrl.bench.report import (GEMM_CLEAN_RATIO, GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO, GEMM_LEARNER_MIN_M,
                                 GEMM_LEARNER_RATIO, GEMM_MIXED_RATIO)
-from psnrl.bench.common import (RESULTS_DIR, atomic_write_text as _atomic_write_text,  # noqa: F401
-                          device_slug, positive_int as _positive_int, ratio as _ratio,
-                          results_document as _results_document, round_or_none as _round,
-                          split_list as _split, write_result_files)
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
+                                cuda_missing, error_row as _error_row, markdown_table, gpu_timing_method,
+                                positive_int, ratio, round_or_none, run_meta, split_list)
 
 NAME = "noisy_gemm"
-DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
 
 # Qwen2.5 MLP sizes, from psnrl/bench/model_configs.py: model -> (hidden, intermediate).
@@ -123,13 +116,12 @@ def shape_nk(shape: str, hidden: int, intermediate: int) -> tuple[int, int]:
 
 
 def resolve_model(name: str) -> str:
-    """A model by its full name ("Qwen2.5-7B") or its size ("7B", "7b")."""
-    key = name.strip().lower()
-    for model in MODELS:
-        if key in (model.lower(), model.lower().removeprefix("qwen2.5-")):
-            return model
-    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} "
-                     f"(or just the size, e.g. 7B)")
+    """A Qwen2.5 model by its full name ("Qwen2.5-7B") or its size ("7B", "7b")."""
+    model = model_configs.resolve(name) if str(name).strip().lower() != "tiny" else None
+    if model not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} "
+                         f"(or just the size, e.g. 7B)")
+    return model
 
 
 def build_cases(models: Iterable[str] = tuple(MODELS), shapes: Iterable[str] = SHAPES,
@@ -148,87 +140,6 @@ def build_cases(models: Iterable[str] = tuple(MODELS), shapes: Iterable[str] = S
                     raise ValueError(f"M must be >= 1, got {m}")
                 cases.append(Case(model, shape, int(m), n, k))
     return cases
-
-
-# ---------------------------------------------------------------------------
-# Timing (CUDA)
-# ---------------------------------------------------------------------------
-
-def method_description(warmup: int, iters: int, flush_l2: bool, spin: bool = True) -> str:
-    queued = ("each call queued behind a GPU spin kernel (torch.cuda._sleep) so that host launch "
-              "overhead is excluded and only GPU time is measured" if spin else
-              "host launch overhead included (torch.cuda._sleep unavailable)")
-    l2 = ("L2 flushed (256 MiB buffer zeroed) before every call" if flush_l2 else
-          "L2 not flushed between calls, so weights that fit in L2 (the smaller shapes) may be "
-          "read from it")
-    return (f"CUDA events around each call, {queued}; median of {iters} timed calls after "
-            f"{warmup} warmup calls; {l2}; all columns of a row measured in the same run")
-
-
-class EventTimer:
-    """Median GPU time of a callable, in microseconds, from CUDA events around each call.
-
-    Before each timed call a spin kernel keeps the GPU busy while the host enqueues the call and
-    its events, so the events bracket GPU work only (no host launch gaps).
-    """
-
-    def __init__(self, warmup: int, iters: int, flush_l2: bool = False):
-        self.warmup = warmup
-        self.iters = iters
-        self.spin = hasattr(torch.cuda, "_sleep")
-        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if flush_l2 else None
-        self.cycles_per_us = self._calibrate() if self.spin else 0.0
-
-    @staticmethod
-    def _calibrate() -> float:
-        """GPU clock cycles per microsecond as torch.cuda._sleep counts them."""
-        torch.cuda._sleep(1000)
-        torch.cuda.synchronize()
-        cycles = 10_000_000
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        torch.cuda.synchronize()
-        return cycles / max(start.elapsed_time(end) * 1e3, 1e-3)
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        # Host time to enqueue one call: the spin must outlast it.
-        reps = 3
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        host_us = (time.perf_counter() - t0) / reps * 1e6
-        torch.cuda.synchronize()
-        spin_cycles = int(max(3.0 * host_us + 20.0, 50.0) * self.cycles_per_us)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
-        for i in range(self.iters):
-            if self.flush is not None:
-                self.flush.zero_()
-            if self.spin:
-                torch.cuda._sleep(spin_cycles)
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
-
-
-def cuda_extra_bytes(fn: Callable[[], object]) -> int:
-    """Bytes a call allocates beyond what it still holds when it returns (its output)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    held = torch.cuda.memory_allocated() - base  # the output, as the allocator rounds it
-    del out
-    return int(peak - base - held)
 
 
 # ---------------------------------------------------------------------------
@@ -313,25 +224,22 @@ def build_row(case: Case, times_us: dict[str, float], extra_bytes: int,
     row = {"shape": case.name, "M": case.m, "N": case.n, "K": case.k}
     for name in TIMED:
         row[f"{name}_us"] = round(float(times_us[name]), 3)
-    row["noisy_over_cublas"] = _round(_ratio(noisy, times_us["cublas"]), 4)
-    row["mixed_over_noisy"] = _round(_ratio(times_us["mixed"], noisy), 4)
-    row["clean_over_cublas"] = _round(_ratio(times_us["clean"], times_us["cublas"]), 4)
+    row["noisy_over_cublas"] = round_or_none(ratio(noisy, times_us["cublas"]), 4)
+    row["mixed_over_noisy"] = round_or_none(ratio(times_us["mixed"], noisy), 4)
+    row["clean_over_cublas"] = round_or_none(ratio(times_us["clean"], times_us["cublas"]), 4)
     row["extra_bytes"] = int(extra_bytes)
     row["weight_bytes"] = case.n * case.k * elem_size
     row["materialized_extra_bytes"] = int(materialized_extra_bytes)
-    row["noisy_gbps"] = _round(moved / (noisy * 1e-6) / 1e9 if noisy > 0 else None, 1)
-    row["noisy_tflops"] = _round(flops / (noisy * 1e-6) / 1e12 if noisy > 0 else None, 3)
+    row["noisy_gbps"] = round_or_none(moved / (noisy * 1e-6) / 1e9 if noisy > 0 else None, 1)
+    row["noisy_tflops"] = round_or_none(flops / (noisy * 1e-6) / 1e12 if noisy > 0 else None, 3)
     for name in GLU_TIMED:
-        row[f"{name}_us"] = _round(times_us.get(name), 3)
-    row["glu_fused_over_unfused"] = _round(_ratio(times_us.get("glu_fused"), times_us.get("glu_unfused")), 4)
+        row[f"{name}_us"] = round_or_none(times_us.get(name), 3)
+    row["glu_fused_over_unfused"] = round_or_none(ratio(times_us.get("glu_fused"), times_us.get("glu_unfused")), 4)
     return row
 
 
 def error_row(case: Case, error: BaseException) -> dict:
-    row = {key: None for key in ROW_KEYS}
-    row.update(shape=case.name, M=case.m, N=case.n, K=case.k,
-               error=f"{type(error).__name__}: {error}".strip()[:500])
-    return row
+    return _error_row(ROW_KEYS, error, shape=case.name, M=case.m, N=case.n, K=case.k)
 
 
 # ---------------------------------------------------------------------------
@@ -399,31 +307,18 @@ def render_targets(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-_TABLE_COLUMNS = (
-    ("shape", "shape", "{}"), ("M", "M", "{}"), ("N", "N", "{}"), ("K", "K", "{}"),
-    ("cublas_us", "cuBLAS µs", "{:.1f}"), ("clean_us", "clean µs", "{:.1f}"),
-    ("noisy_us", "noisy µs", "{:.1f}"), ("mixed_us", "mixed µs", "{:.1f}"), ("fused_us", "fused µs", "{:.1f}"),
-    ("materialized_us", "materialized µs", "{:.1f}"),
-    ("noisy_over_cublas", "noisy/cuBLAS", "{:.3f}"), ("mixed_over_noisy", "mixed/noisy", "{:.3f}"),
-    ("clean_over_cublas", "clean/cuBLAS", "{:.3f}"),
-    ("extra_bytes", "extra B", "{:,}"), ("materialized_extra_bytes", "materialized extra B", "{:,}"),
-    ("noisy_gbps", "noisy GB/s", "{:.0f}"), ("noisy_tflops", "noisy TFLOP/s", "{:.2f}"),
-    ("glu_unfused_us", "SiLU·up unfused µs", "{:.1f}"), ("glu_fused_us", "SiLU·up fused µs", "{:.1f}"),
-    ("glu_fused_over_unfused", "fused/unfused", "{:.3f}"),
+COLUMNS = (
+    Column("shape", "shape", left=True), Column("M", "M"), Column("N", "N"), Column("K", "K"),
+    Column("cublas_us", "cuBLAS µs", "{:.1f}"), Column("clean_us", "clean µs", "{:.1f}"),
+    Column("noisy_us", "noisy µs", "{:.1f}"), Column("mixed_us", "mixed µs", "{:.1f}"),
+    Column("fused_us", "fused µs", "{:.1f}"), Column("materialized_us", "materialized µs", "{:.1f}"),
+    Column("noisy_over_cublas", "noisy/cuBLAS", "{:.3f}"), Column("mixed_over_noisy", "mixed/noisy", "{:.3f}"),
+    Column("clean_over_cublas", "clean/cuBLAS", "{:.3f}"),
+    Column("extra_bytes", "extra B", "{:,}"), Column("materialized_extra_bytes", "materialized extra B", "{:,}"),
+    Column("noisy_gbps", "noisy GB/s", "{:.0f}"), Column("noisy_tflops", "noisy TFLOP/s", "{:.2f}"),
+    Column("glu_unfused_us", "SiLU·up unfused µs", "{:.1f}"), Column("glu_fused_us", "SiLU·up fused µs", "{:.1f}"),
+    Column("glu_fused_over_unfused", "fused/unfused", "{:.3f}"),
 )
-
-
-def render_table(rows: Sequence[dict]) -> str:
-    header = "| " + " | ".join(title for _, title, _ in _TABLE_COLUMNS) + " |"
-    rule = "|" + "|".join("---" if key == "shape" else "---:" for key, _, _ in _TABLE_COLUMNS) + "|"
-    lines = [header, rule]
-    for row in rows:
-        cells = []
-        for key, _, fmt in _TABLE_COLUMNS:
-            value = row.get(key)
-            cells.append("—" if value is None else fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
@@ -446,7 +341,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
         "noisy stream, unfused = gate and up by two noisy_linear calls then F.silu(gate) * up, "
         "fused = noisy_gate_up (one kernel, no gate/up outputs in memory).",
         "",
-        render_table(rows),
+        markdown_table(COLUMNS, rows),
         "",
         "## Targets",
         "",
@@ -460,18 +355,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
-# ---------------------------------------------------------------------------
-# Results files
-# ---------------------------------------------------------------------------
-
-def results_document(meta: dict, rows: Sequence[dict]) -> dict:
-    return _results_document(meta, rows, META_KEYS)
-
-
-def write_results(out_dir: str | os.PathLike, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``noisy_gemm-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    doc = results_document(meta, rows)
-    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
 # ---------------------------------------------------------------------------
@@ -492,14 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"row counts (default {' '.join(map(str, M_VALUES))})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
-    parser.add_argument("--warmup", type=_positive_int, default=DEFAULT_WARMUP,
+    parser.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP,
                         help="untimed calls per measurement (default %(default)s)")
-    parser.add_argument("--iters", type=_positive_int, default=DEFAULT_ITERS,
+    parser.add_argument("--iters", type=positive_int, default=DEFAULT_ITERS,
                         help="timed calls per measurement; the median is reported (default %(default)s)")
     parser.add_argument("--flush-l2", action="store_true",
                         help="zero a 256 MiB buffer before every timed call (off by default)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
-                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    add_out_dir(parser)
     return parser
 
 
@@ -507,12 +390,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.models = [resolve_model(m) for m in _split(args.models)]
-        args.shapes = _split(args.shapes)
+        args.models = [resolve_model(m) for m in split_list(args.models)]
+        args.shapes = split_list(args.shapes)
         for shape in args.shapes:
             if shape not in SHAPES:
                 raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
-        args.m = [_positive_int(m) for m in _split(args.m)]
+        args.m = [positive_int(m) for m in split_list(args.m)]
         if not math.isfinite(args.sigma) or args.sigma <= 0:
             raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
     except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -522,51 +405,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing("cuda", NO_CUDA_MESSAGE):
         return 2
-
-    import triton
     from tqdm import tqdm
 
-    dtype = DTYPES[args.dtype]
     cases = build_cases(args.models, args.shapes, args.m)
     timer = EventTimer(args.warmup, args.iters, args.flush_l2)
-    device_name = torch.cuda.get_device_name()
-    meta = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "dtype": args.dtype,
-        "sigma": args.sigma,
-        "method": method_description(args.warmup, args.iters, args.flush_l2, timer.spin),
-        "warmup": args.warmup,
-        "iters": args.iters,
-        "mixed_rows": MIXED_NOTE,
-        "extra_bytes_method": EXTRA_NOTE,
-    }
-    rows: list[dict] = []
-    json_path = md_path = None
+    meta = run_meta(torch.cuda.get_device_name(), dtype=args.dtype, sigma=args.sigma,
+                    method=gpu_timing_method(args.warmup, args.iters, args.flush_l2, timer.spin),
+                    warmup=args.warmup, iters=args.iters, mixed_rows=MIXED_NOTE, extra_bytes_method=EXTRA_NOTE)
+    run = BenchRun(FILES, meta, args.out_dir)
     bar = tqdm(cases, desc="noisy-gemm", unit="case")
     for case in bar:
         bar.set_postfix_str(f"{case.name} M={case.m}")
         try:
-            row = time_case(case, dtype=dtype, sigma=args.sigma, device="cuda", timer=timer,
+            row = time_case(case, dtype=DTYPES[args.dtype], sigma=args.sigma, device="cuda", timer=timer,
                             extra_bytes=cuda_extra_bytes)
         except Exception as exc:  # OOM, Triton resource errors, a failed sanity check: keep going
-            tqdm.write(f"{case.name} M={case.m}: {type(exc).__name__}: {exc}", file=sys.stderr)
             row = error_row(case, exc)
-        rows.append(row)
+        run.record(row, f"{case.name} M={case.m}")
         torch.cuda.empty_cache()
-        # Rewrite after every case so an interrupted run keeps what it measured.
-        json_path, md_path = write_results(args.out_dir, meta, rows)
     bar.close()
-
-    print(render_table(rows))
-    print()
-    print("\n".join(render_targets(rows)))
-    print(f"\nwrote {json_path}\nwrote {md_path}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return run.close("\n".join([markdown_table(COLUMNS, run.rows), "", *render_targets(run.rows)]))
 
 
 if __name__ == "__main__":

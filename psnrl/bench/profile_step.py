@@ -32,7 +32,7 @@ SHORT_RUN = ("train.sft_warmup_steps=0", "eval.every=0", "checkpoint.every=0")
 def device_slug() -> str:
     import torch
 
-    from psnrl.bench.noisy_gemm import device_slug as slug
+    from psnrl.bench.common import device_slug as slug
     return slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
 
 
@@ -73,7 +73,7 @@ def profile_run(out_dir: Path, iterations: int = DEFAULT_ITERATIONS, config: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, run_overrides(out_dir, iterations, list(overrides)))
-    trainer = PSNTrainer(cfg)
+    trainer = PSNTrainer(cfg, overwrite=True)  # out_dir/run is this profile's scratch run
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
@@ -90,6 +90,7 @@ def profile_run(out_dir: Path, iterations: int = DEFAULT_ITERATIONS, config: str
         wall = time.perf_counter() - start
     finally:
         profiling.enable_torch_ranges(was_on)
+        trainer.close()
     prof.export_chrome_trace(str(trace_path))
     totals = range_totals(json.loads(trace_path.read_text()))
     ranges_path = out_dir / f"step-ranges-{slug}.json"

@@ -80,7 +80,7 @@ TRAIN_ARGS=(train.iterations="$ITERS" train.sft_warmup_steps=0 eval.every=0 chec
 if [[ ${#OVERRIDES[@]} -gt 0 ]]; then TRAIN_ARGS+=("${OVERRIDES[@]}"); fi
 
 if [[ $NSYS_OK -eq 1 ]]; then
-    DEVICE="$("$PYTHON" -c 'import torch; from psnrl.bench.noisy_gemm import device_slug as s; print(s(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo unknown-device)"
+    DEVICE="$("$PYTHON" -c 'import torch; from psnrl.bench.common import device_slug as s; print(s(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo unknown-device)"
     REP="$OUT/step-$DEVICE"
     cmd=(env PSNRL_NVTX=1 "$NSYS" profile -t cuda,nvtx --capture-range=none -o "$REP" --force-overwrite true
          "$PYTHON" -m psnrl.trainer.cli train ${CONFIG[@]+"${CONFIG[@]}"} "${TRAIN_ARGS[@]}")

@@ -19,6 +19,8 @@ Result files (``psnrl/bench/results/<name>-<device slug>.json``), by kind:
               psnrl/bench/lm_head_logprob.py's wide rows T, V, H, ours_ms, naive_ms, ours_peak_bytes,
               naive_peak_bytes are read as one row per impl)
 
+Ratios between rows (noisy/cuBLAS, mode over plain, ours over HF) are the ones each bench
+stored in its rows (psnrl/bench/common.py's fill_ratios); the summary never recomputes them.
 Every file and field may be missing: a missing file is reported as such, a missing field
 prints as "—". Comparisons with a baseline (the files committed at HEAD, or a directory) flag
 a change worse than ``threshold`` (10%) as a regression: times and bytes that grew by more
@@ -28,11 +30,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from psnrl.bench.common import device_slug
 
 KINDS = ("noisy_gemm", "decode", "learner", "step", "lm_head")
 FILE_PREFIXES = {
@@ -65,12 +68,6 @@ DECODE_ROOFLINE_MODEL, DECODE_ROOFLINE = "Qwen2.5-7B", 0.70  # batch-1 decode, f
 DECODE_HF_BATCH, DECODE_HF_RATIO = 256, 20.0  # ours over transformers generate, at least
 
 PHASES = ("rollout", "reward", "learner", "sync")
-
-
-def device_slug(name: str) -> str:
-    """A filename-safe slug of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
-    return slug or "unknown-device"
 
 
 # ---------------------------------------------------------------------------
@@ -197,13 +194,6 @@ def fmt_bytes(value, unit: int = GIB, digits: int = 2) -> str:
     return "—" if v is None else f"{v / unit:.{digits}f}"
 
 
-def ratio(a, b) -> float | None:
-    a, b = _num(a), _num(b)
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
-
-
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
@@ -255,29 +245,20 @@ class Target:
 def _decode_targets(rows: list[dict]) -> list[Target]:
     """Issue targets of the decode bench: noise costs <= 10%, the 7B batch-1 roofline, ours vs HF."""
     out: list[Target] = []
-    speed = {(r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
-              r.get("output_len"), decode_mode(r.get("mode"))): r.get("tok_s") for r in rows}
     for r in rows:
         mode, model, batch = decode_mode(r.get("mode")), r.get("model"), r.get("batch")
         workload = r.get("workload", "fixed")
         where = f"{model} {workload} batch {batch}"
-        group = (model, workload, batch, r.get("prompt_len"), r.get("output_len"))
         if mode in ("noisy", "mixed"):
-            value = _num(r.get("over_clean"))
-            if value is None:
-                value = ratio(r.get("tok_s"), speed.get((*group, "clean")))
-            out.append(Target("decode", f"{mode}/clean tok/s >= {DECODE_NOISE_RATIO:.2f}", where, value,
-                              DECODE_NOISE_RATIO, at_least=True))
+            out.append(Target("decode", f"{mode}/clean tok/s >= {DECODE_NOISE_RATIO:.2f}", where,
+                              _num(r.get("over_clean")), DECODE_NOISE_RATIO, at_least=True))
         if mode in ("clean", "noisy") and batch == 1 and model == DECODE_ROOFLINE_MODEL and workload == "fixed":
             out.append(Target("decode", f"batch-1 {DECODE_ROOFLINE_MODEL} decode >= {DECODE_ROOFLINE:.0%} of "
                               f"peak HBM bandwidth", f"{model} {mode}", _num(r.get("roofline_frac")),
                               DECODE_ROOFLINE, at_least=True))
         if mode in ("clean", "noisy") and batch == DECODE_HF_BATCH and workload == "fixed":
-            value = _num(r.get("over_hf"))
-            if value is None:
-                value = ratio(r.get("tok_s"), speed.get((*group, "hf")))
             out.append(Target("decode", f"batch {DECODE_HF_BATCH}: ours/HF tok/s >= {DECODE_HF_RATIO:.0f}",
-                              f"{model} {mode}", value, DECODE_HF_RATIO, at_least=True))
+                              f"{model} {mode}", _num(r.get("over_hf")), DECODE_HF_RATIO, at_least=True))
     return out
 
 
@@ -288,8 +269,6 @@ def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
         if m is None:
             continue
         value = _num(row.get("noisy_over_cublas"))
-        if value is None:
-            value = ratio(row.get("noisy_us"), row.get("cublas_us"))
         where = f"{row.get('shape', '?')} M={int(m)}"
         if m <= GEMM_DECODE_MAX_M:
             out.append(Target("noisy_gemm", f"noisy/cuBLAS <= {GEMM_DECODE_RATIO:.2f} at M <= {GEMM_DECODE_MAX_M}",
@@ -298,28 +277,22 @@ def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
             out.append(Target("noisy_gemm", f"noisy/cuBLAS <= {GEMM_LEARNER_RATIO:.2f} at M >= {GEMM_LEARNER_MIN_M}",
                               where, value, GEMM_LEARNER_RATIO))
     out += _decode_targets([r for r in _rows(current.get("decode")) if _ok(r)])
-    learner = [r for r in _rows(current.get("learner")) if _ok(r)]
-    by = {(r.get("model"), r.get("tokens"), r.get("mode")): r for r in learner}
-    for (model, tokens, mode), row in by.items():
-        if mode != "psn":
+    for row in _rows(current.get("learner")):
+        if row.get("mode") != "psn" or not _ok(row):
             continue
-        plain = by.get((model, tokens, "plain"))
-        if plain is None:
-            continue
-        where = f"{model} {tokens} tokens"
+        model, tokens, checkpointing = _learner_case(row)
+        where = f"{model} {tokens} tokens{', activation checkpointing' if checkpointing else ''}"
         out.append(Target("learner", f"peak memory PSN/plain <= {LEARNER_MEMORY_RATIO:.2f}", where,
-                          ratio(row.get("peak_bytes"), plain.get("peak_bytes")), LEARNER_MEMORY_RATIO))
+                          _num(row.get("over_plain_mem")), LEARNER_MEMORY_RATIO))
         out.append(Target("learner", f"step time PSN/plain <= {LEARNER_TIME_RATIO:.2f}", where,
-                          ratio(row.get("step_ms"), plain.get("step_ms")), LEARNER_TIME_RATIO))
-    steps = {(r.get("model"), r.get("mode")): r for r in _rows(current.get("step")) if _ok(r)}
-    for (model, mode), row in steps.items():
-        limit = {"psn": STEP_PSN_RATIO, "psn-var2": STEP_VAR2_RATIO}.get(mode)
-        plain = steps.get((model, "plain"))
-        if limit is None or plain is None:
+                          _num(row.get("over_plain_time")), LEARNER_TIME_RATIO))
+    for row in _rows(current.get("step")):
+        limit = {"psn": STEP_PSN_RATIO, "psn-var2": STEP_VAR2_RATIO}.get(row.get("mode"))
+        if limit is None or not _ok(row):
             continue
-        label = "PSN" if mode == "psn" else "Var-II"
-        out.append(Target("step", f"step time {label}/plain <= {limit:.2f}", str(model),
-                          ratio(row.get("step_ms"), plain.get("step_ms")), limit))
+        label = "PSN" if row["mode"] == "psn" else "Var-II"
+        out.append(Target("step", f"step time {label}/plain <= {limit:.2f}", str(row.get("model")),
+                          _num(row.get("over_plain")), limit))
     return out
 
 
@@ -356,7 +329,8 @@ ROW_LABELS: dict[str, Callable[[dict], str]] = {
     "noisy_gemm": lambda r: f"{r.get('shape')} M={r.get('M')}",
     "decode": lambda r: (f"{r.get('model')}{_workload_tag(r)} batch {r.get('batch')} prompt "
                          f"{r.get('prompt_len')} output {r.get('output_len')} {decode_mode(r.get('mode'))}"),
-    "learner": lambda r: f"{r.get('model')} {r.get('tokens')} tokens {r.get('mode')}",
+    "learner": lambda r: (f"{r.get('model')} {r.get('tokens')} tokens"
+                          f"{' act-ckpt' if r.get('activation_checkpointing') else ''} {r.get('mode')}"),
     "step": lambda r: f"{r.get('model')} {r.get('mode')}",
     "lm_head": lambda r: f"{r.get('tokens')} x {r.get('vocab')} (hidden {r.get('hidden')}) {r.get('impl')}",
 }
@@ -369,7 +343,7 @@ COMPARISONS: dict[str, tuple[Callable[[dict], tuple], list[tuple[str, Callable[[
     "decode": (lambda r: (r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
                           r.get("output_len"), decode_mode(r.get("mode"))),
                [("tok_s", lambda r: r.get("tok_s"), HIGHER)]),
-    "learner": (lambda r: (r.get("model"), r.get("tokens"), r.get("mode")),
+    "learner": (lambda r: (*_learner_case(r), r.get("mode")),
                 [("step_ms", lambda r: r.get("step_ms"), LOWER),
                  ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
     "step": (lambda r: (r.get("model"), r.get("mode")),
@@ -468,9 +442,7 @@ def render_changes(changes: Sequence[Change], source: str | None, threshold: flo
 def noisy_gemm_table(doc: dict) -> str:
     rows = []
     for r in _rows(doc):
-        over = _num(r.get("noisy_over_cublas"))
-        if over is None:
-            over = ratio(r.get("noisy_us"), r.get("cublas_us"))
+        over = r.get("noisy_over_cublas")
         rows.append([str(r.get("shape", "?")), fmt(r.get("M"), "g"),
                      fmt(r.get("cublas_us"), ".1f"), fmt(r.get("clean_us"), ".1f"), fmt(r.get("noisy_us"), ".1f"),
                      fmt(r.get("mixed_us"), ".1f"), fmt(r.get("materialized_us"), ".1f"), fmt(over, ".3f"),
@@ -491,18 +463,20 @@ def decode_table(doc: dict) -> str:
                   "over HF", "over clean"], rows, "lrrrlrrrrrr")
 
 
+def _learner_case(r: dict) -> tuple:
+    """Learner rows compared with each other (files from before the option: checkpointing off)."""
+    return r.get("model"), r.get("tokens"), bool(r.get("activation_checkpointing"))
+
+
 def learner_table(doc: dict) -> str:
-    rows_in = _rows(doc)
-    plain = {(r.get("model"), r.get("tokens")): r for r in rows_in if r.get("mode") == "plain" and _ok(r)}
     rows = []
-    for r in rows_in:
-        p = plain.get((r.get("model"), r.get("tokens")))
-        rows.append([str(r.get("model", "?")), fmt(r.get("tokens"), "g"), str(r.get("mode", "?")),
+    for r in _rows(doc):
+        rows.append([str(r.get("model", "?")), fmt(r.get("tokens"), "g"),
+                     "on" if r.get("activation_checkpointing") else "off", str(r.get("mode", "?")),
                      fmt_bytes(r.get("peak_bytes")), fmt(r.get("step_ms"), ".1f"),
-                     fmt(ratio(r.get("peak_bytes"), p.get("peak_bytes")) if p else None, ".3f"),
-                     fmt(ratio(r.get("step_ms"), p.get("step_ms")) if p else None, ".3f")])
-    text = table(["model", "tokens", "mode", "peak GiB", "step ms", "memory / plain", "time / plain"],
-                 rows, "lrlrrrr")
+                     fmt(r.get("over_plain_mem"), ".3f"), fmt(r.get("over_plain_time"), ".3f")])
+    text = table(["model", "tokens", "act. ckpt", "mode", "peak GiB", "step ms", "memory / plain", "time / plain"],
+                 rows, "lrllrrrr")
     mismatch = doc.get("mismatch")
     if isinstance(mismatch, dict) and mismatch:
         text += "\n\nMismatch: " + ", ".join(f"{k} = {fmt(v, '.3g') if _num(v) is not None else v}"
@@ -511,15 +485,13 @@ def learner_table(doc: dict) -> str:
 
 
 def step_table(doc: dict) -> str:
-    rows_in = _rows(doc)
-    plain = {r.get("model"): r for r in rows_in if r.get("mode") == "plain" and _ok(r)}
     rows = []
-    for r in rows_in:
+    for r in _rows(doc):
         phases = r.get("phases_ms") if isinstance(r.get("phases_ms"), dict) else {}
-        p = plain.get(r.get("model"))
+        over = r.get("over_plain")  # None for plain itself
         rows.append([str(r.get("model", "?")), str(r.get("mode", "?")), fmt(r.get("step_ms"), ",.1f"),
                      *[fmt(phases.get(ph), ",.1f") for ph in PHASES], fmt_bytes(r.get("peak_bytes")),
-                     fmt(ratio(r.get("step_ms"), p.get("step_ms")) if p else None, ".3f")])
+                     fmt(over, ".3f")])
     return table(["model", "mode", "step ms", *[f"{p} ms" for p in PHASES], "peak GiB", "time / plain"],
                  rows, "llrrrrrrr")
 
@@ -549,9 +521,7 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
     gemm = [r for r in _rows(current.get("noisy_gemm")) if _ok(r)]
     series: dict[str, list] = {}
     for r in gemm:
-        m = _num(r.get("M"))
-        over = _num(r.get("noisy_over_cublas"))
-        over = ratio(r.get("noisy_us"), r.get("cublas_us")) if over is None else over
+        m, over = _num(r.get("M")), _num(r.get("noisy_over_cublas"))
         if m is not None and over is not None:
             series.setdefault(str(r.get("shape", "?")), []).append((m, over))
     if series:
@@ -587,12 +557,14 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
                                ylabel="output tokens/s", logx=True, logy=True)))
     learner = [r for r in _rows(current.get("learner")) if _ok(r) and _num(r.get("peak_bytes")) is not None]
     if learner:
-        cats = list(dict.fromkeys(f"{r.get('model', '?')} {r.get('tokens', '?')} tok" for r in learner))
+        def cat(r: dict) -> str:
+            return (f"{r.get('model', '?')} {r.get('tokens', '?')} tok"
+                    f"{' ckpt' if r.get('activation_checkpointing') else ''}")
+        cats = list(dict.fromkeys(cat(r) for r in learner))
         modes = list(dict.fromkeys(str(r.get("mode", "?")) for r in learner))
         values = {m: [math.nan] * len(cats) for m in modes}
         for r in learner:
-            values[str(r.get("mode", "?"))][cats.index(f"{r.get('model', '?')} {r.get('tokens', '?')} tok")] = \
-                r["peak_bytes"] / GIB
+            values[str(r.get("mode", "?"))][cats.index(cat(r))] = r["peak_bytes"] / GIB
         specs.append(("learner", "learner_memory.png", "bar_chart",
                       dict(categories=cats, series=values, title="learner peak memory: PSN vs plain vs naive",
                            ylabel="peak GiB")))
@@ -629,13 +601,8 @@ def make_charts(current: Mapping[str, dict | None], fig_dir: str | Path) -> tupl
     problems = []
     for kind, name, fn_name, kwargs in chart_specs(current):
         path = fig_dir / name
-        fn = getattr(charts, fn_name, None)
-        if fn is None and fn_name == "stacked_bar_chart":  # a charts module without it: grouped bars
-            kwargs = dict(kwargs)
-            kwargs["series"] = kwargs.pop("parts")
-            fn = charts.bar_chart
         try:
-            fn(path, **kwargs)
+            getattr(charts, fn_name)(path, **kwargs)
         except Exception as e:  # a chart must not stop the summary
             problems.append(f"{name}: {type(e).__name__}: {e}")
             continue

@@ -43,9 +43,8 @@ hidden: the trainer uses a GPU whenever torch sees one).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -55,11 +54,12 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (RESULTS_DIR, device_and_sync, device_slug, fmt_cell, free_memory, positive_int,
-                          ratio, results_document, round_or_none, split_list, write_result_files)
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+                                device_and_sync,
+                                error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
+                                nonnegative_int, positive_int, round_or_none, run_meta, split_list)
 
 NAME = "step"
-DEFAULT_OUT_DIR = RESULTS_DIR
 NO_CUDA_MESSAGE = ("psnrl bench step needs a CUDA GPU; none found "
                    "(--device cpu runs a CPU smoke test, e.g. --device cpu --models tiny --dtype fp32 "
                    "--prompts 2 --group-size 2 --max-tokens 8 --iters 2)")
@@ -92,11 +92,6 @@ META_KEYS = ("device", "torch", "triton", "transformers")
 # Rows
 # ---------------------------------------------------------------------------
 
-def _median(values: Sequence[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
@@ -110,10 +105,10 @@ def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int
     """
     phases: dict[str, float | None] = {}
     for phase in PHASES + EXTRA_PHASES:
-        phases[phase] = round_or_none(_ms(_median([r["metrics"].get(f"time_{phase}") for r in records])), 3)
+        phases[phase] = round_or_none(_ms(median([r["metrics"].get(f"time_{phase}") for r in records])), 3)
     others = [r["step_s"] - sum(r["metrics"].get(f"time_{p}") or 0.0 for p in PHASES + EXTRA_PHASES)
               for r in records]
-    phases["other"] = round_or_none(_ms(_median(others)), 3)
+    phases["other"] = round_or_none(_ms(median(others)), 3)
     step_each = [r["step_s"] * 1e3 for r in records]
     lengths = [r["metrics"].get("response_length") for r in records]
     speed = [r["metrics"].get("rollout_tokens_per_s") for r in records]
@@ -121,15 +116,15 @@ def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int
         "model": model,
         "mode": mode,
         "phases_ms": phases,
-        "step_ms": round_or_none(_median(step_each), 3),
+        "step_ms": round_or_none(median(step_each), 3),
         "peak_bytes": peak_bytes,
         "over_plain": None,
         "target": TARGETS.get(mode),
         "step_ms_each": [round(ms, 3) for ms in step_each],
         "kv_cache_bytes": kv_cache_bytes,
         "allocated_before_bytes": allocated_before_bytes,
-        "response_length": round_or_none(_median(lengths), 2),
-        "rollout_tokens_per_s": round_or_none(_median(speed), 1),
+        "response_length": round_or_none(median(lengths), 2),
+        "rollout_tokens_per_s": round_or_none(median(speed), 1),
         "sigma": records[-1]["metrics"].get("sigma") if records else None,
         "iters": len(records),
         **setup,
@@ -137,23 +132,18 @@ def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int
 
 
 def error_row(model: str, mode: str, error: BaseException, setup: dict) -> dict:
-    row = {key: None for key in ROW_KEYS}
-    row.update(model=model, mode=mode, target=TARGETS.get(mode), **setup,
-               error=f"{type(error).__name__}: {error}".strip()[:500])
-    return row
+    return _error_row(ROW_KEYS, error, model=model, mode=mode, target=TARGETS.get(mode), **setup)
 
 
 def add_ratios(rows: Sequence[dict]) -> list[dict]:
-    """Fill over_plain (step time / plain's of the same model) and met (against the target)."""
-    plain = {r["model"]: r.get("step_ms") for r in rows if r["mode"] == "plain" and not r.get("error")}
-    out = []
-    for row in rows:
-        row = dict(row)
-        value = ratio(row.get("step_ms"), plain.get(row["model"])) if row["mode"] != "plain" else None
-        row["over_plain"] = round_or_none(value, 4)
+    """Fill over_plain (step time / plain's of the same model; None for plain itself) and met
+    (against the mode's target)."""
+    out = fill_ratios(rows, lambda r: r["model"], lambda r: r["mode"] == "plain", [("over_plain", "step_ms", 4)])
+    for row in out:
+        if row["mode"] == "plain":
+            row["over_plain"] = None
         target = TARGETS.get(row["mode"])
-        row["met"] = None if value is None or target is None else bool(value <= target)
-        out.append(row)
+        row["met"] = None if row["over_plain"] is None or target is None else bool(row["over_plain"] <= target)
     return out
 
 
@@ -161,33 +151,33 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
 # Markdown
 # ---------------------------------------------------------------------------
 
-def _gib(value) -> str:
-    return "—" if value is None else f"{value / (1 << 30):.2f}"
+def _verdict(r: dict) -> str | None:
+    target = r.get("target")
+    if target is None:
+        return None
+    return f"<= {target:.2f} " + ("met" if r.get("met") else "missed" if r.get("met") is False else "?")
+
+
+def _phase(name: str) -> Column:
+    return Column(lambda r: (r.get("phases_ms") or {}).get(name), "other" if name == "other" else name, "{:,.1f}")
+
+
+PEAK = Column("peak_bytes", "peak GiB", "gib")
+COLUMNS = (
+    Column(lambda r: r["mode"] + (" (error)" if r.get("error") else ""), "mode", left=True),
+    Column("step_ms", "step ms", "{:,.1f}"),
+    *[_phase(p) for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
+    PEAK, Column("kv_cache_bytes", "KV GiB", "gib"),
+    Column("response_length", "resp. tokens", "{:.1f}"), Column("rollout_tokens_per_s", "rollout tok/s", "{:,.0f}"),
+    Column("over_plain", "x plain", "{:.3f}"), Column(_verdict, "target"),
+)
 
 
 def render_model_table(rows: Sequence[dict]) -> str:
-    header = ["mode", "step ms", "rollout", "sigma", "reward", "learner", "sync", "other",
-              "peak GiB", "KV GiB", "resp. tokens", "rollout tok/s", "x plain", "target"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
-    for r in rows:
-        if r.get("error"):
-            lines.append("| " + " | ".join([r["mode"], "error"] + ["—"] * (len(header) - 2)) + " |")
-            continue
-        ph = r.get("phases_ms") or {}
-        target = r.get("target")
-        verdict = "—" if target is None else (
-            f"<= {target:.2f} " + ("met" if r.get("met") else "missed" if r.get("met") is False else "?"))
-        cells = [r["mode"], fmt_cell(r.get("step_ms"), ",.1f"),
-                 *[fmt_cell(ph.get(p), ",.1f") for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
-                 _gib(r.get("peak_bytes")), _gib(r.get("kv_cache_bytes")),
-                 fmt_cell(r.get("response_length"), ".1f"), fmt_cell(r.get("rollout_tokens_per_s"), ",.0f"),
-                 fmt_cell(r.get("over_plain"), ".3f"), verdict]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(COLUMNS, rows)
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    rows = add_ratios(rows)
     parts = [
         f"# step on {meta['device']}",
         "",
@@ -217,11 +207,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
-def write_results(out_dir, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
-    """Write ``step-<device>.json`` and ``.md`` into ``out_dir`` atomically; return their paths."""
-    rows = add_ratios(rows)
-    doc = results_document(meta, rows, META_KEYS)
-    return write_result_files(out_dir, NAME, meta["device"], doc, render_markdown(meta, rows))
+FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
 # ---------------------------------------------------------------------------
@@ -308,51 +294,36 @@ def run_mode(args: argparse.Namespace, path: Path, mode: str, log_dir: Path,
         return records[args.warmup:], {"peak_bytes": peak, "kv_cache_bytes": kv_bytes,
                                        "allocated_before_bytes": before}
     finally:
-        del trainer
+        trainer.close()
         free_memory(args.device)
 
 
-class Runner:
-    """Runs every mode of one model and appends rows; writes results after each."""
+def run_model(run: BenchRun, a: argparse.Namespace, model: str, path: Path, work: Path,
+              sync: Callable[[], None]) -> None:
+    """Every mode of one model, a row each."""
+    for mode in a.modes:
+        run.log(f"{model} {mode}: {a.warmup} warmup + {a.iters} timed iterations")
+        try:
+            records, memory = run_mode(a, path, mode, work / model / mode, sync)
+            row = build_row(model, mode, records, setup=setup_fields(a), **memory)
+        except Exception as exc:  # OOM, a kernel failure: keep going
+            row = error_row(model, mode, exc, setup_fields(a))
+        free_memory(a.device)  # after the except block, whose traceback held the trainer
+        record(run, row)
 
-    def __init__(self, args: argparse.Namespace, meta: dict, rows: list[dict], sync, log):
-        self.args, self.meta, self.rows, self.sync, self.log = args, meta, rows, sync, log
 
-    def record(self, row: dict) -> None:
-        self.rows.append(row)
-        if row.get("error"):
-            self.log(f"{row['model']} {row['mode']}: {row['error']}")
-        else:
-            ph = row["phases_ms"]
-            self.log(f"{row['model']} {row['mode']}: {fmt_cell(row['step_ms'], ',.1f')} ms/step (rollout "
-                     f"{fmt_cell(ph['rollout'], ',.1f')}, sigma {fmt_cell(ph['sigma'], ',.1f')}, reward "
-                     f"{fmt_cell(ph['reward'], ',.1f')}, learner {fmt_cell(ph['learner'], ',.1f')}, sync "
-                     f"{fmt_cell(ph['sync'], ',.1f')}), peak {_gib(row['peak_bytes'])} GiB")
-        write_results(self.args.out_dir, self.meta, self.rows)
-
-    def model(self, model: str, path: Path, work: Path) -> None:
-        a = self.args
-        for mode in a.modes:
-            self.log(f"{model} {mode}: {a.warmup} warmup + {a.iters} timed iterations")
-            try:
-                records, memory = run_mode(a, path, mode, work / model / mode, self.sync)
-                row = build_row(model, mode, records, setup=setup_fields(a), **memory)
-            except Exception as exc:  # OOM, a kernel failure: keep going
-                row = error_row(model, mode, exc, setup_fields(a))
-            free_memory(a.device)  # after the except block, whose traceback held the trainer
-            self.record(row)
+def record(run: BenchRun, row: dict) -> None:
+    ph = row.get("phases_ms") or {}
+    run.record(row, f"{row['model']} {row['mode']}",
+               f"{fmt_cell(row['step_ms'], ',.1f')} ms/step (rollout {fmt_cell(ph.get('rollout'), ',.1f')}, "
+               f"sigma {fmt_cell(ph.get('sigma'), ',.1f')}, reward {fmt_cell(ph.get('reward'), ',.1f')}, "
+               f"learner {fmt_cell(ph.get('learner'), ',.1f')}, sync {fmt_cell(ph.get('sync'), ',.1f')}), peak "
+               f"{PEAK.cell(row)} GiB")
 
 
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -361,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sync, Var-II probes) and peak GPU memory: plain GRPO vs PSN-GRPO vs PSN-GRPO "
                     "with Var-II, on random-weight Qwen2.5 checkpoints; writes step-<device>.json "
                     "and .md.")
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
-                        help=f"models (name or size; commas or spaces): {', '.join(model_configs.CONFIGS)} "
-                             f"(default {' '.join(DEFAULT_MODELS)})")
+    add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
                         help=f"what to run: {', '.join(MODES)} (default all)")
     parser.add_argument("--prompts", type=positive_int, default=16,
@@ -385,22 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="noise.sigma: the fixed sigma, Var-II's initial one (default %(default)s)")
     parser.add_argument("--targets", default=DEFAULT_TARGETS,
                         help="noise.targets: mlp, attn, lm_head or all (default %(default)s)")
-    parser.add_argument("--warmup", type=_nonnegative_int, default=1,
+    parser.add_argument("--warmup", type=nonnegative_int, default=1,
                         help="untimed iterations first (default %(default)s)")
     parser.add_argument("--iters", type=positive_int, default=3,
                         help="timed iterations; medians are reported (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weights and train.seed")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another config override for every run (repeatable), e.g. --set algo.kl_coef=0")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: a smoke run without a GPU (default cuda)")
-    parser.add_argument("--ckpt-dir", default=None,
-                        help="keep the random checkpoints here and reuse them (default: a temp dir)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of an existing step-<device>.json that this run does not "
-                             "measure (to split a long run into several commands)")
-    parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR),
-                        help="where the results go (default: psnrl/bench/results of this checkout)")
+    add_out_dir(parser, merge=True)
     return parser
 
 
@@ -460,72 +421,38 @@ def method_description(args: argparse.Namespace) -> str:
             f"preallocated KV cache included.")
 
 
-def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
-    """Rows of this device's results file that this run will not measure again."""
-    path = Path(args.out_dir) / f"{NAME}-{device_slug(device_name)}.json"
-    if not path.is_file():
-        return []
-    planned = {(m, mode) for m in args.models for mode in args.modes}
-    return [row for row in json.loads(path.read_text()).get("rows", [])
-            if (row.get("model"), row.get("mode")) not in planned]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+    if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
     if args.device == "cpu" and torch.cuda.is_available():
         print(CPU_WITH_CUDA_MESSAGE, file=sys.stderr)
         return 2
-
-    import transformers
-    import triton
-
     device_name, sync = device_and_sync(args.device)
-    meta = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": transformers.__version__,
-        "dtype": args.dtype,
-        "sigma": args.sigma,
-        "targets": args.targets,
-        "method": method_description(args),
-        "modes": {mode: list(MODE_OVERRIDES[mode]) for mode in MODES},
-        "extra_overrides": list(args.set),
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "warmup": args.warmup,
-        "iters": args.iters,
-        "seed": args.seed,
-    }
-    rows = previous_rows(args, device_name) if args.merge else []
-
-    def log(message: str) -> None:
-        print(f"[step] {message}", file=sys.stderr, flush=True)
-
-    runner = Runner(args, meta, rows, sync, log)
+    meta = run_meta(device_name, dtype=args.dtype, sigma=args.sigma, targets=args.targets,
+                    method=method_description(args), modes={mode: list(MODE_OVERRIDES[mode]) for mode in MODES},
+                    extra_overrides=list(args.set), gpu_memory_utilization=args.gpu_memory_utilization,
+                    warmup=args.warmup, iters=args.iters, seed=args.seed)
+    planned = {(m, mode) for m in args.models for mode in args.modes}
+    previous = (FILES.previous_rows(args.out_dir, device_name, lambda r: (r.get("model"), r.get("mode")) not in planned)
+                if args.merge else [])
+    run = BenchRun(FILES, meta, args.out_dir, previous)
     with tempfile.TemporaryDirectory(prefix="psnrl-step-") as tmp:
         tmp = Path(tmp)
         for model in args.models:
-            log(f"{model}: writing random {args.dtype} weights")
+            run.log(f"{model}: writing random {args.dtype} weights")
             try:
                 path = checkpoint_dir(model, args.dtype, args.seed, args.ckpt_dir, args.device, tmp / "ckpt")
             except Exception as exc:
                 for mode in args.modes:
-                    runner.record(error_row(model, mode, exc, setup_fields(args)))
+                    record(run, error_row(model, mode, exc, setup_fields(args)))
                 continue
-            runner.model(model, path, tmp / "runs")
+            run_model(run, args, model, path, tmp / "runs", sync)
             if not args.ckpt_dir:
-                import shutil
                 shutil.rmtree(path, ignore_errors=True)
-    json_path, md_path = write_results(args.out_dir, meta, rows)
-    rows = add_ratios(rows)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        print(f"\n{model}\n")
-        print(render_model_table([r for r in rows if r["model"] == model]))
-    print(f"\nwrote {json_path}\nwrote {md_path}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    rows = add_ratios(run.rows)
+    return run.close("\n".join(f"\n{model}\n\n{render_model_table([r for r in rows if r['model'] == model])}"
+                               for model in dict.fromkeys(r["model"] for r in rows)))
 
 
 if __name__ == "__main__":

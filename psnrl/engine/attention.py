@@ -37,10 +37,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if kv_cache is None:
         return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
+    slots, context_lens, tables = meta.slot_mapping, meta.context_lens, meta.block_tables
+    assert slots is not None and context_lens is not None and tables is not None  # generation metadata
     if meta.decode_splits is not None:
-        store_kv_skip_padding(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        return paged_decode_attention(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.context_lens,
+        store_kv_skip_padding(k, v, kv_cache[0], kv_cache[1], slots)
+        return paged_decode_attention(q, kv_cache[0], kv_cache[1], tables, context_lens,
                                       scale, num_splits=meta.decode_splits, check=False)
-    store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-    return attend(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, meta.context_lens,
-                  meta.block_tables, scale)
+    store_kv(k, v, kv_cache[0], kv_cache[1], slots)
+    return attend(q, kv_cache[0], kv_cache[1], meta.cu_seqlens_q, context_lens, tables, scale)

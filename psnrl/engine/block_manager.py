@@ -29,8 +29,8 @@ Cache salt
     chain differs from the unsalted chain and from any other salt's. Lookups
     check the link: an unsalted sequence hits only parentless roots, a salted
     one only roots linked to the same salt. The blocks a salted sequence
-    publishes (``mark_computed``, ``append_token`` filling a block) chain from
-    its salt, and ``fork`` gives the child the parent's salt. The engine passes
+    publishes (``mark_computed``) chain from its salt, and ``fork`` gives the
+    child the parent's salt. The engine passes
     no salt for the clean policy and a stable hash of the NoiseSpec otherwise
     (``psnrl.engine.llm.noise_cache_salt``).
 
@@ -40,15 +40,15 @@ Cached-prefix rule
     (it needs its logits), and the block holding that token is always a fresh,
     exclusively owned one, so a prefill never writes into a shared block.
 
-Only computed KV is shared
+Only written KV is shared
     A block enters the cache only once it is inside its sequence's *computed
-    horizon*: the leading tokens whose KV is written, or is written by the step
-    about to run. ``allocate(..., num_scheduled=None)`` assumes the whole prompt
-    is prefilled by the next step; a chunked prefill passes the first chunk's end
-    (or 0) and calls :meth:`BlockManager.mark_computed` before each later chunk.
-    ``append_token`` moves the horizon past the new token (a token is appended
-    when it is about to be computed). A sequence freed before its KV was written
-    leaves nothing in the cache.
+    horizon*: the leading tokens whose KV is written. ``allocate(...,
+    num_scheduled=None)`` counts the whole prompt as written (for callers that write
+    it before anyone else looks it up); the engine passes 0 and calls
+    :meth:`BlockManager.mark_computed` once the step that writes a sequence's tokens
+    has completed. ``append_token`` does not move the horizon. So a step that fails
+    or is interrupted publishes nothing it did not write, and a sequence freed
+    before its KV was written leaves nothing in the cache.
 
 Free pool
     Blocks are handed out from the head of a doubly-linked free list. Blocks
@@ -148,8 +148,8 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
             ...
 
         def mark_computed(self, seq_id: int, num_tokens: int) -> None:
-            """KV of the first num_tokens tokens is written or scheduled for the coming step;
-            their full blocks may enter the prefix cache. Never lowers the horizon."""
+            """KV of the first num_tokens tokens is written (call it once the step that writes it
+            has completed); their full blocks may enter the prefix cache. Never lowers the horizon."""
             ...
 
         def num_computed(self, seq_id: int) -> int:
@@ -162,8 +162,8 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
             ...
 
         def append_token(self, seq_id: int, token_id: int) -> AppendResult:
-            """Add one token (about to be computed). OutOfBlocks if a block is needed and
-            none is free (state unchanged)."""
+            """Add one token (about to be computed; the horizon does not move, see mark_computed).
+            OutOfBlocks if a block is needed and none is free (state unchanged)."""
             ...
 
         def fork(self, parent_seq_id: int, child_seq_id: int) -> None:

@@ -25,7 +25,10 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ArchitectureConfig:
+    """A checkpoint's architecture (its config.json), as the engine's model reads it; the
+    trainer's ``model`` config section (trainer/config.py ModelConfig) only names the checkpoint."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -44,7 +47,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before the rotary embedding
 
     @classmethod
-    def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "ArchitectureConfig":
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -86,7 +89,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> "ArchitectureConfig":
         path = Path(path)
         file = path / "config.json"
         if not file.is_file():

@@ -88,7 +88,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,8 @@ from psnrl.engine.attention import AttentionMetadata
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
 from psnrl.kernels import noise as noise_mod
-from psnrl.kernels.noisy_linear import MAX_SLOTS, NoiseStream, max_work_tiles, pack_work_tiles, pick_tiles
+from psnrl.kernels.noisy_linear import (MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles,
+                                        pick_tiles, workspace_pins)
 from psnrl.kernels.paged_attention import pick_num_splits
 
 # Noise-stream slots per work tile in graphs (a constexpr of the noisy kernel).
@@ -222,9 +223,9 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
     return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows)
 
 
-class _GraphRows:
-    """The ``StreamRows`` of one noise group in a graph: the attributes the noisy kernel
-    reads, backed by the graph's fixed-size device tables (refilled every step)."""
+class _GraphRows(NoiseRows):
+    """The rows of one noise group in a graph, as the noisy kernel reads them (``NoiseRows``),
+    backed by the graph's fixed-size device tables (refilled every step)."""
 
     all_clean = False
 
@@ -266,7 +267,8 @@ class DecodeGraph:
         self.bucket = bucket
         self.groups = groups
         self.level = level
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.pinned: list[torch.Tensor] = []
         dev = owner.device
         pin = dev.type == "cuda"
         # Layout of the flat int32 buffer: name -> (offset, length), 16-element aligned.
@@ -297,7 +299,7 @@ class DecodeGraph:
         width = owner.table_width
         self.tables = torch.zeros(bucket, width, dtype=torch.int32, device=dev)
         self.host_tables = torch.zeros(bucket * width, dtype=torch.int32, pin_memory=pin)
-        self._copied = None  # event after the last host -> device copies (CUDA)
+        self._copied: torch.cuda.Event | None = None  # after the last host -> device copies (CUDA)
 
         v = self._view
         self.tokens, self.positions, self.slots = v("tokens"), v("positions"), v("slots")
@@ -357,13 +359,14 @@ class DecodeGraph:
         # Entries past a row's blocks (and padding rows) keep stale values: never read.
         self.tables[:n, :width].copy_(staged, non_blocking=cuda)
         if cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied = event = torch.cuda.Event()
+            event.record()
 
     def forward(self) -> None:
         """The recorded computation: the model on the static buffers, logits into the shared output."""
         o = self.owner
         hidden = o.model(self.tokens.long(), self.positions.long(), self.meta, o.kv_caches, self.noise)
+        assert o.out is not None  # allocated before the first graph is built
         o.out[:self.bucket].copy_(o.model.logits(hidden, self.noise))
 
     def capture(self) -> None:
@@ -372,10 +375,10 @@ class DecodeGraph:
         self.forward()  # warm-up: compiles kernels; computes this step (and writes its K/V)
         torch.cuda.synchronize(o.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=o.pool):
+        with workspace_pins() as pins, torch.cuda.graph(graph, pool=o.pool):
             self.forward()
         torch.cuda.synchronize(o.device)
-        self.graph = graph
+        self.graph, self.pinned = graph, pins  # replays write into the pinned workspaces
 
     def replay(self) -> None:
         if self.graph is not None:
@@ -406,7 +409,7 @@ class DecodeGraphs:
             raise ValueError(f"CUDA graphs need a CUDA model, got one on {self.device}")
         self.verbose = verbose
         self.graphs: dict[tuple[int, tuple[str, ...], int], DecodeGraph] = {}
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None
         self.disabled = False  # a capture failed: eager from then on
         self.num_replays = 0
@@ -415,7 +418,7 @@ class DecodeGraphs:
         self._linears: dict[str, list[tuple[int, int]]] = {g: [] for g in TARGET_GROUPS}
         for module in model.modules():
             if isinstance(module, StreamLinear):
-                self._linears[module.group].append(tuple(module.weight.shape))
+                self._linears[module.group].append((module.weight.shape[0], module.weight.shape[1]))
         self._block_ms: dict[tuple[int, str], list[int]] = {}
 
     # -- sizes ----------------------------------------------------------------------------
@@ -449,6 +452,7 @@ class DecodeGraphs:
         if self.disabled or not self.fits(seqs, block_tables):
             return None
         bucket = bucket_for(len(seqs), self.buckets)
+        assert bucket is not None  # fits() checked it
         plan = plan_decode(seqs, block_tables, specs, bucket, self.block_size)
         tiles: dict[tuple[str, int], tuple[list, list]] = {}
         for g, ids in plan.group_ids.items():
@@ -458,22 +462,31 @@ class DecodeGraphs:
         for (g, bm), (ranges, _) in tiles.items():
             needed[bm] = max(needed.get(bm, 0), len(ranges))
         key = (bucket, plan.noisy_groups, tile_level(bucket, needed))
+        if self.out is None:
+            self.out = torch.empty(self.buckets[-1], self.model.config.vocab_size, dtype=torch.float32,
+                                   device=self.device)
         graph = self.graphs.get(key)
-        new = graph is None
-        if new:
-            if self.out is None:
-                self.out = torch.empty(self.buckets[-1], self.model.config.vocab_size, dtype=torch.float32,
-                                       device=self.device)
+        if graph is None:
             graph = DecodeGraph(self, *key)
-        graph.fill(plan, tiles)
-        if new:
-            if self.capture_graphs:
-                if not self._capture(graph):
-                    return None
+            graph.fill(plan, tiles)
+            if self.capture_graphs and not self._capture(graph):
+                return None
             self.graphs[key] = graph
+        else:
+            graph.fill(plan, tiles)
         graph.replay()
         self.num_replays += 1
         return self.out[:bucket].index_select(0, graph.out_rows[:len(plan.out_rows)])
+
+    def close(self) -> None:
+        """Drop every graph, the graphs' memory pool and the shared output buffer; the object
+        runs nothing afterwards (``run`` returns None, so a caller falls back to eager)."""
+        for graph in self.graphs.values():
+            if graph.graph is not None:
+                graph.graph.reset()
+        self.graphs.clear()
+        self.pool = self.out = None
+        self.disabled = True
 
     def _capture(self, graph: DecodeGraph) -> bool:
         start = time.perf_counter()

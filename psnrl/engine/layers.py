@@ -52,6 +52,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by position (the "rotate half" layout of Hugging Face checkpoints)."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int):
         super().__init__()
         inv_freq = rope_inv_freq(rope, head_dim)

@@ -7,15 +7,19 @@ of the weights.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import hashlib
 import itertools
 import math
+import numbers
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence as Seq
+from typing import Iterable, Literal, Sequence as Seq
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,9 +31,13 @@ from psnrl.engine.sampling import (SamplingParams, Sampler, batch_tensors, check
                              pad_stop_ids)
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig
 from psnrl.engine.sequence import Sequence
+from psnrl.kernels.noisy_linear import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Engines freeze what they hold out of the collector (LLM.__init__); at exit it goes back, so the
+# shutdown collection finalizes it (extension modules report objects never finalized as leaks).
+atexit.register(gc.unfreeze)
 # KV cache on a CPU (no memory probe there): at most this many bytes unless num_kv_blocks is set.
 CPU_KV_BYTES = 1 << 30
 
@@ -38,7 +46,8 @@ CPU_KV_BYTES = 1 << 30
 class EngineConfig:
     dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16", "float16"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    gpu_memory_utilization: float = 0.9  # fraction of the GPU the engine may fill, KV cache included
+    # Share of the GPU memory free when the engine starts that it may fill, weights and KV cache included.
+    gpu_memory_utilization: float = 0.9
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -46,7 +55,7 @@ class EngineConfig:
     watermark: float = 0.01  # blocks kept free when admitting new prompts
     seed: int = 0  # seeds requests that have no SamplingParams.seed
     device: str | None = None  # default: cuda if available
-    logprobs_mode: str = "sampled"  # see engine.sampling.sample
+    logprobs_mode: Literal["sampled", "raw"] = "sampled"  # see engine.sampling.sample
     # False: on CUDA, pure decode steps replay CUDA graphs captured per batch-size bucket
     # (psnrl/engine/cuda_graphs.py), lazily, at the first step of each kind. True: every step runs
     # eagerly (debugging, profiling single kernels). A CPU always runs eagerly.
@@ -95,6 +104,10 @@ class LLM:
         self.config = cfg = EngineConfig(**kwargs)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = None if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+        # The memory budget is a share of what is free now, not of the device's total: other
+        # processes or engines on the same GPU keep what they hold.
+        free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.closed = False
         self.model = load_model(model, dtype=dtype, device=self.device)
         mcfg = self.model.config
         self.tokenizer = _load_tokenizer(Path(model))
@@ -102,7 +115,7 @@ class LLM:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mcfg.max_position_embeddings}")
-        num_blocks = cfg.num_kv_blocks or self._kv_blocks_for_memory()
+        num_blocks = cfg.num_kv_blocks or self._kv_blocks_for_memory(free_at_start)
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {cfg.block_size} tokens = "
@@ -119,6 +132,10 @@ class LLM:
         self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
         self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
         self._ids = itertools.count()
+        # The model, tokenizer and caches live as long as the engine: keep them out of the
+        # collector's full passes, which otherwise stall decode steps for a long time.
+        gc.collect()
+        gc.freeze()
 
     # -- sizing ---------------------------------------------------------------------------
 
@@ -127,15 +144,42 @@ class LLM:
         elem = self.model.model.embed_tokens.weight.element_size()
         return 2 * m.num_layers * self.config.block_size * m.num_kv_heads * m.head_dim * elem
 
-    def _kv_blocks_for_memory(self) -> int:
+    def _kv_blocks_for_memory(self, free_at_start: int | None) -> int:
+        """Blocks that fit in gpu_memory_utilization x (memory free before the weights loaded),
+        less what loading took; on a CPU, room for max_num_seqs full sequences up to CPU_KV_BYTES."""
         per_block = self._kv_bytes_per_block()
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free)
+        if free_at_start is not None:
+            free_now = torch.cuda.mem_get_info(self.device)[0]
+            budget = free_at_start * self.config.gpu_memory_utilization - (free_at_start - free_now)
         else:
             per_seq = math.ceil(self.max_model_len / self.config.block_size) * per_block
             budget = min(CPU_KV_BYTES, per_seq * self.config.max_num_seqs)
         return max(int(budget // per_block), 0)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free what the engine holds on its device: KV cache, decode CUDA graphs and their
+        memory pool, the noisy kernel's workspace and the engine's reference to the weights
+        (a trainer that shares them keeps its own). Idempotent; the engine runs nothing after."""
+        if self.closed:
+            return
+        self.closed = True
+        self.runner.close()
+        del self.runner.model, self.model  # the engine runs nothing after close
+        release_workspace(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the cached blocks back, so the next engine can size its cache
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this LLM has been closed; build a new one")
 
     # -- requests -------------------------------------------------------------------------
 
@@ -147,43 +191,57 @@ class LLM:
 
         ``params`` and ``noise`` are one for all prompts or one per prompt; a prompt with
         noise None is sampled from the clean policy. A bad request (too long, empty)
-        finishes with an "error: ..." reason; the others run.
+        finishes with an "error: ..." reason; the others run. Malformed input (a token id
+        that is not an integer, text without a tokenizer) raises ValueError before any
+        request is queued. The call is all or nothing: on any exception, Ctrl-C included,
+        its requests are dropped and their blocks freed before the exception propagates,
+        so the engine is ready for the next call.
         """
-        prompts = _as_prompt_list(prompts)
-        params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompts),
+        self._check_open()
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompt_list),
                                   "params", SamplingParams)
-        noise_list = _per_prompt(noise, len(prompts), "noise", NoiseSpec)
+        noise_list = _per_prompt(noise, len(prompt_list), "noise", NoiseSpec)
+        tokens_list = [self._tokenize(p) for p in prompt_list]  # before anything is queued
         specs: list[NoiseSpec] = list(dict.fromkeys(n for n in noise_list if n is not None))
         spec_index = {s: i for i, s in enumerate(specs)}
-        outputs: list[RequestOutput] = []
-        seqs: list[Sequence] = []
-        for prompt, p, spec in zip(prompts, params_list, noise_list):
-            out, first = self._add_request(prompt, p, spec, spec_index.get(spec, -1))
-            outputs.append(out)
-            if first is not None:
-                seqs.append(first)
-        by_request = {o.request_id: o for o in outputs}
-        total = sum(p.n for p in params_list)
-        with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
-            while self.scheduler.has_work():
-                for seq in self._step(specs):
-                    by_request[seq.request_id].outputs.append(CompletionOutput(
-                        seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
-                    bar.update(1)
+        try:
+            outputs = [self._add_request(prompt, tokens, p, spec, spec_index.get(spec, -1))
+                       for prompt, tokens, p, spec in zip(prompt_list, tokens_list, params_list, noise_list)]
+            by_request = {o.request_id: o for o in outputs}
+            total = sum(p.n for p in params_list)
+            with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
+                while self.scheduler.has_work():
+                    for seq in self._step(specs):
+                        by_request[seq.request_id].outputs.append(CompletionOutput(
+                            seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
+                        bar.update(1)
+        except BaseException:
+            self._abandon()
+            raise
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
         return outputs
 
-    def _add_request(self, prompt: str | list[int], params: SamplingParams, spec: NoiseSpec | None,
-                     noise_index: int) -> tuple[RequestOutput, Sequence | None]:
+    def _abandon(self) -> None:
+        """Drop every sequence an interrupted call left behind (a call runs to completion, so
+        these are all of the engine's) and free their blocks. The prefix cache keeps only
+        KV that completed steps wrote (``_step`` publishes after its forward)."""
+        self.scheduler.abort_all()
+        for seq_id in self.blocks.sequence_ids():  # e.g. a fork the scheduler had not seen yet
+            self.blocks.free(seq_id)
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return prompt
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer files: pass prompts as token ids")
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _add_request(self, prompt: str | list[int], tokens: list[int], params: SamplingParams,
+                     spec: NoiseSpec | None, noise_index: int) -> RequestOutput:
         rid = next(self._ids)
         text = prompt if isinstance(prompt, str) else None
-        if text is not None:
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer files: pass prompts as token ids")
-            tokens = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            tokens = list(prompt)
         out = RequestOutput(rid, text, tokens, spec)
         error = None
         if not tokens:
@@ -195,13 +253,13 @@ class LLM:
             error = f"error: prompt token ids must be in [0, {self.model.config.vocab_size})"
         if error:
             out.outputs = [CompletionOutput(i, "", [], [], error) for i in range(params.n)]
-            return out, None
+            return out
         seeds = self.sampler.sample_seeds(params)
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
                        cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
-        return out, seq
+        return out
 
     # -- one step -------------------------------------------------------------------------
 
@@ -221,6 +279,8 @@ class LLM:
         sampling: list[Sequence] = []
         for entry in step.seqs:
             entry_samples = entry.samples
+            # The forward wrote these tokens' KV: their full blocks may now be shared.
+            self.blocks.mark_computed(entry.seq.seq_id, entry.seq.num_computed + entry.num_new)
             entry.seq.num_computed += entry.num_new
             if entry_samples:
                 sampling.append(entry.seq)
@@ -231,11 +291,17 @@ class LLM:
                 rows.append(row)
         if not sampling:
             return finished
-        logits = logits[torch.tensor(rows, device=logits.device)]
         params = [s.params for s in sampling]
-        steps = torch.tensor([len(s.output_tokens) for s in sampling])
-        stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
-        mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
+        generated = [s.num_tokens - s.prompt_len for s in sampling]
+        steps = torch.tensor(generated)
+        masked = any(g < p.min_tokens for g, p in zip(generated, params))  # stop tokens still barred
+        if len(rows) > logits.shape[0]:  # forks sample from their parent's row
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        elif masked:
+            logits = logits.clone()  # masked in place below; the runner may reuse its buffer
+        if masked:
+            stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
+            mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
         temps, top_p, top_k = batch_tensors(params, logits.device)
         with nvtx_range("sample"):
             result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)
@@ -297,6 +363,7 @@ class LLM:
 
         The prefix cache is dropped: KV computed with the old weights is stale.
         """
+        self._check_open()
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
             if name not in params:
@@ -317,7 +384,9 @@ def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
     digest (BLAKE2b, 8 bytes) covers the seed, sigma's float64 bits and the sorted groups
     that shape K/V (mlp, attn); unlike ``hash()`` it is the same in every process.
     """
-    groups = sorted(spec.groups - {"lm_head"}) if spec is not None and spec.sigma != 0 else []
+    if spec is None or spec.sigma == 0:
+        return None
+    groups = sorted(spec.groups - {"lm_head"})
     if not groups:
         return None
     payload = struct.pack("<Qd", spec.seed, float(spec.sigma)) + ",".join(groups).encode()
@@ -326,15 +395,39 @@ def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:
+    """Prompts as text or lists of Python ints: one prompt (a string, or a flat sequence of token
+    ids) or a sequence of them. Token ids may be ints or integer numpy / torch scalars; a bool, a
+    float or anything else is refused with its value and position."""
     if isinstance(prompts, str):
         return [prompts]
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    for p in prompts:
-        if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p)):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    if prompts and all(_is_scalar(t) for t in prompts):
+        prompts = [prompts]
+    return [p if isinstance(p, str) else _token_ids(p, i) for i, p in enumerate(prompts)]
+
+
+def _is_scalar(t) -> bool:
+    return isinstance(t, (numbers.Number, np.generic)) or (isinstance(t, torch.Tensor) and t.dim() == 0)
+
+
+def _token_ids(prompt, index: int) -> list[int]:
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1:
+            raise ValueError(f"prompt {index}: token ids must be 1-D, got shape {tuple(prompt.shape)}")
+        prompt = list(prompt)
+    elif not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"prompt {index}: a prompt must be a string or a sequence of token ids, "
+                         f"got {type(prompt).__name__}")
+    ids = []
+    for position, t in enumerate(prompt):
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.is_floating_point() or t.is_complex()
+                                                                  or t.dtype == torch.bool):
+            t = t.item()
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+            kind = "a bool" if isinstance(t, (bool, np.bool_)) else f"a {type(t).__name__}"
+            raise ValueError(f"prompt {index}, position {position}: {t!r} is {kind}, not an integer token id")
+        ids.append(int(t))
+    return ids
 
 
 def _per_prompt(value, n: int, name: str, kind: type) -> list:

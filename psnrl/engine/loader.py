@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from psnrl.engine.config import ModelConfig
+from psnrl.engine.config import ArchitectureConfig
 from psnrl.engine.model import CausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -39,7 +39,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory: give a local Hugging Face "
                                 f"checkpoint (config.json, *.safetensors, tokenizer files)")
-    cfg = ModelConfig.from_dir(path)
+    cfg = ArchitectureConfig.from_dir(path)
     files = checkpoint_files(path)
     dtype = dtype or cfg.dtype
     model = CausalLM.empty(cfg, device, dtype)

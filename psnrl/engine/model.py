@@ -6,26 +6,29 @@ row can run the clean or a perturbed policy (BatchNoise) in the same forward.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from psnrl.engine.attention import AttentionMetadata, paged_attention
-from psnrl.engine.config import ModelConfig
+from psnrl.engine.config import ArchitectureConfig
 from psnrl.engine.layers import Hidden, RMSNorm, RotaryEmbedding, Streams, StreamLinear, per_stream
 from psnrl.engine.noise_spec import BatchNoise
 from psnrl.kernels.noisy_linear import noisy_gate_up
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         p = f"model.layers.{layer}.self_attn"
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = StreamLinear(cfg.hidden_size, cfg.num_heads * d, cfg.attention_bias, f"{p}.q_proj.weight", "attn")
-        self.k_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.k_proj.weight", "attn")
-        self.v_proj = StreamLinear(cfg.hidden_size, cfg.num_kv_heads * d, cfg.attention_bias, f"{p}.v_proj.weight", "attn")
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = StreamLinear(h, cfg.num_heads * d, bias, f"{p}.q_proj.weight", "attn")
+        self.k_proj = StreamLinear(h, cfg.num_kv_heads * d, bias, f"{p}.k_proj.weight", "attn")
+        self.v_proj = StreamLinear(h, cfg.num_kv_heads * d, bias, f"{p}.v_proj.weight", "attn")
         # Qwen2's o_proj has no bias; Llama's follows attention_bias.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
         self.o_proj = StreamLinear(cfg.num_heads * d, cfg.hidden_size, o_bias, f"{p}.o_proj.weight", "attn")
@@ -53,7 +56,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         p = f"model.layers.{layer}.mlp"
         hs, im, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -67,7 +70,7 @@ class MLP(nn.Module):
                 and self.gate_proj.bias is None:
             # Generation with noisy MLP rows: gate, up and SiLU(gate) * up in one kernel that
             # reads both weights once and writes only the activation (psnrl/kernels/README.md).
-            act = noisy_gate_up(h, self.gate_proj.weight, self.up_proj.weight, rows=rows,
+            act: Hidden = noisy_gate_up(h, self.gate_proj.weight, self.up_proj.weight, rows=rows,
                                 gate_key=self.gate_proj.key, up_key=self.up_proj.key)
         else:
             act = per_stream(_silu_mul, self.gate_proj(h, noise), self.up_proj(h, noise))
@@ -79,7 +82,7 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ArchitectureConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
@@ -92,16 +95,23 @@ class DecoderLayer(nn.Module):
         return per_stream(torch.add, h, self.mlp(per_stream(self.post_attention_layernorm, h), noise))
 
 
+class DecoderStack(nn.Module):
+    """Embedding, decoder layers, final norm: the checkpoint's ``model.*`` parameters."""
+
+    def __init__(self, cfg: ArchitectureConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
 class CausalLM(nn.Module):
     """The model; parameter names match the Hugging Face checkpoint's."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ArchitectureConfig):
         super().__init__()
         self.config = cfg
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model = DecoderStack(cfg)
         self.lm_head = StreamLinear(cfg.hidden_size, cfg.vocab_size, False, "lm_head.weight", "lm_head")
         self._tie_weights()
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
@@ -110,10 +120,10 @@ class CausalLM(nn.Module):
 
     def _tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> "CausalLM":
+    def empty(cls, cfg: ArchitectureConfig, device: torch.device | str, dtype: torch.dtype) -> "CausalLM":
         """A model with uninitialized weights on ``device``, never materialized elsewhere."""
         with torch.device("meta"):
             model = cls(cfg)
@@ -135,9 +145,8 @@ class CausalLM(nn.Module):
         """
         if dual and kv_caches is not None:
             raise ValueError("the dual-stream forward is for training: it takes no KV cache")
-        h = self.model.embed_tokens(input_ids)
-        if dual:
-            h = Streams(h, h.detach())
+        emb = self.model.embed_tokens(input_ids)
+        h: Hidden = Streams(emb, emb.detach()) if dual else emb
         caches = kv_caches if kv_caches is not None else [None] * len(self.model.layers)
         recompute = self.activation_checkpointing and kv_caches is None and torch.is_grad_enabled()
         for layer, kv in zip(self.model.layers, caches):

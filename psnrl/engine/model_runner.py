@@ -1,6 +1,8 @@
 """Turns a scheduled step into model inputs, runs the model and returns the sampling rows' logits."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from psnrl.engine import cuda_graphs
@@ -28,6 +30,13 @@ class ModelRunner:
                 model, kv_caches, block_size, max_num_seqs,
                 max_model_len or model.config.max_position_embeddings)
 
+    def close(self) -> None:
+        """Release the KV cache and the decode graphs (the model belongs to the caller)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+        self.kv_caches = []
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate KV blocks (src -> dst) in every layer before the step."""
         if not copies:
@@ -40,7 +49,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[ScheduledSeq], block_tables: list[list[int]],
-            specs: list[NoiseSpec | None]) -> torch.Tensor:
+            specs: Sequence[NoiseSpec | None]) -> torch.Tensor:
         """Logits (fp32) [num sampling seqs, vocab], in the order of the sampling entries of ``seqs``."""
         if self.graphs is not None:
             logits = self.graphs.run(seqs, block_tables, specs)

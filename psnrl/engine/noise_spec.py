@@ -33,7 +33,7 @@ class NoiseSpec:
     @property
     def groups(self) -> frozenset[str]:
         names = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        groups = set()
+        groups: set[str] = set()
         for name in names:
             if name == "all":
                 groups.update(TARGET_GROUPS)

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -136,7 +136,8 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise bad("stop", self.stop, "must hold non-empty strings")
         object.__setattr__(self, "stop", stop)
-        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else tuple(self.stop_token_ids)
+        ids: tuple[Any, ...] = ((self.stop_token_ids,) if _is_int(self.stop_token_ids)
+                                else tuple(self.stop_token_ids))
         for i in ids:
             if not _is_int(i) or i < 0:
                 raise bad("stop_token_ids", self.stop_token_ids, "must hold ints >= 0")
@@ -163,9 +164,9 @@ class SamplingParams:
 def _as_ids(eos_token_id: int | Iterable[int] | None) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
-    if _is_int(eos_token_id):
-        return (eos_token_id,)
-    return tuple(int(i) for i in eos_token_id)
+    if isinstance(eos_token_id, Iterable):
+        return tuple(int(i) for i in eos_token_id)
+    return (int(eos_token_id),)
 
 
 # ----------------------------------------------------------------------------- randomness

@@ -76,10 +76,16 @@ class Scheduler:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
-    def abort(self, request_id: int) -> list[Sequence]:
-        seqs = [s for s in list(self.running) + list(self.waiting) if s.request_id == request_id]
+    def abort_all(self) -> list[Sequence]:
+        """Finish every waiting and running sequence with reason "abort" and free the blocks
+        they hold, whatever state an interrupted step left them in."""
+        seqs = [*self.running, *self.waiting]
+        self.running, self.waiting = [], deque()
         for seq in seqs:
-            self.finish(seq, "abort")
+            if self.blocks.has_sequence(seq.seq_id):
+                self.blocks.free(seq.seq_id)
+            seq.status = Status.FINISHED
+            seq.finish_reason = "abort"
         return seqs
 
     def _preempt(self, seq: Sequence) -> None:
@@ -131,9 +137,7 @@ class Scheduler:
         return step
 
     def _schedule(self, step: Step, seq: Sequence, n: int) -> None:
-        # Only KV that is computed (or computed in this step) may be shared through the
-        # prefix cache: a chunked prefill publishes its blocks chunk by chunk.
-        self.blocks.mark_computed(seq.seq_id, seq.num_computed + n)
+        # The KV these tokens get is published (mark_computed) only once the step has run.
         step.seqs.append(ScheduledSeq(seq, n))
 
     def _reserve(self, seq: Sequence, step: Step) -> bool:
@@ -149,5 +153,5 @@ class Scheduler:
                     return False
                 continue
             if result.cow is not None:
-                step.copies.append(tuple(result.cow))
+                step.copies.append(result.cow)
         return True

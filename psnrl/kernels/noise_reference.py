@@ -6,6 +6,8 @@ device and is the oracle of the Triton generator and of the statistical tests.
 """
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import torch
 
 from psnrl.kernels import noise as N
@@ -13,11 +15,15 @@ from psnrl.kernels import noise as N
 M32 = N.MASK32
 
 
-def _c(v) -> float | int:
+IntOrTensor = TypeVar("IntOrTensor", int, torch.Tensor)
+
+
+def _c(v: Any) -> Any:
+    """The Python value of a ``tl.constexpr`` constant of noise.py."""
     return v.value if hasattr(v, "value") else v
 
 
-def fmix32(x: torch.Tensor | int) -> torch.Tensor | int:
+def fmix32(x: IntOrTensor) -> IntOrTensor:
     x ^= x >> 16
     x = (x * _c(N.FMIX_M1)) & M32
     x ^= x >> 13
@@ -42,7 +48,7 @@ def stream_keys(seed: int, key: int) -> tuple[int, int]:
     return k1, k2
 
 
-def pair_hash(p: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+def pair_hash(p: torch.Tensor, k1: int | torch.Tensor, k2: int | torch.Tensor) -> torch.Tensor:
     return lowbias32((p * (k1 | 1) + k2) & M32)
 
 
@@ -105,7 +111,8 @@ def perturbed(weight: torch.Tensor, seed: int, key: int, sigma: float, *, row_of
               col_offset: int = 0, in_features: int | None = None) -> torch.Tensor:
     """W + sigma E of a [rows, cols] shard as the kernels make it: fma(r, cos|sin, w) in fp32
     (the product is exact in fp64), rounded once, then cast to W's dtype."""
-    r, t = _polar(tuple(weight.shape), seed, key, sigma, row_offset, col_offset, in_features, weight.device)
+    rows, cols = weight.shape
+    r, t = _polar((rows, cols), seed, key, sigma, row_offset, col_offset, in_features, weight.device)
     return (r.double() * t.double() + weight.double()).float().to(weight.dtype)
 
 

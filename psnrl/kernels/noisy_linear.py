@@ -12,8 +12,9 @@ are constants (zero gradient), and only the clean rows of x are saved.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import triton
@@ -38,6 +39,24 @@ class NoiseStream:
 
 # Most distinct streams one block of rows serves with one W tile (a static unroll).
 MAX_SLOTS = 4
+
+
+class NoiseRows(Protocol):
+    """What the fused kernel reads of a batch's rows: a stream id per row, the streams' seed and
+    sigma tables (index 0 = clean), and the row blocks it launches over. ``StreamRows`` builds
+    them from a tensor of stream ids; a decode CUDA graph keeps them in fixed device buffers it
+    refills every step (psnrl/engine/cuda_graphs.py). The torch reference and the materialized
+    path need the whole ``StreamRows``."""
+
+    shape: tuple[int, ...]
+    ids: torch.Tensor      # [rows] int32 stream ids
+    seeds: torch.Tensor    # [streams + 1, 2] int32 (noise.seed_table)
+    sigmas: torch.Tensor   # [streams + 1] fp32
+    all_clean: bool
+
+    def work_tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, 2] int32 row ranges, [T, slots] int32 stream ids padded with -1)."""
+        ...
 
 
 class StreamRows:
@@ -161,7 +180,7 @@ def _pack(runs: list[tuple[int, int, int]], block_m: int, slots: int):
     """Greedy row blocks: a block closes when it holds block_m rows or would need slots + 1 streams."""
     ranges: list[list[int]] = []
     table: list[list[int]] = []
-    start, present = 0, []
+    start, present = 0, []  # type: int, list[int]
     for run_start, run_end, stream in runs:
         pos = run_start
         while pos < run_end:
@@ -396,15 +415,37 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, SPLIT, stride_split, str
 
 # Split-K partial sums: one fp32 buffer per device, reused by every call (its memory is the
 # kernel's workspace, as cuBLAS keeps one) and grown by replacing it. A CUDA graph bakes in
-# the address it captured, so a buffer that a capture used is kept alive for good.
+# the address it captured, so a capture must run inside ``workspace_pins()``: the buffers it
+# used go into a list the graph's owner keeps for as long as it replays the graph.
 _WORKSPACE: dict[torch.device, torch.Tensor] = {}
-_CAPTURED: list[torch.Tensor] = []
+_PINS: list[list[torch.Tensor]] = []  # the open workspace_pins() scopes, innermost last
+
+
+@contextlib.contextmanager
+def workspace_pins() -> Iterator[list[torch.Tensor]]:
+    """Collects the split-K workspaces that kernels launched inside the scope use while a CUDA
+    graph captures; keep the yielded list alive as long as the graph may replay."""
+    pins: list[torch.Tensor] = []
+    _PINS.append(pins)
+    try:
+        yield pins
+    finally:
+        _PINS.remove(pins)
+
+
+def release_workspace(device: torch.device | str) -> None:
+    """Drop the device's split-K workspace (graphs that captured it keep their pinned copy alive);
+    the next call allocates a new one."""
+    _WORKSPACE.pop(torch.device(device), None)
 
 
 def splitk_workspace(numel: int, device: torch.device) -> torch.Tensor:
     """At least ``numel`` fp32 elements of the device's split-K workspace."""
     buf = _WORKSPACE.get(device)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and not _PINS:
+        raise RuntimeError("a CUDA graph that captures the noisy kernel's split-K path must be captured "
+                           "inside psnrl.kernels.noisy_linear.workspace_pins() and keep the pinned list alive")
     if buf is None or buf.numel() < numel:
         if capturing:
             raise RuntimeError(
@@ -412,12 +453,12 @@ def splitk_workspace(numel: int, device: torch.device) -> torch.Tensor:
                 f"CUDA graph capture: run the same step eagerly first (a warm-up), as the engine does")
         buf = _WORKSPACE[device] = torch.empty(max(numel, 2 * buf.numel() if buf is not None else 0),
                                                dtype=torch.float32, device=device)
-    if capturing and not any(b is buf for b in _CAPTURED):
-        _CAPTURED.append(buf)
+    if capturing and not any(b is buf for b in _PINS[-1]):
+        _PINS[-1].append(buf)
     return buf[:numel]
 
 
-def _fused(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows, pkey: int,
+def _fused(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: NoiseRows, pkey: int,
            row_offset: int, col_offset: int, in_features: int, tiles: TileConfig | None,
            up: torch.Tensor | None, up_key: int) -> torch.Tensor:
     """The fused kernel on checked, row-major 2-D inputs: one launch (plus the split-K reduce)."""
@@ -468,21 +509,22 @@ def _materialized(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     so bit-identical weights), which the next weight or stream of the call reuses."""
     m, n = x2d.shape[0], weight.shape[0]
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    scratch = None
-    shard = dict(row_offset=row_offset, col_offset=col_offset, in_features=in_features)
+    scratch: torch.Tensor | None = None
+
+    def perturbed(w: torch.Tensor, st: NoiseStream, key: int) -> torch.Tensor:
+        nonlocal scratch
+        scratch = noise.fill_perturbed(scratch if scratch is not None else torch.empty_like(weight), w, st.seed,
+                                       key, st.sigma, row_offset=row_offset, col_offset=col_offset,
+                                       in_features=in_features)
+        return scratch
+
     for stream, index in rows.row_groups():
         xs = x2d[index]
-        if stream == 0:
-            ws, us = weight, up
-        else:
-            st = rows.streams[stream - 1]
-            scratch = noise.fill_perturbed(scratch if scratch is not None else torch.empty_like(weight),
-                                           weight, st.seed, pkey, st.sigma, **shard)
-            ws = scratch
+        st = rows.streams[stream - 1] if stream else None
+        ws = perturbed(weight, st, pkey) if st is not None else weight
         if up is not None:
             gate = torch.nn.functional.linear(xs, ws)  # before the scratch holds the up weight
-            if stream != 0:
-                us = noise.fill_perturbed(scratch, up, st.seed, up_key, st.sigma, **shard)
+            us = perturbed(up, st, up_key) if st is not None else up
             ys = torch.nn.functional.silu(gate) * torch.nn.functional.linear(xs, us)
         elif isinstance(index, slice):
             out = y[index]

@@ -26,12 +26,13 @@ def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     ids = rows.ids.long() if rows is not None else torch.zeros(x2d.shape[0], dtype=torch.long,
                                                                 device=x.device)
     b = bias.float() if bias is not None else None
+    streams = rows.streams if rows is not None else []
     for s in ids.unique().tolist():
         sel = ids == s
-        if s > 0 and rows.streams[s - 1].sigma > 0:
-            stream = rows.streams[s - 1]
+        if s > 0 and streams[s - 1].sigma > 0:
+            stream = streams[s - 1]
             with torch.no_grad():  # noisy rows carry no gradient
-                w_s = w + R.noise(tuple(weight.shape), stream.seed, param_key, stream.sigma,
+                w_s = w + R.noise((weight.shape[0], weight.shape[1]), stream.seed, param_key, stream.sigma,
                                   row_offset=row_offset, col_offset=col_offset,
                                   in_features=in_features, device=x.device)
                 y[sel] = torch.nn.functional.linear(x2d[sel], w_s, b)
@@ -47,7 +48,9 @@ def noisy_gate_up_reference(x: torch.Tensor, gate_weight: torch.Tensor, up_weigh
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """SiLU(x Wg~^T) * (x Wu~^T): the two noisy linears (fp32), rounded to ``dtype`` as the
     unfused model rounds them, then the gated activation in ``dtype``."""
-    shard = dict(rows=rows, row_offset=row_offset, col_offset=col_offset, in_features=in_features)
-    gate = noisy_linear_reference(x, gate_weight, param_key=gate_key, **shard).to(dtype)
-    up = noisy_linear_reference(x, up_weight, param_key=up_key, **shard).to(dtype)
+    def linear(weight: torch.Tensor, key: int) -> torch.Tensor:
+        return noisy_linear_reference(x, weight, rows=rows, param_key=key, row_offset=row_offset,
+                                      col_offset=col_offset, in_features=in_features).to(dtype)
+
+    gate, up = linear(gate_weight, gate_key), linear(up_weight, up_key)
     return torch.nn.functional.silu(gate) * up

@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any, Callable, Literal
 
 RANGES = ("rollout", "scheduler", "prefill", "decode_step", "sample", "noisy_linear", "attention",
           "lm_head_logprob", "learner/forward", "learner/backward", "optimizer", "weight_sync", "reward",
           "sigma_scheduler")
 
 
+def _no_push(name: str) -> None:
+    pass
+
+
+def _no_pop() -> None:
+    pass
+
+
 class _State:
     enabled = False
-    push = None
-    pop = None
-    nvtx = None          # (push, pop) of the NVTX backend while NVTX is on
+    push: Callable[[str], Any] = _no_push
+    pop: Callable[[], Any] = _no_pop
+    nvtx: tuple[Callable[[str], Any], Callable[[], Any]] | None = None  # the NVTX backend's (push, pop) while on
     torch_ranges = False  # record_function ranges on
     open_records: list = []
 
@@ -106,7 +115,7 @@ class nvtx_range(contextlib.ContextDecorator):
             _State.push(self.name)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         if _State.enabled:
             _State.pop()
         return False

@@ -21,6 +21,8 @@ BENCHES = {
     "decode": "psnrl.bench.decode",
     "step": "psnrl.bench.step",
     "learner": "psnrl.bench.learner",
+    "tiny-ab": "psnrl.bench.tiny_ab",
+    "host": "psnrl.bench.host",
     "all": "psnrl.bench.all",
 }
 DEFAULT_EVAL_SETS = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
@@ -143,7 +145,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             runs[other] = json.loads(Path(other).read_text())
         try:
             plot_curves(runs, args.plot)
-        except ValueError as e:  # e.g. no k to plot
+        except (ValueError, ImportError) as e:  # no k to plot; matplotlib missing
             raise ValueError(f"--plot: {e}") from None
     return 0
 

@@ -222,6 +222,8 @@ class DataConfig(_Section):
 class RolloutConfig(_Section):
     """Sampling G = group_size completions for each of prompts_per_iter prompts per iteration,
     and the engine's cache. max_model_len: null = the model's max_position_embeddings.
+    gpu_memory_utilization: share of the GPU memory free when the engine starts that it may fill
+    (weights and KV cache); num_kv_blocks: a fixed KV cache size instead (null = from memory).
     enforce_eager: decode without CUDA graphs (they are used on a GPU otherwise)."""
 
     _name = "rollout"
@@ -232,6 +234,7 @@ class RolloutConfig(_Section):
     max_tokens: int = 4
     max_model_len: int | None = 64
     gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
     block_size: int = 16
     enforce_eager: bool = False
 
@@ -241,7 +244,8 @@ class RolloutConfig(_Section):
         self._require(self.prompts_per_iter >= 1, "prompts_per_iter", "must be >= 1")
         self._require(self.temperature > 0, "temperature",
                       "must be > 0 (rollouts are sampled, not greedy)")
-        # top_p, max_tokens, max_model_len, gpu_memory_utilization, block_size: TrainConfig delegates.
+        # top_p, max_tokens, max_model_len, gpu_memory_utilization, num_kv_blocks, block_size:
+        # TrainConfig delegates.
 
 
 @dataclass(frozen=True)
@@ -393,8 +397,8 @@ class CheckpointConfig(_Section):
 @dataclass(frozen=True)
 class LogConfig(_Section):
     """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/,
-    trainer.tensorboard) and the reward/sigma PNG (<dir>/reward_sigma.png, trainer.charts); both
-    need no extra package."""
+    trainer.tensorboard; no extra package) and the reward/sigma PNG (<dir>/reward_sigma.png,
+    trainer.charts; needs matplotlib, the ``plots`` extra, else the run says it is not drawn)."""
 
     _name = "log"
     dir: str = "runs/tiny"
@@ -480,10 +484,11 @@ class TrainConfig:
     def engine_config(self) -> EngineConfig:
         """The engine's options: ``LLM(cfg.model.path, **dataclasses.asdict(cfg.engine_config()))``."""
         r = self.rollout
-        keys = _keys("rollout", "max_model_len", "gpu_memory_utilization", "block_size")
+        keys = _keys("rollout", "max_model_len", "gpu_memory_utilization", "num_kv_blocks", "block_size")
         with _blame(keys | _keys("model", "dtype"), "rollout"):
             return EngineConfig(dtype=self.model.dtype, max_model_len=r.max_model_len,
-                                gpu_memory_utilization=r.gpu_memory_utilization, block_size=r.block_size,
+                                gpu_memory_utilization=r.gpu_memory_utilization,
+                                num_kv_blocks=r.num_kv_blocks, block_size=r.block_size,
                                 enforce_eager=r.enforce_eager, seed=self.train.seed)
 
     def loss_config(self) -> LossConfig:

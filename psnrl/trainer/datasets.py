@@ -49,7 +49,7 @@ SHIPPED: dict[str, str] = {
     "train_math_l35": "train_math_l35.jsonl",
 }
 
-# The six benchmarks of DESIGN.md ("Evaluation"), in the order the paper reports them.
+# The six evaluation benchmarks (docs/design.md, "Rewards and evaluation"), in the order the paper reports them.
 EVAL_SETS: tuple[str, ...] = ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench")
 TRAIN_SETS: tuple[str, ...] = ("gsm8k_train", "train_math_l35")
 

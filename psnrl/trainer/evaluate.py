@@ -1,5 +1,5 @@
 """pass@k evaluation: n samples per problem, unbiased pass@k per benchmark and averaged,
-plus the diversity of the correct answers (DESIGN.md, "Evaluation")."""
+plus the diversity of the correct answers (docs/design.md, "Rewards and evaluation")."""
 from __future__ import annotations
 
 import json

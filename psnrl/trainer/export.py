@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from psnrl.engine.config import ModelConfig
+from psnrl.engine.config import ArchitectureConfig
 from psnrl.trainer.checkpoint import checkpoint_path, checkpoints, load_checkpoint
 
 # Files of a model folder that hold weights: the export writes its own and copies everything else.
@@ -28,7 +28,7 @@ def export_model(weights: Mapping[str, torch.Tensor], source: str | Path, out: s
     Written into a temporary folder beside ``out`` and renamed, so ``out`` is whole or absent.
     """
     source, out = Path(source), Path(out)
-    tied = ModelConfig.from_dir(source).tie_word_embeddings
+    tied = ArchitectureConfig.from_dir(source).tie_word_embeddings
     tensors = {name: t.detach().cpu().contiguous() for name, t in weights.items()
                if not (tied and name == "lm_head.weight")}  # a tied head is the embedding
     tmp = out.with_name(f".{out.name}.tmp")

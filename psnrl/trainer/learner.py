@@ -169,8 +169,10 @@ class Learner:
         for idx in steps:
             micro = [[idx[j] for j in mb] for mb in _micro_batches([len(rows.seqs[i]) for i in idx],
                                                                    self.micro_batch_tokens)]
-            masks = [_pad([torch.ones(len(rows.seqs[i]) - rows.prompt_lens[i], device="cpu") for i in ids]) for ids in micro]
-            total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks), torch.zeros((), device="cpu")).float())
+            masks = [_pad([torch.ones(len(rows.seqs[i]) - rows.prompt_lens[i], device="cpu") for i in ids])
+                     for ids in micro]
+            total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks),
+                                   torch.zeros((), device="cpu")).float())
             self.optimizer.zero_grad()
             sums: dict[str, float] = {}
             padded = _padded(micro)

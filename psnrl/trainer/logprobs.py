@@ -77,7 +77,8 @@ def _flatten(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], dev
         lengths.append(len(seq) - n_prompt)
         cu.append(start + len(seq))
     return _Batch(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                  torch.tensor(cu, dtype=torch.int32, device=device), torch.tensor(rows, dtype=torch.long, device="cpu"),
+                  torch.tensor(cu, dtype=torch.int32, device=device),
+                  torch.tensor(rows, dtype=torch.long, device="cpu"),
                   torch.tensor(targets, dtype=torch.long, device=device), lengths,
                   [len(s) for s in sequences])
 

@@ -40,7 +40,7 @@ from psnrl.engine.llm import LLM, RequestOutput
 from psnrl.engine.loader import load_model
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.advantages import compute_advantages
-from psnrl.trainer.charts import line_chart
+from psnrl.trainer.charts import ChartsUnavailable, line_chart
 from psnrl.trainer.checkpoint import (checkpoints, latest_checkpoint, load_checkpoint,
                                       old_checkpoints, save_checkpoint)
 from psnrl.trainer.config import TrainConfig, dump_config
@@ -234,6 +234,21 @@ class PSNTrainer:
     def _fits(self, problems: list[Problem]) -> list[Problem]:
         limit = self.cfg.data.max_prompt_tokens
         return [p for p in problems if len(self.tokenizer.encode(self._prompt(p), add_special_tokens=False)) <= limit]
+
+    def close(self) -> None:
+        """Free the engine (KV cache, CUDA graphs) and drop the models and optimizer state, so
+        another trainer or engine in this process gets the memory back. Idempotent."""
+        self.llm.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.model = self.ref_model = self.learner = self.optimizer = self.embedder = None
+
+    def __enter__(self) -> "PSNTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _reward(self, text: str, answer: str) -> float:
         return exact_answer_reward(text, answer) if self.tiny else math_reward(text, answer)
@@ -510,7 +525,9 @@ class PSNTrainer:
                     self.ref_model = self._frozen_copy()
                 self._boundary()
             history = self._iterate()
-        weights = get_model_state_dict(self.model, options=self._state_options())  # collective
+        # One process needs no collective (and the distributed helper keeps the model alive past close()).
+        weights = (self.model.state_dict() if self.world == 1
+                   else get_model_state_dict(self.model, options=self._state_options()))
         if self.main:
             export_model(weights, self.model_path, self.run_dir / "final")
             if cfg.log.plot:
@@ -566,7 +583,10 @@ def _plot(metrics_path: Path, out: Path) -> None:
     if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
         return
     running = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
-    line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
-               secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
-               title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
-               secondary_label="sigma")
+    try:
+        line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
+                   secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
+                   title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
+                   secondary_label="sigma")
+    except ChartsUnavailable as e:  # the run itself is unaffected: say what is off (log.plot=false hides it)
+        print(f"psnrl train: {out.name} not drawn: {e}", file=sys.stderr)

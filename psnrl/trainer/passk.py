@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["pass_at_k", "pass_at_k_array", "pass_at_k_curve", "default_ks", "MAX_DEFAULT_K"]
 
-MAX_DEFAULT_K = 256  # DESIGN.md: k up to 256 (paper: n = 300 samples)
+MAX_DEFAULT_K = 256  # k up to 256, as the paper reports (it samples n = 300)
 
 
 def _as_int(value, name: str) -> int:

@@ -1,6 +1,6 @@
 """Math answer reward: extract the final answer, normalize it, and check it against a reference.
 
-Model output is hostile text (DESIGN.md, "Rewards are untrusted input"). Nothing in this module
+Model output is hostile text (docs/design.md, "Rewards and evaluation"). Nothing in this module
 hands model text to ``eval``, ``exec``, ``sympify``, ``parse_expr`` or a LaTeX front end that
 evaluates Python. The pipeline is::
 
@@ -45,12 +45,16 @@ Policies (all deliberate, all tested):
 * bare lists and sets are unordered (``1,2`` == ``2,1``); tuples, intervals and matrices are
   ordered and their brackets must agree (``[2,5)`` != ``(2,5)``).
 * numeric tolerance: relative 1e-6 (``RewardConfig.rel_tol``); exact rationals compare exactly
-  under the same tolerance, so ``0.333`` != ``1/3`` but ``0.3333333`` == ``1/3``; ``3.14`` != ``\\pi``.
+  under the same tolerance, so ``0.333`` != ``1/3`` but ``0.3333333`` == ``1/3``. A rational
+  (a decimal answer) equals an irrational-looking value (``\\pi``, ``\\sqrt{2}``,
+  ``\\sin 1``) only if it is exactly equal (``0.5`` == ``\\sin(\\pi/6)``): no rounded
+  decimal of a constant is accepted, however many digits (``3.14159`` != ``\\pi``).
 * free symbols are positive reals in the numeric test (three fixed points in (0.5, 2)) and
   ``positive=True`` in sympy, so ``\\sqrt{x^2}`` == ``x``.
 * words: answers that are plain words (``\\text{Evelyn}``) compare exactly, case-insensitively.
 
-Bounds (any bound hit scores 0): answer length (2000 chars), tokens (800), nesting depth (40),
+Bounds (any bound hit scores 0): answer length (2000 chars), tokens (800), nesting depth (40
+nested groups: brackets, braces, arguments; ``RewardConfig.max_depth``),
 AST nodes (1000), list items (64), |exponent| <= 10000 and every exact intermediate value <= 20000
 bits (so ``9^{9^{9^9}}`` and ``10^{10^{10}}`` are refused before anything is computed), factorial
 and binomial arguments, ``\\pm`` count (3), the tail of the completion searched (200k chars), and
@@ -105,6 +109,11 @@ __all__ = [
     "warmup",
     "shutdown_workers",
 ]
+
+
+# Rational vs irrational-looking values (a decimal answer vs pi): equal only this close, far
+# below any decimal an answer would be rounded to.
+EXACT_REL_TOL = 1e-25
 
 
 @dataclass(frozen=True)
@@ -619,25 +628,23 @@ class _Parser:
         return None
 
     def parse_sum(self):
-        self.enter()
-        try:
-            lead = None
-            if self.is_cmd("\\pm") or self.is_cmd("\\mp"):
-                self.advance()
-                lead = "pm"
-            terms = [self.signed(lead, self.parse_term())]
-            while True:
-                sign = self.take_sign()
-                if sign is None:
-                    break
-                terms.append(self.signed(sign, self.parse_term()))
-            if len(terms) == 1:
-                return terms[0]
-            for t in terms:
-                self.scalar(t)
-            return self.mk("add", *terms)
-        finally:
-            self.depth -= 1
+        # Not a nesting level of its own: the groups that contain a sum (brackets, braces,
+        # arguments) count, so max_depth is the number of nested groups, as documented.
+        lead = None
+        if self.is_cmd("\\pm") or self.is_cmd("\\mp"):
+            self.advance()
+            lead = "pm"
+        terms = [self.signed(lead, self.parse_term())]
+        while True:
+            sign = self.take_sign()
+            if sign is None:
+                break
+            terms.append(self.signed(sign, self.parse_term()))
+        if len(terms) == 1:
+            return terms[0]
+        for t in terms:
+            self.scalar(t)
+        return self.mk("add", *terms)
 
     def signed(self, sign, node):
         if sign is None or sign == "+":
@@ -1462,12 +1469,19 @@ class _Numeric:
             other = zb if za is None else za
             return False if other is not None and abs(other) < 1e290 else None
         d = abs(za - zb)
+        m = max(abs(za), abs(zb))
+        if d > self.cfg.rel_tol * m and m >= 1e-9:
+            return False
+        if isinstance(a, Fraction) or isinstance(b, Fraction):
+            # An exact rational (a decimal answer, say) against a value known here only in
+            # floating point (pi, sqrt(2), a trig value): agreeing, even to the last bit, is what
+            # a rounded decimal does, not equality. The exact check decides.
+            return None
         if d == 0:
             return True
-        m = max(abs(za), abs(zb))
         if m < 1e-9:   # rounding noise around zero (sin(pi) vs 0): let sympy decide
             return None
-        return d <= self.cfg.rel_tol * m
+        return True
 
     def scalar_eq(self, a, b) -> Optional[bool]:
         ia, ib = _inf_sign(a), _inf_sign(b)
@@ -1782,7 +1796,10 @@ class _SympyComparer(_Comparer):
                 return False
             diff = sp.N(sp.Abs(va - vb), 30)
             scale = max(sp.N(sp.Abs(va), 30), sp.N(sp.Abs(vb), 30))
-            return bool(diff == 0 or diff <= sp.Float(self.cfg.rel_tol) * scale)
+            # A rational against an expression that did not simplify to it: only a difference
+            # at the level of 30-digit rounding counts as equal, never a rounded decimal's.
+            tol = EXACT_REL_TOL if (A.is_Rational or B.is_Rational) else self.cfg.rel_tol
+            return bool(diff == 0 or diff <= sp.Float(tol) * scale)
         return bool(A.equals(B))
 
     def equation_eq(self, pl, pr, rl, rr) -> Optional[bool]:

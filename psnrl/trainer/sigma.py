@@ -39,9 +39,9 @@ A clamped sigma then moves by beta from the bound (e.g. 1.2 sigma_0 / beta), so 
 Ambiguities of the paper and the choices made here (each class docstring repeats its own):
 
 1. Var-II: only self-certainty is normalized. Eq. 9 normalizes SC_t and the text defines
-   "Ind_t = SC_t^norm + d_sem,t" with the raw batch-mean cosine. (The project's DESIGN.md says
-   "both normalized by running min/max"; that is not what the paper writes.) The default
-   follows the paper; ``normalize_similarity=True`` applies Eq. 9's running-extrema
+   "Ind_t = SC_t^norm + d_sem,t" with the raw batch-mean cosine (normalizing both, a natural
+   reading of the method's summary, is not what the equations write). The default follows the
+   paper; ``normalize_similarity=True`` applies Eq. 9's running-extrema
    normalization to d_sem,t as well.
 2. Var-II: the batch value is normalized, not each prompt's. Eq. 9 normalizes "the
    batch-averaged self-certainty SC_t" and Eq. 7 averages d_sem over the batch, so the running

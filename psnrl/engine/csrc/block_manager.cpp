@@ -37,21 +37,18 @@
 // an unsalted lookup only hits parentless roots, a salted one only roots that
 // carry the same salt, and deeper levels only blocks whose parent is a block
 // (never a salt) with the expected hash. The salt is a property of the
-// sequence: the blocks it publishes (mark_computed, append_token filling a
-// block) chain from it, and fork() gives the child the parent's salt. The
+// sequence: the blocks it publishes (mark_computed) chain from it, and fork() gives the child the parent's salt. The
 // salt is assumed to identify the policy; the engine derives it from the
 // NoiseSpec (see psnrl/engine/llm.py) and passes none for the clean policy.
 //
-// Only blocks whose KV is (or is being) computed may be shared. Each sequence
-// has a "computed" horizon: the number of leading tokens whose KV is written,
-// or is written by the step about to run (stores precede the attention reads
-// within a layer, so a sequence that hits these blocks in that same step reads
-// them fine). allocate(..., num_scheduled) sets it to max(cached prefix,
-// num_scheduled) (default: the whole prompt, i.e. it is prefilled in one
-// step), mark_computed(seq_id, n) raises it (chunked prefill: call it for each
-// chunk before its step), and append_token() raises it past the new token (a
-// token is appended when it is about to be computed, so everything before it
-// is). A full block inside the horizon is "computed" and enters the map if no
+// Only blocks whose KV is written may be shared. Each sequence has a "computed"
+// horizon: the number of leading tokens whose KV is written. allocate(...,
+// num_scheduled) sets it to max(cached prefix, num_scheduled) (default: the whole
+// prompt, for a caller that writes it before anyone else looks it up; the engine
+// passes 0), and mark_computed(seq_id, n) raises it: the engine calls it once the
+// step that writes those tokens' KV has completed, so a step that fails or is
+// interrupted never publishes a block it did not write. append_token() does not
+// move it. A full block inside the horizon is "computed" and enters the map if no
 // block is registered under its hash yet (first one wins; a duplicate is just
 // not registered; a freed computed block that holds a hash nobody has
 // registered takes the entry then). A full block outside it is hashed but not
@@ -374,7 +371,6 @@ class BlockManager {
             set_full(b, h, parent, nb == 1 && seq.salt.has_value(), toks);
             blocks_[b].stale = stale;
         }
-        advance_computed(seq, len + 1);
         return res;
     }
 
@@ -892,15 +888,17 @@ PYBIND11_MODULE(_block_manager, m) {
              "token_ids is empty or num_scheduled is out of range; OutOfBlocks if the blocks do "
              "not fit (state unchanged).")
         .def("mark_computed", &BlockManager::mark_computed, py::arg("seq_id"), py::arg("num_tokens"),
-             "The KV of the first num_tokens tokens is written, or is by the step about to run: "
-             "their full blocks may be shared through the prefix cache. Never lowers the mark.")
+             "The KV of the first num_tokens tokens is written (call it once the step that writes "
+             "it has completed): their full blocks may be shared through the prefix cache. Never "
+             "lowers the mark.")
         .def("num_computed", &BlockManager::num_computed, py::arg("seq_id"),
              "The sequence's computed horizon (see mark_computed).")
         .def("can_append", &BlockManager::can_append, py::arg("seq_id"),
              "Whether append_token(seq_id, ...) would find the block it needs (no watermark).")
         .def("append_token", &BlockManager::append_token, py::arg("seq_id"), py::arg("token_id"),
-             "Add one token; returns AppendResult(slot, block_id, new_block, cow). OutOfBlocks "
-             "if a block is needed and none is free (state unchanged).")
+             "Add one token, about to be computed; returns AppendResult(slot, block_id, new_block, "
+             "cow). It does not move the computed horizon (see mark_computed). OutOfBlocks if a "
+             "block is needed and none is free (state unchanged).")
         .def("fork", &BlockManager::fork, py::arg("parent_seq_id"), py::arg("child_seq_id"),
              "The child shares all the parent's blocks (ref + 1), its token list and its cache "
              "salt.")

@@ -1,0 +1,175 @@
+"""Benchmark: the engine's host work per decode step, with the model forward stubbed out.
+
+The model's forward is replaced by a stub that returns fixed logits (``--vocab`` columns:
+151,936 on CUDA as Qwen2.5 has, 2,048 on a CPU by default), so what is left is the engine
+around it: scheduling and block bookkeeping, building the step's inputs, sampling, stop checks
+and the per-sequence Python. For each batch (default 1, 64, 256 sequences sampled at temperature
+1, each decoding exactly ``--steps`` tokens after a 16-token prompt) it reports the median wall
+time of one pure decode step (device work included: each step ends in a device-to-host copy)
+and the torch ops it launched, counted by a ``TorchDispatchMode`` (on a GPU, each is a kernel
+launch outside any CUDA graph, or a copy). Targets (this engine's roadmap): <= 0.3 ms per step
+at batch 1 and <= 1.5 ms at batch 256 on a 2-core CPU, at most 10 ops per step.
+
+Writes ``psnrl/bench/results/host-<device>.json`` and ``.md``. ``psnrl bench host [options]``
+runs anywhere (``--device cuda`` on a GPU machine).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from psnrl.bench import model_configs
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync,
+                                error_row, markdown_table, positive_int, run_meta, split_list)
+
+NAME = "host"
+NO_CUDA_MESSAGE = "psnrl bench host --device cuda: no CUDA GPU found (the default --device cpu runs anywhere)"
+BATCHES = (1, 64, 256)
+PROMPT_LEN = 16
+VOCAB = {"cuda": 151936, "cpu": 2048}
+TARGET_MS = {1: 0.3, 256: 1.5}
+TARGET_OPS = 10
+ROW_KEYS = ("batch", "vocab", "host_ms", "host_ms_p90", "ops_per_step", "steps", "target_ms")
+META_KEYS = ("device", "torch", "triton", "transformers")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops dispatched while it is active (each a kernel launch or copy on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stub_forward(llm, vocab: int, batch: int) -> None:
+    """The engine's forward, replaced: fixed random logits for the step's sampling rows."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, vocab, generator=gen).to(llm.device)
+
+    def run(seqs, tables, specs):
+        return logits[:sum(1 for entry in seqs if entry.samples)]
+    llm.runner.run = run
+
+
+def measure(llm, batch: int, steps: int, sync) -> tuple[list[float], int]:
+    """Host seconds of each pure decode step of one generate call, and the ops of one of them."""
+    from psnrl.engine.sampling import SamplingParams
+
+    times: list[float] = []
+    ops: list[int] = []
+    step = llm._step
+
+    def timed_step(specs):
+        decode = all(s.num_computed == s.num_tokens - 1 for s in llm.scheduler.running) and \
+            llm.scheduler.running and not llm.scheduler.waiting
+        counter = OpCounter()
+        t0 = time.perf_counter()
+        if decode and len(times) == steps // 2:
+            with counter:
+                finished = step(specs)
+            ops.append(counter.count)
+        else:
+            finished = step(specs)
+        sync()
+        if decode:
+            times.append(time.perf_counter() - t0)
+        return finished
+
+    llm._step = timed_step
+    try:
+        prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
+        params = SamplingParams(temperature=1.0, max_tokens=steps + 1, ignore_eos=True, seed=0)
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        del llm._step
+    return times, ops[0] if ops else 0
+
+
+COLUMNS = (
+    Column("batch", "batch"), Column("vocab", "vocab", "{:,}"), Column("host_ms", "host ms/step", "{:.3f}"),
+    Column("host_ms_p90", "p90 ms", "{:.3f}"), Column("ops_per_step", "ops/step"),
+    Column("target_ms", "target ms", "<= {:.1f}"), Column("steps", "steps"),
+)
+
+
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
+    errors = [f"- batch {r['batch']}: {r['error']}" for r in rows if r.get("error")]
+    parts = [f"# host on {meta['device']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}.", "",
+             f"Method: {meta['method']}", "", markdown_table(COLUMNS, rows), ""]
+    if errors:
+        parts += ["## Errors", "", *errors, ""]
+    return "\n".join(parts)
+
+
+FILES = BenchFiles(NAME, META_KEYS, render_markdown)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psnrl bench host",
+        description="Host time and ops per decode step of the engine with a stub forward (runs on a CPU); "
+                    "writes host-<device>.json and .md.")
+    parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
+                        help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
+    parser.add_argument("--steps", type=positive_int, default=64, help="decode steps timed per batch (default 64)")
+    parser.add_argument("--vocab", type=positive_int, default=None,
+                        help="columns of the stub's logits (default 151936 on cuda, 2048 on cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_out_dir(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        batches = sorted({positive_int(b) for b in split_list(args.batches)})
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"--batches: {exc}")
+    if cuda_missing(args.device, NO_CUDA_MESSAGE):
+        return 2
+    from psnrl.engine.llm import LLM
+
+    vocab = args.vocab or VOCAB[args.device]
+    device_name, sync = device_and_sync(args.device)
+    meta = run_meta(device_name, method=(
+        f"a 2-layer Qwen2 whose forward is a stub returning fixed [rows, {vocab}] logits; batches of "
+        f"sequences with {PROMPT_LEN}-token prompts sampled at temperature 1, each decoding exactly "
+        f"{args.steps} tokens; host ms = median (and p90) wall time of the pure decode steps, device "
+        f"synchronized; ops = torch ops dispatched in one decode step (TorchDispatchMode)."))
+    run = BenchRun(FILES, meta, args.out_dir)
+    with tempfile.TemporaryDirectory(prefix="psnrl-host-") as tmp:
+        cfg = {**model_configs.get_config("tiny"), "vocab_size": vocab}
+        path = model_configs.write_random_checkpoint(cfg, Path(tmp) / "ckpt", dtype=torch.float32)
+        for batch in batches:
+            try:
+                blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
+                llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
+                          max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2)
+                stub_forward(llm, vocab, batch)
+                times, ops = measure(llm, batch, args.steps, sync)
+                llm.close()
+                ms = sorted(1e3 * t for t in times)
+                row = {"batch": batch, "vocab": vocab, "host_ms": round(statistics.median(ms), 4),
+                       "host_ms_p90": round(ms[int(0.9 * (len(ms) - 1))], 4), "ops_per_step": ops,
+                       "steps": len(ms), "target_ms": TARGET_MS.get(batch)}
+            except Exception as exc:  # a failed batch is a row; the others still run
+                row = error_row(ROW_KEYS, exc, batch=batch, vocab=vocab)
+            run.record(row, f"batch {batch}", None if row.get("error") else
+                       f"{row['host_ms']:.3f} ms/step, {row['ops_per_step']} ops/step")
+    return run.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""psnrl/bench/host.py: the engine's host time per decode step with a stub forward (CPU)."""
+import json
+
+from psnrl.bench import host as bench
+from psnrl.trainer.cli import BENCHES
+
+
+def test_registered_as_a_bench():
+    assert BENCHES["host"] == "psnrl.bench.host"
+
+
+def test_a_short_run_times_decode_steps_and_counts_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert bench.main(["--batches", "1,3", "--steps", "6", "--vocab", "300", "--out-dir", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "host-cpu.json").read_text())
+    rows = doc["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert set(bench.ROW_KEYS) <= set(r) and r["vocab"] == 300
+        assert r["steps"] >= 5 and 0 < r["host_ms"] <= r["host_ms_p90"]
+        assert r["ops_per_step"] > 0
+    assert rows[0]["target_ms"] == 0.3 and rows[1]["target_ms"] is None
+    assert "| 1 | 300 |" in (tmp_path / "host-cpu.md").read_text()
+
+
+def test_the_op_counter_counts_dispatched_ops():
+    import torch
+
+    with bench.OpCounter() as counter:
+        x = torch.ones(3)
+        (x + 1).sum()
+    assert counter.count == 3
