@@ -107,7 +107,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     model = resolve_policy(args.model)
     names = args.sets or _default_eval_sets(Path(args.model))
     for other in args.compare:  # read before the long part, so a bad file fails at once
-        json.loads(Path(other).read_text())
+        try:
+            json.loads(Path(other).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--compare {other}: not JSON ({e})") from None
     sets = {name: ArithmeticTask(seed=args.seed).problems(args.limit or 128) if name == TINY_SET
             else load_problems(name, limit=args.limit) for name in names}
     options = {"dtype": args.dtype}

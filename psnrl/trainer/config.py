@@ -597,7 +597,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     file = None
     if path is not None:
         file = _config_file(path)
-        raw = _parse_yaml(file.read_text(encoding="utf-8"), str(file))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        raw = _parse_yaml(text, str(file))
         if raw is None:  # an empty file
             raw = {}
         if not isinstance(raw, dict):
