@@ -86,7 +86,7 @@ def resume(run: Path) -> None:
 
 
 @pytest.mark.parametrize("point, nth, saved", [
-    ("rollout", 2, 2),
+    ("rollout", 3, 2),  # generate calls: the pre-RL evaluation, iteration 1, iteration 2
     pytest.param("warmup", 1, 0, marks=pytest.mark.slow),
     pytest.param("learner", 3, 3, marks=pytest.mark.slow),
     pytest.param("checkpoint", 1, 2, marks=pytest.mark.slow),
@@ -106,7 +106,7 @@ def test_ctrl_c_saves_the_iteration_in_progress_at_its_end_and_resumes_exactly(t
 @pytest.mark.parametrize("point, nth", [
     ("metrics", 3),  # iteration 3's row is written, its checkpoint never will be
     pytest.param("checkpoint-tmp", 2, marks=pytest.mark.slow),  # killed inside the write of iteration 4's
-    pytest.param("eval", 1, marks=pytest.mark.slow),
+    pytest.param("eval", 2, marks=pytest.mark.slow),  # the evaluation of iteration 4 (1: before RL)
 ])
 def test_sigkill_at_any_point_resumes_exactly(tmp_path, reference, point, nth):
     run, proc = interrupted(tmp_path, "kill", point, nth)

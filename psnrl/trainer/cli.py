@@ -79,9 +79,15 @@ def _print_summary(history: list[dict], metrics_path: Path) -> None:
     first = sum(r["reward_mean"] for r in rows[:window]) / window
     last = sum(r["reward_mean"] for r in rows[-window:]) / window
     print(f"mean reward: first {window} iterations {first:.3f}, last {window} {last:.3f}")
+    from psnrl.trainer.evaluate import format_table
+    from psnrl.trainer.loop import EVAL_BEFORE_RL
+
+    before = metrics_path.parent / EVAL_BEFORE_RL
+    if before.is_file():
+        print("pass@k before RL (after the warm-up):")
+        print(format_table(json.loads(before.read_text())))
     evals = [r for r in rows if "eval" in r]
     if evals:
-        from psnrl.trainer.evaluate import format_table
         print(f"pass@k after iteration {evals[-1]['iteration']}:")
         print(format_table(evals[-1]["eval"]))
     print(f"metrics: {metrics_path}; policy: {metrics_path.parent / 'final'}")

@@ -48,7 +48,7 @@ from psnrl.trainer.datasets import Problem, format_prompt, load_problems
 from psnrl.trainer import distributed
 from psnrl.trainer.learner import Learner, Rollouts, reshard, shard_model, sync_weights
 from psnrl.trainer.logprobs import last_hidden, response_logprobs
-from psnrl.trainer.evaluate import pass_at_k_eval
+from psnrl.trainer.evaluate import pass_at_k_eval, write_json
 from psnrl.trainer.export import export_model
 from psnrl.trainer.reward import math_reward
 from psnrl.trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
@@ -107,8 +107,10 @@ class RunDirError(ValueError):
     """The run folder does not fit the request (it holds another run, or nothing to resume)."""
 
 
+EVAL_BEFORE_RL = "eval_before_rl.json"
 # What a run writes into its folder (log.dir); --overwrite removes these and nothing else.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "reward_sigma.png", "tensorboard", "init-model", "final")
+RUN_FILES = ("config.yaml", "metrics.jsonl", EVAL_BEFORE_RL, "reward_sigma.png", "tensorboard", "init-model",
+             "final")
 
 
 class PSNTrainer:
@@ -523,6 +525,8 @@ class PSNTrainer:
                     self.sft_warmup()
                 if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
                     self.ref_model = self._frozen_copy()
+                if self.main and cfg.eval.every:  # the baseline of the run's pass@k
+                    self._log_eval_before_rl(self.evaluate())
                 self._boundary()
             history = self._iterate()
         # One process needs no collective (and the distributed helper keeps the model alive past close()).
@@ -557,19 +561,28 @@ class PSNTrainer:
             bar.close()
         return history
 
+    def _log_eval_before_rl(self, result: dict) -> None:
+        """The policy RL starts from (after the warm-up): eval_before_rl.json and TensorBoard step 0."""
+        write_json(result, self.run_dir / EVAL_BEFORE_RL)
+        if self.writer is not None:
+            self.writer.add_scalars(0, _eval_scalars(result))
+
     def _log(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
             scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
-            ev = metrics.get("eval", {})
-            for s, r in [*ev.get("sets", {}).items(), ("average", ev.get("average", {}))]:
-                scalars.update({f"eval/{s}/{name}": v for name, v in r.items() if _is_number(v)})
-            self.writer.add_scalars(metrics["iteration"], scalars)
+            self.writer.add_scalars(metrics["iteration"], {**scalars, **_eval_scalars(metrics.get("eval", {}))})
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _eval_scalars(result: dict) -> dict[str, float]:
+    """An evaluation's figures as TensorBoard tags: eval/<set or average>/<pass@k, ...>."""
+    return {f"eval/{s}/{name}": v for s, r in [*result.get("sets", {}).items(), ("average", result.get("average", {}))]
+            for name, v in r.items() if _is_number(v)}
 
 
 def _plot(metrics_path: Path, out: Path) -> None:
@@ -577,7 +590,6 @@ def _plot(metrics_path: Path, out: Path) -> None:
     if not metrics_path.exists():
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])  # a resume re-runs some
     it = [r["iteration"] for r in rows]
     reward = [r.get("reward_mean", float("nan")) for r in rows]
     if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
