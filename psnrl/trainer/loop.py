@@ -125,6 +125,13 @@ class PSNTrainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.overwrite = overwrite
         self.resume_from = self._check_run_dir(resume, overwrite)
+        torch.manual_seed(cfg.train.seed)
+        self.tiny = cfg.model.path == "tiny"
+        self.model_path = Path(cfg.model.path)
+        if self.tiny:  # built from the seed by every rank (before the process group: transformers saves
+            # on rank 0 only then), outside the run folder until run() starts
+            self._tiny_dir = tempfile.TemporaryDirectory(prefix="psnrl-tiny-")
+            self.model_path = build_checkpoint(Path(self._tiny_dir.name) / "init-model", seed=cfg.train.seed)
         # Under torchrun: each rank runs an engine on its slice of the prompts and the
         # learner is FSDP2 over all ranks; rank 0 writes logs and checkpoints.
         self.rank, self.world = distributed.init_from_env()
@@ -135,12 +142,6 @@ class PSNTrainer:
             if value % self.world:
                 raise ValueError(f"{name}={value} must be a multiple of the number of processes ({self.world})")
         self.writer: EventWriter | None = None  # opened by run(): a new stream, or the resumed one
-        torch.manual_seed(cfg.train.seed)
-        self.tiny = cfg.model.path == "tiny"
-        self.model_path = Path(cfg.model.path)
-        if self.tiny:  # built from the seed on every rank, outside the run folder until run() starts
-            self._tiny_dir = tempfile.TemporaryDirectory(prefix="psnrl-tiny-")
-            self.model_path = build_checkpoint(Path(self._tiny_dir.name) / "init-model", seed=cfg.train.seed)
         self.llm = LLM(self.model_path, **dataclasses.asdict(cfg.engine_config()))
         if self.world == 1:
             self.model = self.llm.model  # colocated: the learner trains the engine's weights
