@@ -28,9 +28,10 @@ def torch_paths(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    os.environ["TRITON_INTERPRET"] = "0"
     run = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", f"log.dir={run}", *RUN]) == 0
+    with pytest.MonkeyPatch.context() as env:  # set for this run only: later modules test the kernels
+        env.setenv("TRITON_INTERPRET", "0")
+        assert main(["train", f"log.dir={run}", *RUN]) == 0
     return run
 
 
