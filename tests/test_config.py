@@ -363,7 +363,7 @@ def test_override_must_be_a_string_list():
 
 
 def test_unparsable_override_value():
-    with pytest.raises(ConfigError, match=r"override 'eval\.ks=\[1,': invalid YAML"):
+    with pytest.raises(ConfigError, match=r"override 'eval\.ks=\[1,', line 1, column 4: invalid YAML"):
         load_config(None, ["eval.ks=[1,"])
 
 
@@ -387,7 +387,7 @@ def test_file_not_a_mapping(tmp_path):
 
 def test_invalid_yaml_file(tmp_path):
     path = write(tmp_path, "rollout:\n  group_size: [8\n")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid YAML"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line 3, column 1: invalid YAML: expected ','"):
         load_config(path)
 
 

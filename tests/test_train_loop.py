@@ -1,5 +1,7 @@
 """The PSN-GRPO loop on the tiny task: runs, checkpoints atomically, resumes exactly."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -20,8 +22,8 @@ FAST = ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_
         "checkpoint.every=2"]
 
 
-def trainer(tmp_path, name, *extra):
-    return PSNTrainer(load_config(None, FAST + [f"log.dir={tmp_path / name}", *extra]))
+def trainer(tmp_path, name, *extra, **options):
+    return PSNTrainer(load_config(None, FAST + [f"log.dir={tmp_path / name}", *extra]), **options)
 
 
 def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
@@ -85,27 +87,46 @@ def test_resume_continues_exactly(tmp_path):
     straight.run()
     first = trainer(tmp_path, "b", "train.iterations=2")
     first.run()
-    resumed = trainer(tmp_path, "b", "train.iterations=4")
-    resumed.run(resume=True)
+    resumed = trainer(tmp_path, "b", "train.iterations=4", resume=True)
+    resumed.run()
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
     assert resumed.sigma.state_dict() == straight.sigma.state_dict()
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_stops_at_the_next_iteration_boundary_and_saves_it(tmp_path, monkeypatch):
     t = trainer(tmp_path, "c", "train.iterations=5", "checkpoint.every=0")
     real_step, calls = t.step, []
 
     def step():
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+        if len(calls) == 2:  # Ctrl-C in the middle of iteration 2: the iteration still completes
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step()
 
     monkeypatch.setattr(t, "step", step)
     with pytest.raises(KeyboardInterrupt):
         t.run()
-    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000001.safetensors"]
+    assert len(calls) == 2 and t.saved_iteration == 2
+    assert [p.name for p in checkpoints(tmp_path / "c" / "checkpoints")] == ["iter-000002.safetensors"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch):
+    t = trainer(tmp_path, "d", "train.iterations=5", "checkpoint.every=0")
+    real_step, calls = t.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step()
+
+    monkeypatch.setattr(t, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert t.saved_iteration is None and not checkpoints(tmp_path / "d" / "checkpoints")
 
 
 def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
@@ -115,8 +136,9 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_cli_reports_config_errors_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="did you mean rollout.group_size"):
-        main(["train", "rollout.grop_size=4", f"log.dir={tmp_path}"])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        main(["train", "--resume", f"log.dir={tmp_path / 'empty'}", *FAST])
+def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
+    assert main(["train", "rollout.grop_size=4", f"log.dir={tmp_path}"]) == 1
+    assert main(["train", "--resume", f"log.dir={tmp_path / 'empty'}", *FAST]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "did you mean rollout.group_size" in err[0] and "no checkpoint" in err[1]
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -85,6 +85,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(values: Sequence[str], option: str) -> list[int]:
+    """A list option's values (spaces, commas or both) as integers >= 1, in order, without repeats."""
+    out = []
+    for part in split_list(values):
+        try:
+            out.append(positive_int(part))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"{option}: expected integers >= 1, got {part!r}") from None
+    return list(dict.fromkeys(out))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing or b is not positive."""
     if a is None or b is None or b <= 0:

@@ -55,7 +55,7 @@ import torch
 from psnrl.bench import model_configs
 from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing, device_and_sync,
                                 error_row as _error_row, fmt_cell, free_memory, nonnegative_int, positive_int,
-                                ratio, round_or_none, run_meta, split_list)
+                                positive_ints, ratio, round_or_none, run_meta, split_list)
 
 NAME = "decode"
 NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
@@ -654,7 +654,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.models = [model_configs.resolve(m) for m in split_list(args.models)]
-        args.batches = sorted(dict.fromkeys(positive_int(b) for b in split_list(args.batches)))
+        args.batches = sorted(positive_ints(args.batches, "--batches"))
         args.modes = split_list(args.modes)
         for mode in args.modes:
             if mode not in MODES:

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from psnrl.bench import model_configs
 from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync,
-                                error_row, markdown_table, positive_int, run_meta, split_list)
+                                error_row, markdown_table, positive_int, positive_ints, run_meta)
 
 NAME = "host"
 NO_CUDA_MESSAGE = "psnrl bench host --device cuda: no CUDA GPU found (the default --device cpu runs anywhere)"
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        batches = sorted({positive_int(b) for b in split_list(args.batches)})
+        batches = sorted(positive_ints(args.batches, "--batches"))
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(f"--batches: {exc}")
     if cuda_missing(args.device, NO_CUDA_MESSAGE):

@@ -68,7 +68,7 @@ from psnrl.bench import model_configs
 from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
                                 error_row as _error_row,
                                 error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
-                                ratio, round_or_none, run_meta, split_list)
+                                positive_ints, ratio, round_or_none, run_meta, split_list)
 
 NAME = "learner"
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
@@ -624,7 +624,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     try:
         args.models = [model_configs.resolve(m) for m in split_list(args.models)]
-        args.seq_lens = list(dict.fromkeys(positive_int(str(n)) for n in split_list(map(str, args.seq_lens))))
+        args.seq_lens = positive_ints(list(map(str, args.seq_lens)), "--seq-lens")
         args.modes = split_list(args.modes)
         for mode in args.modes:
             if mode not in MODES:

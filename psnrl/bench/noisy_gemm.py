@@ -40,7 +40,7 @@ from psnrl.bench.report import (GEMM_CLEAN_RATIO, GEMM_DECODE_MAX_M, GEMM_DECODE
                                 GEMM_LEARNER_RATIO, GEMM_MIXED_RATIO)
 from psnrl.bench.common import (BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
                                 cuda_missing, error_row as _error_row, markdown_table, gpu_timing_method,
-                                positive_int, ratio, round_or_none, run_meta, split_list)
+                                positive_int, positive_ints, ratio, round_or_none, run_meta, split_list)
 
 NAME = "noisy_gemm"
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
@@ -395,7 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for shape in args.shapes:
             if shape not in SHAPES:
                 raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
-        args.m = [positive_int(m) for m in split_list(args.m)]
+        args.m = positive_ints(args.m, "--m")
         if not math.isfinite(args.sigma) or args.sigma <= 0:
             raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
     except (ValueError, argparse.ArgumentTypeError) as exc:

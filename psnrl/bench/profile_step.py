@@ -73,7 +73,7 @@ def profile_run(out_dir: Path, iterations: int = DEFAULT_ITERATIONS, config: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config, run_overrides(out_dir, iterations, list(overrides)))
-    trainer = PSNTrainer(cfg)
+    trainer = PSNTrainer(cfg, overwrite=True)  # out_dir/run is this profile's scratch run
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)

@@ -573,8 +573,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
 def _parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # its own text names "<unicode string>" and spans lines
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
+        raise ConfigError(" ".join(f"{at}: invalid YAML: {problem}".split())) from None
 
 
 def _config_file(path: str | Path) -> Path:
@@ -595,7 +597,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     file = None
     if path is not None:
         file = _config_file(path)
-        raw = _parse_yaml(file.read_text(encoding="utf-8"), str(file))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        raw = _parse_yaml(text, str(file))
         if raw is None:  # an empty file
             raw = {}
         if not isinstance(raw, dict):

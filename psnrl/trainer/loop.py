@@ -16,12 +16,18 @@ after every update.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
+import os
 import random
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,13 +41,15 @@ from psnrl.engine.loader import load_model
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.advantages import compute_advantages
 from psnrl.trainer.charts import ChartsUnavailable, line_chart
-from psnrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, old_checkpoints, save_checkpoint
+from psnrl.trainer.checkpoint import (checkpoints, latest_checkpoint, load_checkpoint,
+                                      old_checkpoints, save_checkpoint)
 from psnrl.trainer.config import TrainConfig, dump_config
 from psnrl.trainer.datasets import Problem, format_prompt, load_problems
 from psnrl.trainer import distributed
 from psnrl.trainer.learner import Learner, Rollouts, reshard, shard_model, sync_weights
 from psnrl.trainer.logprobs import last_hidden, response_logprobs
-from psnrl.trainer.evaluate import pass_at_k_eval
+from psnrl.trainer.evaluate import pass_at_k_eval, write_json
+from psnrl.trainer.export import export_model
 from psnrl.trainer.reward import math_reward
 from psnrl.trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
 from psnrl.trainer.tensorboard import EventWriter
@@ -95,11 +103,35 @@ class ProblemStream:
         self._order = self._shuffle()
 
 
+class RunDirError(ValueError):
+    """The run folder does not fit the request (it holds another run, or nothing to resume)."""
+
+
+EVAL_BEFORE_RL = "eval_before_rl.json"
+# What a run writes into its folder (log.dir); --overwrite removes these and nothing else.
+RUN_FILES = ("config.yaml", "metrics.jsonl", EVAL_BEFORE_RL, "reward_sigma.png", "tensorboard", "init-model",
+             "final")
+
+
 class PSNTrainer:
-    def __init__(self, cfg: TrainConfig):
+    """One run. ``resume``: continue the run in ``log.dir`` from its last checkpoint; else start
+    a new one, which ``log.dir`` must not hold yet unless ``overwrite``. The folder is checked
+    before anything is written, and nothing is written before :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.log.dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.overwrite = overwrite
+        self.resume_from = self._check_run_dir(resume, overwrite)
+        torch.manual_seed(cfg.train.seed)
+        self.tiny = cfg.model.path == "tiny"
+        self.model_path = Path(cfg.model.path)
+        if self.tiny:  # built from the seed by every rank (before the process group: transformers saves
+            # on rank 0 only then), outside the run folder until run() starts
+            self._tiny_dir = tempfile.TemporaryDirectory(prefix="psnrl-tiny-")
+            self.model_path = build_checkpoint(Path(self._tiny_dir.name) / "init-model", seed=cfg.train.seed)
         # Under torchrun: each rank runs an engine on its slice of the prompts and the
         # learner is FSDP2 over all ranks; rank 0 writes logs and checkpoints.
         self.rank, self.world = distributed.init_from_env()
@@ -109,16 +141,7 @@ class PSNTrainer:
                             ("train.mini_batch_prompts", t.mini_batch_prompts)):
             if value % self.world:
                 raise ValueError(f"{name}={value} must be a multiple of the number of processes ({self.world})")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = EventWriter(self.run_dir / "tensorboard") if cfg.log.tensorboard and self.main else None
-        torch.manual_seed(cfg.train.seed)
-        self.tiny = cfg.model.path == "tiny"
-        self.model_path = Path(cfg.model.path)
-        if self.tiny:
-            self.model_path = self.run_dir / "init-model"
-            if self.main:
-                build_checkpoint(self.model_path, seed=cfg.train.seed)
-            distributed.barrier()
+        self.writer: EventWriter | None = None  # opened by run(): a new stream, or the resumed one
         self.llm = LLM(self.model_path, **dataclasses.asdict(cfg.engine_config()))
         if self.world == 1:
             self.model = self.llm.model  # colocated: the learner trains the engine's weights
@@ -149,7 +172,39 @@ class PSNTrainer:
             self.data = ProblemStream(self._fits(load_problems(cfg.data.train)), t.seed)
         self.ref_model = None
         self.iteration = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.stop_requested = False  # Ctrl-C seen: stop at the next iteration boundary
+        self.saved_iteration: int | None = None  # the iteration of the last checkpoint written or loaded
+
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (None: a new run); raises before anything is written."""
+        if old_checkpoints(self.ckpt_dir) and not overwrite:
+            raise RunDirError(f"{self.ckpt_dir} holds pickled iter-*.pt checkpoints of an earlier psnrl, which "
+                              f"this version refuses to load; start in a new folder (log.dir=...) or replace "
+                              f"that run with --overwrite")
+        if resume:
+            if overwrite:
+                raise RunDirError("--resume and --overwrite exclude each other")
+            last = latest_checkpoint(self.ckpt_dir)
+            if last is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            return last
+        held = [self.run_dir / name for name in RUN_FILES if (self.run_dir / name).exists()]
+        held += checkpoints(self.ckpt_dir)
+        if held and not overwrite:
+            raise RunDirError(f"{self.run_dir} holds another run ({held[0].name}): continue it with --resume, "
+                              f"start this one in a new folder (log.dir=...), or replace it with --overwrite")
+        return None
+
+    def _clear_run_dir(self) -> None:
+        """--overwrite: remove the files of the run this folder held (and nothing else)."""
+        for name in RUN_FILES:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for path in checkpoints(self.ckpt_dir) + old_checkpoints(self.ckpt_dir):
+            path.unlink()
 
     def _sharded_model(self) -> torch.nn.Module:
         """A learner model sharded over the ranks (FSDP2), loaded from the run's checkpoint."""
@@ -346,17 +401,32 @@ class PSNTrainer:
 
     def state_dict(self) -> dict:
         """The run's state (under torchrun a collective: every rank calls it, rank 0 gets it)."""
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        if self.optimizer.state:
+            model, optimizer = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        else:  # before the first update (a checkpoint at iteration 0): get_state_dict would create
+            # the moments with a zero-lr optimizer step, which counts as a step for Adam
+            model, optimizer = get_model_state_dict(self.model, options=self._state_options()), None
         ref = get_model_state_dict(self.ref_model, options=self._state_options()) if self.ref_model else None
         return {"iteration": self.iteration, "model": model, "optimizer": optimizer,
                 "sigma": self.sigma.state_dict(), "data": self.data.state_dict(), "ref_model": ref,
-                "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg)}
+                "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg), "log": self._log_offsets()}
+
+    def _log_offsets(self) -> dict:
+        """How far the metrics file and the event stream reach at this iteration: a resume cuts
+        them back to here, so rows of iterations redone after a crash are never doubled."""
+        size = lambda p: p.stat().st_size if p is not None and p.exists() else 0  # noqa: E731
+        events = self.writer.path if self.writer is not None else None
+        return {"metrics_bytes": size(self.metrics_path), "events_file": events.name if events else None,
+                "events_bytes": size(events)}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
         options = StateDictOptions(full_state_dict=True)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=options)
+        if state["optimizer"] is None:
+            set_model_state_dict(self.model, state["model"], options=options)
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=options)
         self.sigma.load_state_dict(state["sigma"])
         self.data.load_state_dict(state["data"])
         if state["ref_model"] is not None:
@@ -365,35 +435,112 @@ class PSNTrainer:
         torch.set_rng_state(state["torch_rng"])
         self._sync_engine()
 
+    def _restore_logs(self, offsets: dict) -> None:
+        """Cut metrics.jsonl and the event stream back to the checkpoint and continue them."""
+        have = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        if have < offsets["metrics_bytes"]:
+            raise RunDirError(f"{self.metrics_path} is shorter ({have} bytes) than at the checkpoint "
+                              f"({offsets['metrics_bytes']} bytes): the run folder was changed; cannot resume")
+        os.truncate(self.metrics_path, offsets["metrics_bytes"])
+        events = offsets["events_file"] and self.run_dir / "tensorboard" / offsets["events_file"]
+        if self.cfg.log.tensorboard:
+            self.writer = (EventWriter.resume(events, offsets["events_bytes"]) if events and events.exists()
+                           else EventWriter(self.run_dir / "tensorboard"))
+
+    def _start_logs(self) -> None:
+        """A new run's folder: the resolved config, the initial model, empty metrics, a new event stream."""
+        if self.overwrite:
+            self._clear_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if self.tiny:
+            shutil.copytree(self.model_path, self.run_dir / "init-model")
+        self.metrics_path.write_bytes(b"")
+        if self.cfg.log.tensorboard:
+            self.writer = EventWriter(self.run_dir / "tensorboard")
+
     def _save(self) -> None:
+        if self.saved_iteration == self.iteration:
+            return  # this iteration is saved already
         state = self.state_dict()
+        self.saved_iteration = self.iteration
         if self.main:
             save_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.checkpoint.keep)
             if self.cfg.log.plot:
                 _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
 
+    @contextlib.contextmanager
+    def _ctrl_c_at_boundaries(self):
+        """Ctrl-C stops the run at the next iteration boundary, not where it lands.
+
+        Only a boundary state resumes exactly: mid-iteration the sampler has drawn the
+        iteration's prompts and the learner may have changed some of the weights and moments.
+        Snapshotting all of that at every iteration start would cost a copy of the model and
+        optimizer, so the signal waits instead; a second Ctrl-C stops at once (the last
+        checkpoint is then the resume point). Under torchrun the ranks would see the signal at
+        different points, so there Ctrl-C stops at once and the last periodic checkpoint counts.
+        """
+        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print(f"\nCtrl-C: stopping after iteration {self.iteration + 1} (Ctrl-C again to stop now "
+                  f"without saving it)", file=sys.stderr)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _boundary(self) -> None:
+        """An iteration boundary: honour a pending Ctrl-C by saving this state and stopping."""
+        if self.stop_requested:
+            self._save()
+            raise KeyboardInterrupt
+
     # -- the run --------------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> list[dict]:
+    def run(self) -> list[dict]:
+        """Train to train.iterations; the policy ends up in <log.dir>/final (a Hugging Face folder).
+
+        Every checkpoint, the one written on Ctrl-C included, is an iteration boundary; a
+        KeyboardInterrupt leaves this method once it is written (``self.saved_iteration``).
+        """
         cfg = self.cfg
-        last = latest_checkpoint(self.ckpt_dir) if resume else None
-        if resume and last is None:
-            old = old_checkpoints(self.ckpt_dir)
-            if old:
-                raise FileNotFoundError(f"--resume: {self.ckpt_dir} holds only pickled checkpoints of an earlier "
-                                        f"psnrl ({old[-1].name}), which are never loaded (pickles can run code)")
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        if last is not None:
-            self.load_state_dict(load_checkpoint(last))
-        else:
-            if self.main:
-                if self.metrics_path.exists():
-                    self.metrics_path.unlink()
-                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            if cfg.train.sft_warmup_steps:
-                self.sft_warmup()
-            if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
-                self.ref_model = self._frozen_copy()
+        with self._ctrl_c_at_boundaries():
+            if self.resume_from is not None:
+                state = load_checkpoint(self.resume_from)
+                self.load_state_dict(state)
+                self.saved_iteration = self.iteration
+                if self.main:
+                    self._restore_logs(state["log"])
+            else:
+                if self.main:
+                    self._start_logs()
+                if cfg.train.sft_warmup_steps:
+                    self.sft_warmup()
+                if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
+                    self.ref_model = self._frozen_copy()
+                if self.main and cfg.eval.every:  # the baseline of the run's pass@k
+                    self._log_eval_before_rl(self.evaluate())
+                self._boundary()
+            history = self._iterate()
+        # One process needs no collective (and the distributed helper keeps the model alive past close()).
+        weights = (self.model.state_dict() if self.world == 1
+                   else get_model_state_dict(self.model, options=self._state_options()))
+        if self.main:
+            export_model(weights, self.model_path, self.run_dir / "final")
+            if cfg.log.plot:
+                _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+        return history
+
+    def _iterate(self) -> list[dict]:
+        cfg = self.cfg
         history = []
         bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="psn-grpo", unit="it",
                    disable=not self.main)
@@ -410,32 +557,33 @@ class PSNTrainer:
                 bar.update(1)
                 if cfg.checkpoint.every and (it % cfg.checkpoint.every == 0 or it == cfg.train.iterations):
                     self._save()
-        except KeyboardInterrupt:
-            # Nothing is lost on Ctrl-C: --resume continues from here. Under torchrun the ranks
-            # stop at different points, so a collective save could hang: the last periodic
-            # checkpoint is the resume point there.
-            if self.world == 1:
-                self._save()
-            raise
+                self._boundary()
         finally:
             bar.close()
-        if cfg.log.plot and self.main:
-            _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
         return history
+
+    def _log_eval_before_rl(self, result: dict) -> None:
+        """The policy RL starts from (after the warm-up): eval_before_rl.json and TensorBoard step 0."""
+        write_json(result, self.run_dir / EVAL_BEFORE_RL)
+        if self.writer is not None:
+            self.writer.add_scalars(0, _eval_scalars(result))
 
     def _log(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
             scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
-            ev = metrics.get("eval", {})
-            for s, r in [*ev.get("sets", {}).items(), ("average", ev.get("average", {}))]:
-                scalars.update({f"eval/{s}/{name}": v for name, v in r.items() if _is_number(v)})
-            self.writer.add_scalars(metrics["iteration"], scalars)
+            self.writer.add_scalars(metrics["iteration"], {**scalars, **_eval_scalars(metrics.get("eval", {}))})
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _eval_scalars(result: dict) -> dict[str, float]:
+    """An evaluation's figures as TensorBoard tags: eval/<set or average>/<pass@k, ...>."""
+    return {f"eval/{s}/{name}": v for s, r in [*result.get("sets", {}).items(), ("average", result.get("average", {}))]
+            for name, v in r.items() if _is_number(v)}
 
 
 def _plot(metrics_path: Path, out: Path) -> None:
@@ -443,7 +591,6 @@ def _plot(metrics_path: Path, out: Path) -> None:
     if not metrics_path.exists():
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])  # a resume re-runs some
     it = [r["iteration"] for r in rows]
     reward = [r.get("reward_mean", float("nan")) for r in rows]
     if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)

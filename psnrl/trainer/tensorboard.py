@@ -96,17 +96,31 @@ _uid = itertools.count()
 
 class EventWriter:
     """Scalars to ``<log_dir>/events.out.tfevents.<time>.<host>.<pid>.<n>``, the file TensorBoard
-    globs for. Each ``add_scalars`` appends one record and flushes it, so a crash loses nothing."""
+    globs for. Each ``add_scalars`` appends one record and flushes it, so a crash loses nothing.
+    :meth:`resume` continues an earlier writer's file (one stream per training run)."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, path: Path | None = None):
         self.log_dir = Path(log_dir)
+        self._closed = False
+        if path is not None:  # resume()
+            self.path = path
+            return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         self.path = self.log_dir / (f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}"
                                     f".{os.getpid()}.{next(_uid)}")
-        self._closed = False
         with open(self.path, "xb") as f:  # a fresh file, never another writer's
             f.write(tfrecord(encode_event(now, step=0, file_version="brain.Event:2")))
+
+    @classmethod
+    def resume(cls, path: str | Path, size: int) -> EventWriter:
+        """Continue the event file ``path`` from its first ``size`` bytes (what a checkpoint saw):
+        events written after that, by a run that then crashed, are cut off."""
+        path = Path(path)
+        if path.stat().st_size < size:
+            raise ValueError(f"{path} is shorter than the {size} bytes it had at the checkpoint")
+        os.truncate(path, size)
+        return cls(path.parent, path)
 
     def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
         """One event at ``step`` with a scalar per tag (a tag like "eval/pass@1" groups in the UI)."""
