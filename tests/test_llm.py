@@ -230,3 +230,43 @@ def test_text_prompts_and_stop_strings(tmp_path):
                            use_tqdm=False)[0].outputs[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == text[:text.index(stop_char)]
+
+
+def test_step_by_step_equals_generate_and_requests_can_join_mid_run(checkpoint):
+    """The public step API: add_requests, step() until has_unfinished_requests() is False.
+    Requests added while others decode (continuous batching from the caller's side) get the
+    tokens they would get alone; each RequestOutput is complete when it reports finished."""
+    _, path = checkpoint
+    sampled = SamplingParams(n=2, temperature=1.0, max_tokens=10, ignore_eos=True, seed=3)
+    spec = NoiseSpec(seed=7, sigma=0.05)
+    alone = [make(path).generate([p], sampled, noise=spec if i % 2 else None, use_tqdm=False)[0]
+             for i, p in enumerate(PROMPTS)]
+    llm = make(path)
+    first = llm.add_requests(PROMPTS[:2], sampled, noise=[None, spec])
+    kinds, finished = [], []
+    while llm.has_unfinished_requests():
+        out = llm.step()
+        kinds.append((out.num_seqs, out.decode))
+        finished += out.finished
+        if len(kinds) == 3:  # two requests are decoding: three more join
+            later = llm.add_requests(PROMPTS[2:], sampled, noise=[None, spec, None])
+    assert kinds[0] == (2, False) and kinds[1] == (4, True)  # prefill, then both forks decode
+    assert any(not decode for _, decode in kinds[3:])  # the newcomers' prefill, mixed into the run
+    outs = first + later
+    assert all(o.finished for o in outs) and sorted(o.request_id for o in finished) == sorted(
+        o.request_id for o in outs)
+    for out, want in zip(outs, alone):
+        assert [c.index for c in out.outputs] == [0, 1]
+        assert [c.token_ids for c in out.outputs] == [c.token_ids for c in want.outputs]
+    assert llm.blocks.num_free_blocks() == llm.num_kv_blocks
+
+
+def test_reset_prefix_cache_forgets_cached_prompts(checkpoint):
+    _, path = checkpoint
+    for reset, computed in ((False, 3), (True, len(PROMPTS[0]))):  # 11 tokens: 2 full blocks of 4 cached
+        llm = make(path)
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        if reset:
+            llm.reset_prefix_cache()
+        llm.add_requests(PROMPTS[:1], GREEDY)
+        assert llm.scheduler.schedule().seqs[0].num_new == computed

@@ -45,10 +45,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -230,37 +229,6 @@ def engine_requests(work: Workload, noise: list) -> list[tuple[list[int], int, i
     return [tuple(r) for r in requests]
 
 
-@contextmanager
-def _step_clock(llm, sync: Callable[[], None]) -> Iterator[list[tuple[float, bool]]]:
-    """Record (seconds, is pure decode) for every engine step while the block runs.
-
-    Each step ends by copying its sampled tokens to the host, so timing it on the host
-    clock measures the device work too; ``sync`` makes sure of it.
-    """
-    steps: list[tuple[float, bool]] = []
-    kinds: list[bool] = []
-    run, step = llm.runner.run, llm._step
-
-    def timed_run(seqs, tables, specs):
-        kinds.append(all(entry.num_new == 1 for entry in seqs))
-        return run(seqs, tables, specs)
-
-    def timed_step(specs):
-        before = len(kinds)
-        t0 = time.perf_counter()
-        finished = step(specs)
-        sync()
-        if len(kinds) > before:
-            steps.append((time.perf_counter() - t0, kinds[-1]))
-        return finished
-
-    llm.runner.run, llm._step = timed_run, timed_step
-    try:
-        yield steps
-    finally:
-        del llm.runner.run, llm._step  # back to the class's methods
-
-
 def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
                 sync: Callable[[], None]) -> Timing:
     """One ``llm.generate`` of the whole workload, every sequence to its exact length, timed per step."""
@@ -270,14 +238,18 @@ def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
     params = [SamplingParams(n=n, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=-1,
                              max_tokens=length, ignore_eos=True, seed=seed + i)
               for i, (_, n, length, _) in enumerate(requests)]
-    llm.blocks.clear_prefix_cache()  # every run computes its prompts
-    with _step_clock(llm, sync) as steps:
-        sync()
-        t0 = time.perf_counter()
-        outputs = llm.generate([r[0] for r in requests], params, noise=[r[3] for r in requests],
-                               use_tqdm=False)
-        sync()
-        total = time.perf_counter() - t0
+    llm.reset_prefix_cache()  # every run computes its prompts
+    steps: list[tuple[float, bool]] = []  # (seconds, pure decode) of every step that ran a forward
+    sync()
+    t0 = time.perf_counter()
+    outputs = llm.add_requests([r[0] for r in requests], params, noise=[r[3] for r in requests])
+    while llm.has_unfinished_requests():
+        t = time.perf_counter()
+        out = llm.step()
+        sync()  # a step ends by copying its tokens to the host; sync makes sure the device is done
+        if out.num_seqs:
+            steps.append((time.perf_counter() - t, out.decode))
+    total = time.perf_counter() - t0
     produced = 0
     for out, (_, n, length, _) in zip(outputs, requests):
         if len(out.outputs) != n:

@@ -16,6 +16,7 @@ runs anywhere (``--device cuda`` on a GPU machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -63,37 +64,25 @@ def stub_forward(llm, vocab: int, batch: int) -> None:
 
 
 def measure(llm, batch: int, steps: int, sync) -> tuple[list[float], int]:
-    """Host seconds of each pure decode step of one generate call, and the ops of one of them."""
+    """Host seconds of each pure decode step of one batch, and the ops of one of them."""
     from psnrl.engine.sampling import SamplingParams
 
     times: list[float] = []
-    ops: list[int] = []
-    step = llm._step
-
-    def timed_step(specs):
-        decode = all(s.num_computed == s.num_tokens - 1 for s in llm.scheduler.running) and \
-            llm.scheduler.running and not llm.scheduler.waiting
+    ops = 0
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
+    llm.add_requests(prompts, SamplingParams(temperature=1.0, max_tokens=steps + 1, ignore_eos=True, seed=0))
+    while llm.has_unfinished_requests():
         counter = OpCounter()
+        count = len(times) == steps // 2 and not ops  # one mid-run step counts its ops (and is not timed)
         t0 = time.perf_counter()
-        if decode and len(times) == steps // 2:
-            with counter:
-                finished = step(specs)
-            ops.append(counter.count)
-        else:
-            finished = step(specs)
+        with counter if count else contextlib.nullcontext():
+            out = llm.step()
         sync()
-        if decode:
+        if out.decode and count:
+            ops = counter.count
+        elif out.decode:
             times.append(time.perf_counter() - t0)
-        return finished
-
-    llm._step = timed_step
-    try:
-        prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
-        params = SamplingParams(temperature=1.0, max_tokens=steps + 1, ignore_eos=True, seed=0)
-        llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        del llm._step
-    return times, ops[0] if ops else 0
+    return times, ops
 
 
 COLUMNS = (

@@ -90,7 +90,18 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     noise: NoiseSpec | None
-    outputs: list[CompletionOutput] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # by index once finished
+    finished: bool = False  # every sample has ended
+
+
+@dataclass
+class StepOutput:
+    """What one ``LLM.step()`` did."""
+
+    finished: list[RequestOutput]  # requests whose last sample ended in this step
+    num_finished_samples: int  # sequences that ended in this step (a progress bar's unit)
+    num_seqs: int  # sequences the step's forward ran (0: none ran, e.g. every request ended early)
+    decode: bool  # a pure decode step: one new token for each of them
 
 
 class LLM:
@@ -132,6 +143,8 @@ class LLM:
         self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
         self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
         self._ids = itertools.count()
+        self._pending: dict[int, tuple[RequestOutput, int]] = {}  # request id -> (its output, samples)
+        self._specs: list[NoiseSpec] = []  # the noise streams of the queued requests (sequences index it)
         # The model, tokenizer and caches live as long as the engine: keep them out of the
         # collector's full passes, which otherwise stall decode steps for a long time.
         gc.collect()
@@ -194,42 +207,85 @@ class LLM:
         finishes with an "error: ..." reason; the others run. Malformed input (a token id
         that is not an integer, text without a tokenizer) raises ValueError before any
         request is queued. The call is all or nothing: on any exception, Ctrl-C included,
-        its requests are dropped and their blocks freed before the exception propagates,
-        so the engine is ready for the next call.
+        the engine's requests are dropped and their blocks freed before the exception
+        propagates, so the engine is ready for the next call.
         """
+        outputs = self.add_requests(prompts, params, noise)
+        waiting = {o.request_id for o in outputs if not o.finished}
+        total = sum(self._pending[r][1] for r in waiting)
+        try:
+            with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
+                while waiting:
+                    out = self.step()
+                    bar.update(out.num_finished_samples)
+                    waiting.difference_update(r.request_id for r in out.finished)
+        except BaseException:
+            self._abandon()
+            raise
+        return outputs
+
+    def add_requests(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]],
+                     params: SamplingParams | Seq[SamplingParams] | None = None,
+                     noise: NoiseSpec | Seq[NoiseSpec | None] | None = None) -> list[RequestOutput]:
+        """Queue requests (arguments as for ``generate``) for ``step()`` to run; returns their
+        outputs, filled in as their samples end (``RequestOutput.finished``). Every prompt is
+        checked and tokenized before any is queued."""
         self._check_open()
         prompt_list = _as_prompt_list(prompts)
         params_list = _per_prompt(params if params is not None else SamplingParams(), len(prompt_list),
                                   "params", SamplingParams)
         noise_list = _per_prompt(noise, len(prompt_list), "noise", NoiseSpec)
         tokens_list = [self._tokenize(p) for p in prompt_list]  # before anything is queued
-        specs: list[NoiseSpec] = list(dict.fromkeys(n for n in noise_list if n is not None))
-        spec_index = {s: i for i, s in enumerate(specs)}
+        if not self.scheduler.has_work():
+            self._specs = []  # no sequence refers to the old streams any more
+        spec_index = {s: i for i, s in enumerate(self._specs)}
+        for spec in noise_list:
+            if spec is not None and spec not in spec_index:
+                spec_index[spec] = len(self._specs)
+                self._specs.append(spec)
+        return [self._add_request(prompt, tokens, p, spec, spec_index.get(spec, -1))
+                for prompt, tokens, p, spec in zip(prompt_list, tokens_list, params_list, noise_list)]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._pending)
+
+    def step(self) -> StepOutput:
+        """Run one engine step: schedule, one forward over every scheduled sequence, sample.
+
+        On any exception, Ctrl-C included, every queued request is dropped and its blocks freed
+        (a step interrupted half way leaves nothing consistent to continue from).
+        """
+        self._check_open()
         try:
-            outputs = [self._add_request(prompt, tokens, p, spec, spec_index.get(spec, -1))
-                       for prompt, tokens, p, spec in zip(prompt_list, tokens_list, params_list, noise_list)]
-            by_request = {o.request_id: o for o in outputs}
-            total = sum(p.n for p in params_list)
-            with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
-                while self.scheduler.has_work():
-                    for seq in self._step(specs):
-                        by_request[seq.request_id].outputs.append(CompletionOutput(
-                            seq.index, seq.text, seq.output_tokens, seq.logprobs, seq.finish_reason))
-                        bar.update(1)
+            finished, num_seqs, decode = self._step(self._specs)
         except BaseException:
             self._abandon()
             raise
-        for out in outputs:
-            out.outputs.sort(key=lambda c: c.index)
-        return outputs
+        done = []
+        for seq in finished:
+            out, n = self._pending[seq.request_id]
+            out.outputs.append(CompletionOutput(seq.index, seq.text, seq.output_tokens, seq.logprobs,
+                                                seq.finish_reason))
+            if len(out.outputs) == n:
+                out.outputs.sort(key=lambda c: c.index)
+                out.finished = True
+                del self._pending[seq.request_id]
+                done.append(out)
+        return StepOutput(done, len(finished), num_seqs, decode)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prompt blocks (after a weight update their KV is stale)."""
+        self.blocks.clear_prefix_cache()
 
     def _abandon(self) -> None:
-        """Drop every sequence an interrupted call left behind (a call runs to completion, so
-        these are all of the engine's) and free their blocks. The prefix cache keeps only
-        KV that completed steps wrote (``_step`` publishes after its forward)."""
+        """Drop every queued request and free the blocks of its sequences (forks the scheduler
+        had not seen yet included). The prefix cache keeps only KV that completed steps wrote
+        (``_step`` publishes after its forward)."""
         self.scheduler.abort_all()
-        for seq_id in self.blocks.sequence_ids():  # e.g. a fork the scheduler had not seen yet
+        for seq_id in self.blocks.sequence_ids():
             self.blocks.free(seq_id)
+        self._pending.clear()
+        self._specs = []
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -253,28 +309,32 @@ class LLM:
             error = f"error: prompt token ids must be in [0, {self.model.config.vocab_size})"
         if error:
             out.outputs = [CompletionOutput(i, "", [], [], error) for i in range(params.n)]
+            out.finished = True
             return out
         seeds = self.sampler.sample_seeds(params)
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
                        cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
+        self._pending[rid] = (out, params.n)
         return out
 
     # -- one step -------------------------------------------------------------------------
 
-    def _step(self, specs: list[NoiseSpec]) -> list[Sequence]:
-        """Run one scheduled step; returns the sequences that finished in it."""
+    def _step(self, specs: list[NoiseSpec]) -> tuple[list[Sequence], int, bool]:
+        """Run one scheduled step: (the sequences that finished in it, how many sequences the
+        forward ran, whether it was a pure decode step)."""
         with nvtx_range("scheduler"):
             step = self.scheduler.schedule()
         finished = list(step.finished)
         if not step.seqs:
             if finished:
-                return finished
+                return finished, 0, False
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         self.runner.copy_blocks(step.copies)
         tables = [self.blocks.block_table(e.seq.seq_id) for e in step.seqs]
-        with nvtx_range("decode_step" if all(e.num_new == 1 for e in step.seqs) else "prefill"):
+        decode = all(e.num_new == 1 for e in step.seqs)
+        with nvtx_range("decode_step" if decode else "prefill"):
             logits = self.runner.run(step.seqs, tables, specs)
         sampling: list[Sequence] = []
         for entry in step.seqs:
@@ -290,7 +350,7 @@ class LLM:
                 sampling.append(child)
                 rows.append(row)
         if not sampling:
-            return finished
+            return finished, len(step.seqs), decode
         params = [s.params for s in sampling]
         generated = [s.num_tokens - s.prompt_len for s in sampling]
         steps = torch.tensor(generated)
@@ -319,7 +379,7 @@ class LLM:
             if reason is not None:
                 self._finish(seq, reason)
                 finished.append(seq)
-        return finished
+        return finished, len(step.seqs), decode
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """After its prompt is computed, a request's first sequence spawns its other samples."""
@@ -372,7 +432,7 @@ class LLM:
                 raise ValueError(f"update_weights: {name} has shape {tuple(params[name].shape)}, "
                                  f"got {tuple(tensor.shape)}")
             params[name].copy_(tensor)
-        self.blocks.clear_prefix_cache()
+        self.reset_prefix_cache()
 
 
 def noise_cache_salt(spec: NoiseSpec | None) -> int | None:

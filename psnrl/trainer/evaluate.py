@@ -71,7 +71,7 @@ def pass_at_k_eval(llm: LLM, problem_sets: dict[str, list[Problem]], params: Sam
                 row["semantic_similarity"] = semantic_similarity_of(
                     embedder, [[(c.text, c.token_ids) for c in r] for r in right])
         out["sets"][name] = row
-    llm.blocks.clear_prefix_cache()
+    llm.reset_prefix_cache()
     keys = [f"pass@{k}" for k in ks]
     sets = list(out["sets"].values())
     out["average"] = {key: sum(s[key] for s in sets) / len(sets) for key in keys} if sets else {}

@@ -227,7 +227,7 @@ class PSNTrainer:
         """The engine's model gets the learner's weights (a no-op when they share storage)."""
         if self.model is not self.llm.model:
             sync_weights(self.model, self.llm.model)
-        self.llm.blocks.clear_prefix_cache()  # KV of the old weights is stale
+        self.llm.reset_prefix_cache()  # KV of the old weights is stale
 
     # -- data, prompts, rewards -------------------------------------------------------------
 
