@@ -13,7 +13,7 @@ rows runs zero-weight padding micro-batches.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -151,19 +151,19 @@ class Learner:
         # Rollout-time log-probs per row: clean (the ratio's denominator) and perturbed (TIS's).
         # With one optimizer step the policy is still the rollout's, so both come from the
         # step's own forward; later steps are off-policy and need them up front.
-        self._old: list[torch.Tensor | None] = [None] * len(rows)
         device = next(self.model.parameters()).device
-        self._noisy: list[torch.Tensor | None] = ([lp.to(device) for lp in rows.sampler_logprobs]
-                                                  if noisy and not learner_noisy
-                                                  else [None] * len(rows))
-        self._ref = self.logprobs_no_grad(ref_model, rows.seqs, rows.prompt_lens)[0] if ref_model else None
-        if len(steps) > 1:
-            self._old, learned = self.logprobs_no_grad(self.model, rows.seqs, rows.prompt_lens,
-                                                       rows.noise if learner_noisy else None)
-            if learner_noisy:
-                self._noisy = learned
         tis = self.loss_cfg.tis_cap is not None and noisy
-        loss_cfg = self.loss_cfg if tis else dataclasses.replace(self.loss_cfg, tis_cap=None)
+        u = _Update(rows, self.loss_cfg if tis else dataclasses.replace(self.loss_cfg, tis_cap=None), learner_noisy,
+                    old=[None] * len(rows),
+                    noisy=([lp.to(device) for lp in rows.sampler_logprobs] if noisy and not learner_noisy
+                           else [None] * len(rows)),
+                    ref=self.logprobs_no_grad(ref_model, rows.seqs, rows.prompt_lens)[0] if ref_model else None)
+        if len(steps) > 1:
+            u.old, learned = self.logprobs_no_grad(self.model, rows.seqs, rows.prompt_lens,
+                                                   rows.noise if learner_noisy else None)
+            if learner_noisy:
+                u.noisy = learned
+        loss_cfg = u.loss_cfg
         stats: dict[str, float] = {}
         self.model.train()
         for idx in steps:
@@ -174,61 +174,78 @@ class Learner:
             total = all_reduce(sum((loss_normalizer(loss_cfg, m) for m in masks),
                                    torch.zeros((), device="cpu")).float())
             self.optimizer.zero_grad()
-            sums: dict[str, float] = {}
+            u.sums = {}
             padded = _padded(micro)
             for ids, mask in zip(padded, masks + [None] * (len(padded) - len(masks))):
-                self._micro_step(rows, ids, mask, loss_cfg, total, learner_noisy, sums)
+                self._micro_step(u, ids, mask, total)
             with nvtx_range("optimizer"):
                 if self.grad_clip is not None:
                     stats["grad_norm"] = clip_grad_norm(self.model.parameters(), self.grad_clip)
                 self.optimizer.step()
-            stats.update(_token_means(sums))
+            stats.update(_token_means(u.sums))
         self.model.eval()
         if noisy:  # Monte Carlo KL(pi_noisy || pi_clean) on the sampled tokens (Var-I's d)
-            stats["kl_noisy_clean"] = _global_mean([n.cpu() - o.cpu() for n, o in zip(self._noisy, self._old)])
+            stats["kl_noisy_clean"] = _global_mean([n.cpu() - o.cpu() for n, o in zip(u.noisy, u.old)])
         if learner_noisy:  # how far the engine's numerics are from the learner's, same policy
             # Both on the host: the engine's log-probs may live on any device (the learner bench
             # passes CUDA stand-ins), the learner's on the model's.
             stats["sampler_logprob_gap"] = _global_mean([(s.detach().cpu() - n.cpu()).abs() for s, n in
-                                                         zip(rows.sampler_logprobs, self._noisy)])
+                                                         zip(rows.sampler_logprobs, u.noisy)])
         return stats
 
-    def _micro_step(self, rows: Rollouts, ids: list[int] | None, mask: torch.Tensor | None, loss_cfg: LossConfig,
-                    total: torch.Tensor, learner_noisy: bool, sums: dict[str, float]) -> None:
+    def _micro_step(self, u: _Update, ids: list[int] | None, mask: torch.Tensor | None,
+                    total: torch.Tensor) -> None:
         """Forward and backward of one micro-batch (``ids`` None: a zero-weight padding one)."""
+        rows, loss_cfg = u.rows, u.loss_cfg
         with nvtx_range("learner/forward"):
             if ids is None:
                 cur, _ = self._forward(self.model, [_PAD_SEQ[0]], [_PAD_SEQ[1]], None)
                 lp = cur.logprobs[None]
                 out = policy_loss(loss_cfg, logp=lp, old_logp=lp.detach(), advantages=lp.new_zeros(1),
                                   mask=torch.zeros_like(lp), noisy_logp=lp.detach() if loss_cfg.tis_cap else None,
-                                  ref_logp=lp.detach() if self._ref is not None else None)
+                                  ref_logp=lp.detach() if u.ref is not None else None)
                 tokens = 0
             else:
-                on_policy = self._old[ids[0]] is None
+                on_policy = u.old[ids[0]] is None
                 cur, cur_noisy = self._forward(self.model, [rows.seqs[i] for i in ids],
                                                [rows.prompt_lens[i] for i in ids],
-                                               [rows.noise[i] for i in ids] if learner_noisy and on_policy else None)
+                                               [rows.noise[i] for i in ids] if u.learner_noisy and on_policy else None)
                 if on_policy:
                     for k, (i, lp) in enumerate(zip(ids, cur.split())):
-                        self._old[i] = lp.detach()
+                        u.old[i] = lp.detach()
                         if cur_noisy is not None:
-                            self._noisy[i] = cur_noisy.split()[k]
+                            u.noisy[i] = cur_noisy.split()[k]
                 lp_device = cur.logprobs.device
-                out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([self._old[i] for i in ids]),
+                out = policy_loss(loss_cfg, logp=_pad(cur.split()), old_logp=_pad([u.old[i] for i in ids]),
                                   advantages=torch.tensor([rows.advantages[i] for i in ids], device=lp_device),
                                   mask=mask.to(lp_device),
-                                  noisy_logp=_pad([self._noisy[i] for i in ids]) if loss_cfg.tis_cap else None,
-                                  ref_logp=_pad([self._ref[i] for i in ids]) if self._ref is not None else None)
+                                  noisy_logp=_pad([u.noisy[i] for i in ids]) if loss_cfg.tis_cap else None,
+                                  ref_logp=_pad([u.ref[i] for i in ids]) if u.ref is not None else None)
                 tokens = cur.entropy.numel()
             # world_size() undoes FSDP's averaging of gradients over ranks.
             loss = out.loss_sum * world_size() / total.clamp(min=1)
         with nvtx_range("learner/backward"):
             loss.backward()
+        sums = u.sums
         sums["tokens"] = sums.get("tokens", 0.0) + tokens
         sums["entropy"] = sums.get("entropy", 0.0) + (cur.entropy.sum().item() if tokens else 0.0)
         for name, v in out.metrics.items():
             sums[name] = sums.get(name, 0.0) + (v.item() * tokens if tokens else 0.0)
+
+
+@dataclass
+class _Update:
+    """One ``Learner.update``'s working state, which its micro-steps fill in: the rollout-time
+    log-probs per row (clean ``old``: the ratio's denominator; perturbed ``noisy``: TIS's; ``ref``:
+    the KL term's), computed up front or by the first optimizer step's own forwards."""
+
+    rows: Rollouts
+    loss_cfg: LossConfig
+    learner_noisy: bool  # the perturbed log-probs come from the learner's dual-stream forward
+    old: list[torch.Tensor | None]
+    noisy: list[torch.Tensor | None]
+    ref: list[torch.Tensor] | None
+    sums: dict[str, float] = field(default_factory=dict)  # token-weighted metric sums of one optimizer step
 
 
 @torch.no_grad()
