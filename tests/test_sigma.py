@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from psnrl.trainer.sigma import (
-    SCHEDULERS, FixedSigma, HiddenStateEmbedder, MiniLMEmbedder, VarISigma, VarIISigma,
-    make_embedder, make_scheduler, minilm_available, probe_similarity, sampled_kl,
-    self_certainty, semantic_similarity, sequence_mean, token_self_certainty,
+import psnrl.trainer.embedders as embedders
+from psnrl.trainer.embedders import (
+    Embedder, HiddenStateEmbedder, MiniLMEmbedder, make_embedder, minilm_available, probe_similarity,
+    semantic_similarity,
 )
-import psnrl.trainer.sigma as sigma_mod
+from psnrl.trainer.sigma import (
+    SCHEDULERS, FixedSigma, VarISigma, VarIISigma, make_scheduler, sampled_kl, self_certainty, sequence_mean,
+    token_self_certainty,
+)
 
 
 # ----------------------------------------------------------------------------- Var-I
@@ -381,7 +384,7 @@ def test_hidden_state_embedder():
     assert sim.shape == (2,) and sim[0].item() == pytest.approx(1.0, abs=1e-6)
     assert sim[1].item() == pytest.approx(
         F.cosine_similarity(table[[5, 6]].mean(0), table[7], dim=0).item(), abs=1e-6)
-    assert isinstance(emb, sigma_mod.Embedder)
+    assert isinstance(emb, Embedder)
     with pytest.raises(ValueError):
         emb.embed(texts=["a"])
     with pytest.raises(ValueError):
@@ -397,7 +400,7 @@ def test_make_embedder_choices_and_fallback(monkeypatch):
         make_embedder("bert")
     with pytest.raises(ValueError, match="hidden_fn"):
         make_embedder("hidden")
-    monkeypatch.setattr(sigma_mod, "minilm_available", lambda: False)
+    monkeypatch.setattr(embedders, "minilm_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="hidden states"):
         assert isinstance(make_embedder("auto", hidden_fn=fn), HiddenStateEmbedder)
     with pytest.raises(ValueError, match="no hidden_fn"):

@@ -136,7 +136,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         import warnings
 
         from psnrl.trainer.logprobs import last_hidden
-        from psnrl.trainer.sigma import make_embedder
+        from psnrl.trainer.embedders import make_embedder
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is reported below
             embedder = make_embedder(args.embedder, hidden_fn=functools.partial(last_hidden, llm.model),

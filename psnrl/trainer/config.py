@@ -38,7 +38,8 @@ from psnrl.trainer.advantages import ESTIMATORS, compute_advantages
 from psnrl.trainer.datasets import SHIPPED, TEMPLATES
 from psnrl.trainer.losses import LossConfig
 from psnrl.trainer.tiny import TINY_SET
-from psnrl.trainer.sigma import EMBEDDERS, SCHEDULERS
+from psnrl.trainer.embedders import EMBEDDERS
+from psnrl.trainer.sigma import SCHEDULERS
 
 __all__ = [
     "ConfigError", "CONFIG_DIR", "SHIPPED_CONFIGS", "SYNTHETIC_SETS",

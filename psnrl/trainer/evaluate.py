@@ -15,7 +15,7 @@ from psnrl.engine.sampling import SamplingParams
 from psnrl.trainer.charts import line_chart
 from psnrl.trainer.datasets import Problem
 from psnrl.trainer.passk import pass_at_k_curve
-from psnrl.trainer.sigma import HiddenStateEmbedder
+from psnrl.trainer.embedders import HiddenStateEmbedder
 
 # A binary operation on two numbers as written in a solution: "12 + 7", "3\times 4", "10/2".
 _OPERATION = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s*(\+|-|\*|/|\^|×|÷|\\times|\\cdot|\\div)\s*(\d+(?:\.\d+)?)")
@@ -56,7 +56,7 @@ def pass_at_k_eval(llm: LLM, problem_sets: dict[str, list[Problem]], params: Sam
     """{"sets": {name: {"problems", "pass@k"..., diversity}}, "average": {"pass@k": ...}}, n = params.n.
 
     Diversity (of the correct samples): ``operation_diversity`` always, ``semantic_similarity``
-    when an embedder (psnrl.trainer.sigma.make_embedder) is given.
+    when an embedder (psnrl.trainer.embedders.make_embedder) is given.
     """
     out: dict = {"n": params.n, "sets": {}}
     for name, problems in problem_sets.items():

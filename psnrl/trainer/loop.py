@@ -51,7 +51,8 @@ from psnrl.trainer.logprobs import last_hidden, response_logprobs
 from psnrl.trainer.evaluate import pass_at_k_eval, write_json
 from psnrl.trainer.export import export_model
 from psnrl.trainer.reward import math_reward
-from psnrl.trainer.sigma import HiddenStateEmbedder, make_embedder, make_scheduler, semantic_similarity
+from psnrl.trainer.embedders import HiddenStateEmbedder, make_embedder, semantic_similarity
+from psnrl.trainer.sigma import make_scheduler
 from psnrl.trainer.tensorboard import EventWriter
 from psnrl.trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
 from psnrl.kernels.profiling import nvtx_range
