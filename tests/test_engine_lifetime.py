@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from psnrl.engine.llm import LLM
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.engine.sampling import SamplingParams
-from psnrl.kernels import noisy_linear
+from psnrl.kernels import splitk_workspace as workspace
 
 PROMPTS = [[5, 17, 33, 2, 9], [42, 7], [300, 301, 302]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -77,13 +77,13 @@ def test_gpu_close_returns_the_memory_and_the_next_engine_sizes_from_free_memory
 
 def test_release_drops_the_shared_workspace():
     dev = torch.device("cpu")
-    buf = noisy_linear.splitk_workspace(64, dev)
-    assert noisy_linear.splitk_workspace(32, dev).data_ptr() == buf.data_ptr()  # reused
-    shared = weakref.ref(noisy_linear._WORKSPACE[dev])
+    buf = workspace.splitk_workspace(64, dev)
+    assert workspace.splitk_workspace(32, dev).data_ptr() == buf.data_ptr()  # reused
+    shared = weakref.ref(workspace._WORKSPACE[dev])
     del buf
-    noisy_linear.release_workspace(dev)
+    workspace.release_workspace(dev)
     assert shared() is None
-    assert noisy_linear.splitk_workspace(16, dev).numel() == 16  # a new one on the next call
+    assert workspace.splitk_workspace(16, dev).numel() == 16  # a new one on the next call
 
 
 def test_a_capture_pins_the_workspace_it_used(monkeypatch):
@@ -92,20 +92,20 @@ def test_a_capture_pins_the_workspace_it_used(monkeypatch):
     graph writes to; a capture outside any pin scope is refused."""
     cuda = torch.device("cuda")
     staged = torch.empty(128)  # stands in for a buffer a warm-up allocated on the GPU
-    monkeypatch.setitem(noisy_linear._WORKSPACE, cuda, staged)
+    monkeypatch.setitem(workspace._WORKSPACE, cuda, staged)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="workspace_pins"):
-        noisy_linear.splitk_workspace(64, cuda)
-    with noisy_linear.workspace_pins() as pins:
+        workspace.splitk_workspace(64, cuda)
+    with workspace.workspace_pins() as pins:
         with pytest.raises(RuntimeError, match="before a CUDA graph capture"):
-            noisy_linear.splitk_workspace(256, cuda)  # cannot grow while capturing
-        noisy_linear.splitk_workspace(64, cuda)
-        noisy_linear.splitk_workspace(32, cuda)
+            workspace.splitk_workspace(256, cuda)  # cannot grow while capturing
+        workspace.splitk_workspace(64, cuda)
+        workspace.splitk_workspace(32, cuda)
     assert len(pins) == 1 and pins[0] is staged
-    assert pins not in noisy_linear._PINS
+    assert pins not in workspace._PINS
     kept = weakref.ref(staged)
     del staged
-    noisy_linear.release_workspace(cuda)
+    workspace.release_workspace(cuda)
     assert kept() is pins[0]  # the graph's pin list keeps it alive
 
 

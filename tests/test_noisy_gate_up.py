@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from psnrl.kernels import noise
-from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, noisy_gate_up, noisy_linear, pick_tiles
+from psnrl.kernels.noise_rows import NoiseStream, StreamRows
+from psnrl.kernels.noisy_linear import TileConfig, noisy_gate_up, noisy_linear, pick_tiles
 from psnrl.kernels.noisy_linear_reference import noisy_gate_up_reference
 
 GATE = noise.param_key("model.layers.0.mlp.gate_proj.weight")
@@ -127,7 +128,8 @@ def test_tiles_keep_the_row_block_and_halve_the_columns():
 def test_cpu_without_the_interpreter_runs_the_torch_path():
     code = """
 import torch
-from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up
+from psnrl.kernels.noise_rows import NoiseStream, StreamRows
+from psnrl.kernels.noisy_linear import noisy_gate_up
 from psnrl.kernels.noisy_linear_reference import noisy_gate_up_reference
 x, wg, wu = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5, 6)
 rows = StreamRows(torch.tensor([0, 1, 0, 1]), [NoiseStream(7, 0.5)])

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from psnrl.kernels import noise
 from psnrl.kernels import noise_reference as R
-from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, TileConfig, dual_linear, noisy_linear, pick_tiles
+from psnrl.kernels.noise_rows import NoiseStream, StreamRows
+from psnrl.kernels.noisy_linear import TileConfig, dual_linear, noisy_linear, pick_tiles
 from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
 
 PKEY = noise.param_key("model.layers.0.mlp.up_proj.weight")
@@ -644,7 +645,8 @@ def test_cpu_without_the_interpreter_runs_the_torch_path():
     code = """
 import torch
 from psnrl.kernels.noise import fill_noise, param_key
-from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_linear
+from psnrl.kernels.noise_rows import NoiseStream, StreamRows
+from psnrl.kernels.noisy_linear import noisy_linear
 from psnrl.kernels.noisy_linear_reference import noisy_linear_reference
 x = torch.randn(4, 6, requires_grad=True)
 w = torch.randn(5, 6, requires_grad=True)

@@ -155,7 +155,8 @@ def make_fns(case: Case, dtype: torch.dtype, sigma: float, device: torch.device 
              seed: int = NOISE_SEED) -> dict[str, Callable[[], torch.Tensor]]:
     """The timed callables of a case. StreamRows are built here, outside any timed region."""
     from psnrl.kernels import noise
-    from psnrl.kernels.noisy_linear import NoiseStream, StreamRows, noisy_gate_up, noisy_linear, pick_tiles
+    from psnrl.kernels.noise_rows import NoiseStream, StreamRows
+    from psnrl.kernels.noisy_linear import noisy_gate_up, noisy_linear, pick_tiles
 
     gen = torch.Generator(device=device).manual_seed(case.m * 1_000_003 + case.n * 101 + case.k)
     weight = torch.randn(case.n, case.k, generator=gen, device=device, dtype=dtype).mul_(0.02)

@@ -98,8 +98,9 @@ from psnrl.engine.attention import AttentionMetadata
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
 from psnrl.kernels import noise as noise_mod
-from psnrl.kernels.noisy_linear import (MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles,
-                                        pick_tiles, workspace_pins)
+from psnrl.kernels.noise_rows import MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles
+from psnrl.kernels.noisy_linear import pick_tiles
+from psnrl.kernels.splitk_workspace import workspace_pins
 from psnrl.kernels.paged_attention import pick_num_splits
 
 # Noise-stream slots per work tile in graphs (a constexpr of the noisy kernel).

@@ -31,7 +31,7 @@ from psnrl.engine.sampling import (SamplingParams, Sampler, batch_tensors, check
                              pad_stop_ids)
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig
 from psnrl.engine.sequence import Sequence
-from psnrl.kernels.noisy_linear import release_workspace
+from psnrl.kernels.splitk_workspace import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from psnrl.kernels.noise import check_sigma, split_seed
-from psnrl.kernels.noisy_linear import NoiseStream, StreamRows
+from psnrl.kernels.noise_rows import NoiseStream, StreamRows
 
 # Linear-layer groups that noise can target; "all" is every group.
 TARGET_GROUPS = ("mlp", "attn", "lm_head")

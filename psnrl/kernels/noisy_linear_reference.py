@@ -12,7 +12,7 @@ import torch
 from psnrl.kernels import noise_reference as R
 
 if TYPE_CHECKING:
-    from psnrl.kernels.noisy_linear import StreamRows
+    from psnrl.kernels.noise_rows import StreamRows
 
 
 def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
