@@ -27,7 +27,8 @@ from psnrl.engine.sequence import Sequence
 from psnrl.kernels.attention_reference import paged_attention_reference
 from psnrl.kernels.noise_rows import MAX_SLOTS, StreamRows, max_work_tiles, pack_work_tiles
 from psnrl.kernels.noisy_linear import TileConfig, noisy_linear
-from psnrl.kernels.paged_attention import paged_decode_attention, store_kv_skip_padding
+from psnrl.kernels.kv_store import store_kv_skip_padding
+from psnrl.kernels.paged_attention import paged_decode_attention
 
 SPEC_ALL = NoiseSpec(seed=2**40 + 7, sigma=0.05, targets="all")
 SPEC_MLP = NoiseSpec(seed=11, sigma=0.08, targets="mlp")

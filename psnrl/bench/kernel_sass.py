@@ -45,8 +45,9 @@ from psnrl.kernels.lm_head_logprob import lm_head_logprob  # noqa: E402
 from psnrl.kernels.noise import FILL_BITS, FILL_NOISE, _fill_kernel  # noqa: E402
 from psnrl.kernels.noise_rows import NoiseStream, StreamRows  # noqa: E402
 from psnrl.kernels.noisy_linear import _noisy_linear_kernel, dual_linear, noisy_gate_up, noisy_linear  # noqa: E402
+from psnrl.kernels.kv_store import store_kv_skip_padding  # noqa: E402
 from psnrl.kernels.paged_attention import (paged_attention, paged_decode_attention, pick_num_splits,  # noqa: E402
-                                     prefill_attention, store_kv_skip_padding)
+                                     prefill_attention)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Dynamic shared memory one block may use on an H100 (sm_90 opt-in maximum).

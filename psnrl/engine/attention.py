@@ -7,7 +7,8 @@ import torch
 
 from psnrl.kernels.attention_reference import store_kv, varlen_causal_attention
 from psnrl.kernels.paged_attention import paged_attention as attend
-from psnrl.kernels.paged_attention import paged_decode_attention, store_kv_skip_padding
+from psnrl.kernels.kv_store import store_kv_skip_padding
+from psnrl.kernels.paged_attention import paged_decode_attention
 
 
 @dataclass

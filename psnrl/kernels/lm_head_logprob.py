@@ -332,41 +332,37 @@ class _LmHeadLogprobFn(torch.autograd.Function):
                 grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   bias: torch.Tensor | None, chunk_bytes: int) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D tensor [tokens, hidden], got "
-                         f"{_describe(hidden) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+                         f"{noise.describe(hidden) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [vocab, {hidden.shape[1]}] to match hidden {_describe(hidden)}, "
-                         f"got {_describe(weight) if isinstance(weight, torch.Tensor) else weight!r}")
+        raise ValueError(f"weight must be [vocab, {hidden.shape[1]}] to match hidden {noise.describe(hidden)}, "
+                         f"got {noise.describe(weight) if isinstance(weight, torch.Tensor) else weight!r}")
     if weight.shape[0] < 1 or weight.shape[1] < 1:
-        raise ValueError(f"weight {_describe(weight)} must have vocab >= 1 and hidden >= 1")
+        raise ValueError(f"weight {noise.describe(weight)} must have vocab >= 1 and hidden >= 1")
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"lm_head_logprob supports {SUPPORTED_DTYPES}, got hidden {hidden.dtype}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"hidden {_describe(hidden)} and weight {_describe(weight)} must share "
+        raise ValueError(f"hidden {noise.describe(hidden)} and weight {noise.describe(weight)} must share "
                          f"dtype and device")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
                              or bias.dtype != hidden.dtype or bias.device != hidden.device):
-        raise ValueError(f"bias {_describe(bias) if isinstance(bias, torch.Tensor) else bias!r} must be "
+        raise ValueError(f"bias {noise.describe(bias) if isinstance(bias, torch.Tensor) else bias!r} must be "
                          f"[{weight.shape[0]}] {hidden.dtype} on {hidden.device}")
     if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
             or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor, got {type(targets).__name__} "
                          f"{getattr(targets, 'dtype', '')}")
     if targets.shape != (hidden.shape[0],) or targets.device != hidden.device:
-        raise ValueError(f"targets {_describe(targets)} must be [{hidden.shape[0]}] on {hidden.device} "
-                         f"to match hidden {_describe(hidden)}")
+        raise ValueError(f"targets {noise.describe(targets)} must be [{hidden.shape[0]}] on {hidden.device} "
+                         f"to match hidden {noise.describe(hidden)}")
     if targets.numel():
         lo, hi = (int(x) for x in torch.aminmax(targets))
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets hold token ids in [{lo}, {hi}], outside the vocabulary "
-                             f"[0, {weight.shape[0]}) of weight {_describe(weight)}")
+                             f"[0, {weight.shape[0]}) of weight {noise.describe(weight)}")
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
 

@@ -116,6 +116,11 @@ def check_shard(rows: int, cols: int, row_offset: int, col_offset: int, in_featu
             f"exceeds {MAX_ELEMENTS} elements")
 
 
+def describe(t: torch.Tensor) -> str:
+    """A tensor as error messages name it: shape, dtype and device."""
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
 def runs_triton(t: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU tensors under its interpreter only."""
     return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

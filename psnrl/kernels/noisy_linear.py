@@ -372,24 +372,20 @@ class _NoisyLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   rows: StreamRows | None) -> None:
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got {_describe(weight)}")
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {noise.describe(weight)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x {_describe(x)} does not match weight {_describe(weight)}: "
+        raise ValueError(f"x {noise.describe(x)} does not match weight {noise.describe(weight)}: "
                          f"last dim of x must be in_features={weight.shape[1]}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"noisy_linear supports {SUPPORTED_DTYPES}, got x {x.dtype}")
     if weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"x {_describe(x)} and weight {_describe(weight)} must share dtype and device")
+        raise ValueError(f"x {noise.describe(x)} and weight {noise.describe(weight)} must share dtype and device")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype
                              or bias.device != x.device):
-        raise ValueError(f"bias {_describe(bias)} must be [{weight.shape[0]}] {x.dtype} on {x.device}")
+        raise ValueError(f"bias {noise.describe(bias)} must be [{weight.shape[0]}] {x.dtype} on {x.device}")
     if rows is not None:
         if rows.shape != tuple(x.shape[:-1]):
             raise ValueError(f"row_streams shape {rows.shape} must equal the row shape of x "
@@ -458,7 +454,7 @@ def noisy_gate_up(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.T
     _check_inputs(x, gate_weight, None, rows)
     if up_weight.shape != gate_weight.shape or up_weight.dtype != gate_weight.dtype \
             or up_weight.device != gate_weight.device:
-        raise ValueError(f"up weight {_describe(up_weight)} must match gate weight {_describe(gate_weight)}")
+        raise ValueError(f"up weight {noise.describe(up_weight)} must match gate weight {noise.describe(gate_weight)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, up_weight)):
         raise ValueError("noisy_gate_up has no backward: call it under torch.no_grad() or "
                          "torch.inference_mode(), or use noisy_linear for gate and up")
@@ -523,7 +519,7 @@ def dual_linear(x_clean: torch.Tensor, x_noisy: torch.Tensor, weight: torch.Tens
     [clean rows | noisy rows] (built once per forward; None: all clean in this layer).
     """
     if x_clean.dim() != 2 or x_noisy.dim() != 2 or x_clean.shape[1] != x_noisy.shape[1]:
-        raise ValueError(f"x_clean {_describe(x_clean)} and x_noisy {_describe(x_noisy)} must be "
+        raise ValueError(f"x_clean {noise.describe(x_clean)} and x_noisy {noise.describe(x_noisy)} must be "
                          f"2-D with the same number of features")
     if rows is not None and rows.shape != (x_clean.shape[0] + x_noisy.shape[0],):
         raise ValueError(f"rows describe {rows.shape} rows but the two groups have "

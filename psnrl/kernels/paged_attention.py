@@ -322,19 +322,15 @@ def _prefill_kernel(
 # Validation
 # ---------------------------------------------------------------------------
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _check_cache_and_q(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, batch: int) -> None:
     if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [tokens, heads, head_dim], got {_describe(q)}")
+        raise ValueError(f"q must be 3-D [tokens, heads, head_dim], got {noise.describe(q)}")
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], "
-                         f"got {_describe(k_cache)}")
+                         f"got {noise.describe(k_cache)}")
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache {_describe(v_cache)} must have the shape of k_cache {_describe(k_cache)}")
+        raise ValueError(f"v_cache {noise.describe(v_cache)} must have the shape of k_cache {noise.describe(k_cache)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"paged attention supports {SUPPORTED_DTYPES}, got q {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -342,7 +338,7 @@ def _check_cache_and_q(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim of q {_describe(q)} is {head_dim} but k_cache {_describe(k_cache)} "
+        raise ValueError(f"head_dim of q {noise.describe(q)} is {head_dim} but k_cache {noise.describe(k_cache)} "
                          f"has {k_cache.shape[3]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
@@ -355,9 +351,9 @@ def _check_cache_and_q(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                          f"and {v_cache.stride()} for shape {tuple(k_cache.shape)}")
     if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.shape[0] != batch:
         raise ValueError(f"block_tables must be [batch={batch}, max_blocks] int32, "
-                         f"got {_describe(block_tables)}")
+                         f"got {noise.describe(block_tables)}")
     if context_lens.shape != (batch,) or context_lens.dtype != torch.int32:
-        raise ValueError(f"context_lens must be [batch={batch}] int32, got {_describe(context_lens)}")
+        raise ValueError(f"context_lens must be [batch={batch}] int32, got {noise.describe(context_lens)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                     ("context_lens", context_lens)):
         if t.device != q.device:
@@ -406,10 +402,6 @@ def _aligned16(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
 
-def _runs_triton(q: torch.Tensor) -> bool:
-    return noise.runs_triton(q)
-
-
 # ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
@@ -443,7 +435,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_ctx, _ = _check_lengths(ones, context_lens, block_tables, block_size, num_blocks)
     if batch == 0 or heads == 0:
         return torch.empty_like(q)
-    if not _runs_triton(q):
+    if not noise.runs_triton(q):
         from psnrl.kernels.attention_reference import paged_attention_reference
         cu = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
         return paged_attention_reference(q, k_cache, v_cache, cu, context_lens, block_tables, scale)
@@ -479,56 +471,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-@triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return  # a padding row
-    offs = tl.arange(0, BLOCK)
-    ok = offs < ROW
-    k = tl.load(k_ptr + t.to(tl.int64) * stride_k + offs, mask=ok)
-    v = tl.load(v_ptr + t.to(tl.int64) * stride_v + offs, mask=ok)
-    tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
-    tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
-
-
-def store_kv_skip_padding(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """``store_kv`` of the reference, except that rows with a negative slot are not written.
-
-    k, v: [tokens, kv_heads, head_dim]; slot_mapping: [tokens] int32/int64. One kernel
-    that reads nothing back on the host: the store of CUDA-graph decode, whose padding
-    rows have slot -1. On a CPU without the Triton interpreter, torch indexing.
-    """
-    if k.shape != v.shape or k.dim() != 3 or k.shape[1:] != k_cache.shape[2:] \
-            or slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"store_kv_skip_padding: k {_describe(k)}, v {_describe(v)}, cache "
-                         f"{_describe(k_cache)}, slot_mapping {_describe(slot_mapping)} do not match")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if k.shape[0] == 0:
-        return
-    if not _runs_triton(k):
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
-        return
-    k2 = k.reshape(k.shape[0], -1)
-    v2 = v.reshape(v.shape[0], -1)
-    k2 = k2 if k2.stride(1) == 1 else k2.contiguous()
-    v2 = v2 if v2.stride(1) == 1 else v2.contiguous()
-    row = k2.shape[1]
-    _store_kv_kernel[(k.shape[0],)](k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0), v2.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
-
-
 def _check_cu_seqlens(cu_seqlens_q: torch.Tensor, q: torch.Tensor, batch: int) -> None:
     if cu_seqlens_q.shape != (batch + 1,) or cu_seqlens_q.dtype != torch.int32:
         raise ValueError(f"cu_seqlens_q must be [batch + 1 = {batch + 1}] int32, "
-                         f"got {_describe(cu_seqlens_q)}")
+                         f"got {noise.describe(cu_seqlens_q)}")
     if cu_seqlens_q.device != q.device:
         raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but q on {q.device}")
     first, last = cu_seqlens_q[[0, -1]].tolist()
@@ -555,7 +501,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _, max_q = _check_lengths(q_lens, context_lens, block_tables, block_size, num_blocks)
     if batch == 0 or q.shape[0] == 0 or heads == 0:
         return torch.empty_like(q)
-    if not _runs_triton(q):
+    if not noise.runs_triton(q):
         from psnrl.kernels.attention_reference import paged_attention_reference
         return paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                          block_tables, scale)
@@ -628,7 +574,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     elif decode and not all_one:
         raise ValueError(f"decode=True needs one new token per sequence, got {q.shape[0]} tokens for "
                          f"{batch} sequences (new tokens per sequence: {q_lens.tolist()[:8]}...)")
-    if not _runs_triton(q):
+    if not noise.runs_triton(q):
         from psnrl.kernels.attention_reference import paged_attention_reference
         _check_lengths(q_lens, context_lens, block_tables, k_cache.shape[1], k_cache.shape[0])
         return paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens,
