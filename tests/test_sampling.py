@@ -316,8 +316,7 @@ def test_stop_tokens_masked_until_min_tokens():
     expect = logits.clone()
     expect[0, [2, 5]] = NEG_INF
     assert torch.equal(masked, expect)  # row 1 reached min_tokens, row 2 has none, row 3 ignores EOS
-    temps, top_p, top_k = S.batch_tensors([SamplingParams(temperature=0)] * 4)
-    out = S.sample(masked, temps, top_p, top_k, torch.arange(4), num_generated)
+    out = S.sample(masked, torch.zeros(4), torch.ones(4), torch.full((4,), -1), torch.arange(4), num_generated)
     assert out.tokens.tolist() == [0, 2, 2, 2]
 
 

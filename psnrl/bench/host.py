@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batches = sorted(positive_ints(args.batches, "--batches"))
     except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(f"--batches: {exc}")
+        parser.error(str(exc))
     if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
     from psnrl.engine.llm import LLM

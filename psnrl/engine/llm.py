@@ -27,8 +27,8 @@ from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.loader import load_model
 from psnrl.engine.model_runner import ModelRunner
 from psnrl.engine.noise_spec import NoiseSpec
-from psnrl.engine.sampling import (SamplingParams, Sampler, batch_tensors, check_stop, mask_stop_tokens,
-                             pad_stop_ids)
+from psnrl.engine.sampling import SamplingParams, Sampler, check_stop, mask_stop_tokens, pad_stop_ids
+from psnrl.engine.sampling_slots import SamplingSlots
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig
 from psnrl.engine.sequence import Sequence
 from psnrl.kernels.splitk_workspace import release_workspace
@@ -141,6 +141,7 @@ class LLM:
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
                                    self.blocks)
         self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
+        self.slots = SamplingSlots(self.device, mcfg.vocab_size)
         self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
         self._ids = itertools.count()
         self._pending: dict[int, tuple[RequestOutput, int]] = {}  # request id -> (its output, samples)
@@ -179,7 +180,7 @@ class LLM:
             return
         self.closed = True
         self.runner.close()
-        del self.runner.model, self.model  # the engine runs nothing after close
+        del self.runner.model, self.model, self.slots  # the engine runs nothing after close
         release_workspace(self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the cached blocks back, so the next engine can size its cache
@@ -286,6 +287,7 @@ class LLM:
             self.blocks.free(seq_id)
         self._pending.clear()
         self._specs = []
+        self.slots.reset()
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -351,29 +353,31 @@ class LLM:
                 rows.append(row)
         if not sampling:
             return finished, len(step.seqs), decode
-        params = [s.params for s in sampling]
+        for seq in sampling:
+            if seq.slot < 0:  # its first sample: its constants go to the device once
+                seq.slot = self.slots.acquire(seq.seed, seq.params)
         generated = [s.num_tokens - s.prompt_len for s in sampling]
-        steps = torch.tensor(generated)
-        masked = any(g < p.min_tokens for g, p in zip(generated, params))  # stop tokens still barred
+        rows_state = self.slots.rows([s.slot for s in sampling], generated)
+        masked = any(g < s.params.min_tokens for g, s in zip(generated, sampling))  # stop tokens still barred
         if len(rows) > logits.shape[0]:  # forks sample from their parent's row
             logits = logits[torch.tensor(rows, device=logits.device)]
         elif masked:
             logits = logits.clone()  # masked in place below; the runner may reuse its buffer
         if masked:
-            stop_ids = pad_stop_ids([p.all_stop_token_ids(self.eos_token_id) for p in params], logits.device)
-            mask_stop_tokens(logits, stop_ids, steps, torch.tensor([p.min_tokens for p in params]))
-        temps, top_p, top_k = batch_tensors(params, logits.device)
+            stop_ids = pad_stop_ids([s.params.all_stop_token_ids(self.eos_token_id) for s in sampling], logits.device)
+            mask_stop_tokens(logits, stop_ids, rows_state.steps,
+                             torch.tensor([s.params.min_tokens for s in sampling], device=logits.device))
         with nvtx_range("sample"):
-            result = self.sampler(logits, temps, top_p, top_k, torch.tensor([s.seed for s in sampling]), steps)
-        tokens = result.tokens.tolist()
-        logprobs = result.logprobs.tolist()
-        bad = result.bad_rows.tolist()
-        for seq, token, lp, is_bad in zip(sampling, tokens, logprobs, bad):
-            if is_bad:
+            r = rows_state
+            result = self.sampler(logits, r.temperatures, r.top_p, r.top_k, r.seeds, r.steps, r.truncates)
+        # One copy to the host: tokens (exact in float64) and log-probs; a bad row has token -1.
+        tokens, logprobs = torch.stack((result.tokens.double(), result.logprobs.double())).tolist()
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            if token < 0:
                 self._finish(seq, "error: non-finite logits")
                 finished.append(seq)
                 continue
-            seq.tokens.append(token)
+            seq.tokens.append(int(token))
             seq.logprobs.append(lp)
             reason = self._stop_reason(seq)
             if reason is not None:
@@ -386,7 +390,7 @@ class LLM:
         children = []
         for j, seed in enumerate(parent.child_seeds, start=1):
             child = dataclasses.replace(parent, seq_id=next(self._ids), index=j, tokens=list(parent.tokens),
-                                        seed=seed, logprobs=[], child_seeds=[])
+                                        seed=seed, logprobs=[], child_seeds=[], slot=-1)
             self.blocks.fork(parent.seq_id, child.seq_id)
             self.scheduler.add_running(child)
             children.append(child)
@@ -411,6 +415,9 @@ class LLM:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.slot >= 0:
+            self.slots.release(seq.slot)
+            seq.slot = -1
         if not seq.params.stop and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
         self.scheduler.finish(seq, reason)

@@ -294,7 +294,7 @@ def bad_row_mask(logits: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor,
            top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, *,
-           logprobs_mode: LogprobsMode = "sampled") -> SampleOutput:
+           logprobs_mode: LogprobsMode = "sampled", truncates: bool | None = None) -> SampleOutput:
     """Sample one token per row of ``logits`` [B, V] (see the module docstring).
 
     temperatures fp [B] (0 = greedy), top_p fp [B] in (0, 1], top_k int [B] (-1 = off),
@@ -302,7 +302,8 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor
     (index of the token being generated: 0 for the first output token).
     logprobs_mode: "sampled" = log-prob under the distribution the token was drawn from
     (after temperature, top-k, top-p, renormalized); "raw" = log_softmax(logits) at the
-    token. Greedy rows always report the raw log-prob.
+    token. Greedy rows always report the raw log-prob. truncates: whether some row has top-k
+    (below V) or top-p (below 1), when the caller knows (None: read from the device).
     """
     if logprobs_mode not in ("sampled", "raw"):
         raise ValueError(f"logprobs_mode must be 'sampled' or 'raw', got {logprobs_mode!r}")
@@ -325,7 +326,9 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor
     z = shifted / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
     top_k = top_k.to(device=dev)
     top_p = top_p.to(device=dev, dtype=torch.float32)
-    if bool((((top_k > 0) & (top_k < v)) | (top_p < 1.0)).any()):
+    if truncates is None:
+        truncates = bool((((top_k > 0) & (top_k < v)) | (top_p < 1.0)).any())
+    if truncates:
         thr = filter_threshold(z, top_k, top_p)
         z = z.masked_fill(z < thr[:, None], float("-inf"))
     keys = z + _neg_log_exponentials(seeds.to(dev), steps.to(dev), v)
@@ -400,17 +403,10 @@ class Sampler:
         return [derive_sample_seed(s, j) for j in range(params.n)]
 
     def __call__(self, logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor,
-                 top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> SampleOutput:
-        return sample(logits, temperatures, top_p, top_k, seeds, steps, logprobs_mode=self.logprobs_mode)
-
-
-def batch_tensors(params: Sequence[SamplingParams], device: torch.device | str | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (temperatures fp32, top_p fp32, top_k int64) for rows with these params."""
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
-    return temps, top_p, top_k
+                 top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                 truncates: bool | None = None) -> SampleOutput:
+        return sample(logits, temperatures, top_p, top_k, seeds, steps, logprobs_mode=self.logprobs_mode,
+                      truncates=truncates)
 
 
 # ----------------------------------------------------------------------------- stopping

@@ -36,6 +36,7 @@ class Sequence:
     text: str = ""
     # n > 1: the first sample prefills the prompt, then forks one sample per seed here.
     child_seeds: list[int] = field(default_factory=list)
+    slot: int = -1  # its row of the engine's SamplingSlots, from its first sample on
 
     @property
     def num_tokens(self) -> int:

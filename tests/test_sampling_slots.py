@@ -1,0 +1,45 @@
+"""Per-sequence sampling constants on the device: written once, gathered per step by slot."""
+import torch
+
+from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.sampling_slots import SamplingSlots
+
+CPU = torch.device("cpu")
+
+
+def test_rows_gather_each_sequences_constants_by_slot_and_grow_past_capacity():
+    slots = SamplingSlots(CPU, vocab=100, capacity=2)
+    params = [SamplingParams(temperature=0.5 + i, top_p=1.0 - 0.1 * (i % 2), top_k=-1 if i % 3 else 7)
+              for i in range(5)]
+    taken = [slots.acquire(2**62 + i, p) for i, p in enumerate(params)]  # grows 2 -> 4 -> 8
+    assert len(set(taken)) == 5 and slots.capacity == 8
+    order = [3, 0, 4]
+    r = slots.rows([taken[i] for i in order], [5, 0, 9])
+    assert r.seeds.tolist() == [2**62 + i for i in order]
+    assert r.temperatures.tolist() == [params[i].temperature for i in order]
+    assert torch.allclose(r.top_p, torch.tensor([params[i].top_p for i in order]))
+    assert r.top_k.tolist() == [params[i].top_k for i in order]
+    assert r.steps.tolist() == [5, 0, 9] and r.truncates  # sequence 3 has top-p 0.9
+
+
+def test_truncation_is_known_on_the_host():
+    slots = SamplingSlots(CPU, vocab=100)
+    plain = slots.acquire(1, SamplingParams())
+    wide_k = slots.acquire(2, SamplingParams(top_k=100))  # keeps the whole vocabulary
+    k = slots.acquire(3, SamplingParams(top_k=99))
+    assert not slots.rows([plain, wide_k], [0, 0]).truncates
+    assert slots.rows([plain, k], [0, 0]).truncates
+
+
+def test_released_slots_are_reused_with_their_new_constants():
+    slots = SamplingSlots(CPU, vocab=10, capacity=2)
+    a = slots.acquire(11, SamplingParams(temperature=0.3))
+    slots.rows([a], [0])
+    slots.release(a)
+    b = slots.acquire(22, SamplingParams(temperature=0.7))
+    assert b == a and slots.capacity == 2
+    r = slots.rows([b], [1])
+    assert r.seeds.tolist() == [22] and abs(r.temperatures.item() - 0.7) < 1e-7
+    slots.acquire(33, SamplingParams())
+    slots.reset()
+    assert sorted(slots.acquire(i, SamplingParams()) for i in range(2)) == [0, 1] and slots.capacity == 2
