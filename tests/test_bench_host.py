@@ -18,7 +18,8 @@ def test_a_short_run_times_decode_steps_and_counts_ops(tmp_path, monkeypatch):
     for r in rows:
         assert set(bench.ROW_KEYS) <= set(r) and r["vocab"] == 300
         assert r["steps"] >= 5 and 0 < r["host_ms"] <= r["host_ms_p90"]
-        assert r["ops_per_step"] > 0
+        assert 0 < r["sampler_ops"] < r["ops_per_step"]  # the sampler's ops are part of the step's
+        assert 0 < r["sampler_ms"] < r["host_ms_p90"] and r["engine_ms"] > 0
     assert rows[0]["target_ms"] == 0.3 and rows[1]["target_ms"] is None
     assert "| 1 | 300 |" in (tmp_path / "host-cpu.md").read_text()
 

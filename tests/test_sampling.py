@@ -364,3 +364,18 @@ def test_check_stop_max_tokens():
     assert check_stop([1, 2, 3], "abzz", p, 0) == (True, "stop", 2)       # stop string beats length
     assert check_stop([1, 2, 0], "ab", SamplingParams(max_tokens=3, ignore_eos=True), 0) == \
         (True, "length", None)
+
+
+def test_stop_checks_read_the_generated_tokens_through_a_view():
+    from psnrl.engine.sequence import TokensFrom
+
+    tokens = [9, 9, 9, 5, 0]
+    view = TokensFrom(tokens, 3)
+    assert len(view) == 2 and view[0] == 5 and view[-1] == 0 and view[-2] == 5
+    with pytest.raises(IndexError):
+        view[2]
+    with pytest.raises(IndexError):
+        view[-3]
+    p = SamplingParams(max_tokens=10)
+    assert check_stop(view, "", p, 0) == check_stop([5, 0], "", p, 0) == (True, "stop", None)
+    assert check_stop(TokensFrom(tokens, 5), "", p, 0) == (False, None, None)  # nothing generated yet

@@ -404,7 +404,7 @@ class LLM:
         before = len(seq.text)
         if watch_text:
             seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
-        check = check_stop(seq.output_tokens, seq.text, seq.params, self.eos_token_id,
+        check = check_stop(seq.generated, seq.text, seq.params, self.eos_token_id,
                            new_char_count=len(seq.text) - before)
         if check.trim_text_to is not None:
             seq.text = seq.text[:check.trim_text_to]

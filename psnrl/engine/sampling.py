@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -418,7 +418,15 @@ class StopCheck(NamedTuple):
     trim_text_to: int | None
 
 
-def check_stop(token_ids_so_far: Sequence[int], new_text_so_far: str, params: SamplingParams,
+class TokenIds(Protocol):
+    """What a stop check reads of the generated tokens: their count and the latest."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> int: ...
+
+
+def check_stop(token_ids_so_far: TokenIds, new_text_so_far: str, params: SamplingParams,
                eos_token_id: int | Iterable[int] | None, *, new_char_count: int | None = None) -> StopCheck:
     """Whether a request is finished after its latest token, checked in this order.
 

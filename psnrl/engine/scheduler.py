@@ -142,16 +142,17 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, step: Step) -> bool:
         """Give the block manager the tokens it has not seen; False if ``seq`` had to be preempted."""
-        while self.blocks.num_tokens(seq.seq_id) < seq.num_tokens:
-            token = seq.tokens[self.blocks.num_tokens(seq.seq_id)]
+        seen = self.blocks.num_tokens(seq.seq_id)
+        while seen < len(seq.tokens):
             try:
-                result = self.blocks.append_token(seq.seq_id, token)
+                result = self.blocks.append_token(seq.seq_id, seq.tokens[seen])
             except OutOfBlocks:
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     return False
                 continue
+            seen += 1
             if result.cow is not None:
                 step.copies.append(result.cow)
         return True

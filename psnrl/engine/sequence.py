@@ -47,9 +47,32 @@ class Sequence:
         return self.tokens[self.prompt_len:]
 
     @property
+    def generated(self) -> TokensFrom:
+        """The generated tokens without copying them (a stop check per step stays O(1))."""
+        return TokensFrom(self.tokens, self.prompt_len)
+
+    @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+class TokensFrom:
+    """A read-only view of ``tokens[start:]``: its length and items, nothing copied."""
+
+    __slots__ = ("tokens", "start")
+
+    def __init__(self, tokens: list[int], start: int):
+        self.tokens, self.start = tokens, start
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.start
+
+    def __getitem__(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} tokens")
+        return self.tokens[self.start + i if i >= 0 else i]
