@@ -342,6 +342,9 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
     for row in rows:
         assert set(bench.ROW_KEYS) <= set(row) and "error" not in row
         assert row["tok_s"] > 0 and row["step_ms"] > 0
+        if row["mode"] != "hf":  # the engine's decode steps split into forward, sampler and the rest
+            assert row["forward_ms"] > 0 and row["sample_ms"] > 0
+            assert row["forward_ms"] + row["sample_ms"] < 1.5 * row["step_ms"]
         if row["mode"] in ("noisy", "mixed"):
             clean = by[(row["workload"], row["batch"], "clean")]["tok_s"]
             assert row["over_clean"] == pytest.approx(row["tok_s"] / clean, rel=1e-3)

@@ -270,3 +270,17 @@ def test_reset_prefix_cache_forgets_cached_prompts(checkpoint):
             llm.reset_prefix_cache()
         llm.add_requests(PROMPTS[:1], GREEDY)
         assert llm.scheduler.schedule().seqs[0].num_new == computed
+
+
+def test_time_steps_splits_a_step_into_forward_and_sampler(checkpoint):
+    _, path = checkpoint
+    llm = make(path, time_steps=True)
+    llm.add_requests(PROMPTS[:2], GREEDY)
+    outs = []
+    while llm.has_unfinished_requests():
+        outs.append(llm.step())
+    assert all(o.forward_ms > 0 and o.sample_ms > 0 for o in outs if o.num_seqs)
+    plain = make(path)
+    plain.add_requests(PROMPTS[:1], GREEDY)
+    out = plain.step()
+    assert out.forward_ms is None and out.sample_ms is None  # off by default: no events recorded

@@ -45,7 +45,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -105,6 +105,8 @@ META_KEYS = ("device", "torch", "triton", "transformers")
 RATIO_NOTE = ("Ratios are of tokens/s: ours/HF > 1 means faster than transformers; noisy/clean "
               "and mixed/clean < 1 mean slower than the clean engine; mixed/noisy is mixed over "
               "all-noisy.")
+SPLIT_NOTE = ("clean forward / sample / host ms: a clean decode step's device time in the forward and in the "
+              "sampler (CUDA events), and the rest of its wall time, when the device waits for the host.")
 ROOFLINE_NOTE = ("GB/s = bytes one decode step must read (all weights, lm_head included, the "
                  "input embedding only for the batch's rows; plus K and V of the mean decode "
                  "context, prompt_len + output_len / 2, for every sequence) / median decode-step "
@@ -152,6 +154,11 @@ class Timing:
     decode_ms: list[float]  # each pure decode step
     prefill_s: float        # steps that computed prompt tokens (HF: up to its first token)
     output_tokens: int
+    # The engine's pure decode steps split (StepOutput's device times): forward, sampler, and
+    # the rest of the wall time, when the device waits for the host. Empty for HF.
+    forward_ms: list[float] = field(default_factory=list)
+    sample_ms: list[float] = field(default_factory=list)
+    host_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -240,6 +247,7 @@ def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
               for i, (_, n, length, _) in enumerate(requests)]
     llm.reset_prefix_cache()  # every run computes its prompts
     steps: list[tuple[float, bool]] = []  # (seconds, pure decode) of every step that ran a forward
+    split: list[tuple[float, float, float]] = []  # (forward, sampler, rest) ms of the decode steps
     sync()
     t0 = time.perf_counter()
     outputs = llm.add_requests([r[0] for r in requests], params, noise=[r[3] for r in requests])
@@ -247,8 +255,11 @@ def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
         t = time.perf_counter()
         out = llm.step()
         sync()  # a step ends by copying its tokens to the host; sync makes sure the device is done
+        seconds = time.perf_counter() - t
         if out.num_seqs:
-            steps.append((time.perf_counter() - t, out.decode))
+            steps.append((seconds, out.decode))
+        if out.decode and out.forward_ms is not None and out.sample_ms is not None:
+            split.append((out.forward_ms, out.sample_ms, 1e3 * seconds - out.forward_ms - out.sample_ms))
     total = time.perf_counter() - t0
     produced = 0
     for out, (_, n, length, _) in zip(outputs, requests):
@@ -259,8 +270,9 @@ def time_engine(llm, work: Workload, noise: list, *, greedy: bool, seed: int,
                 raise RuntimeError(f"request {out.request_id} stopped after {len(completion.token_ids)} "
                                    f"of {length} tokens ({completion.finish_reason})")
             produced += len(completion.token_ids)
+    forward, sample, host = (list(x) for x in zip(*split)) if split else ([], [], [])
     return Timing(total, [1e3 * s for s, decode in steps if decode],
-                  sum(s for s, decode in steps if not decode), produced)
+                  sum(s for s, decode in steps if not decode), produced, forward, sample, host)
 
 
 def time_hf(model, prompts: list[list[int]], output_len: int, *, greedy: bool, seed: int,
@@ -325,6 +337,7 @@ def build_row(model: str, work: Workload, mode: str, timings: Sequence[Timing],
         "hf_tok_s": None,
         "roofline_frac": round_or_none(gbps / peak if gbps and peak else None, 4),
         "step_ms": round_or_none(step_ms, 4),
+        **{key: round_or_none(_median_of(timings, key), 4) for key in ("forward_ms", "sample_ms", "host_ms")},
         "gbps": round_or_none(gbps, 4),
         "over_hf": None, "over_clean": None, "over_noisy": None,
         "prefill_s": round_or_none(statistics.median(t.prefill_s for t in timings), 4),
@@ -333,6 +346,11 @@ def build_row(model: str, work: Workload, mode: str, timings: Sequence[Timing],
         "bytes_per_step": bytes_per_step,
         "repeats": len(timings),
     }
+
+
+def _median_of(timings: Sequence[Timing], key: str) -> float | None:
+    values = [ms for t in timings for ms in getattr(t, key)]
+    return statistics.median(values) if values else None
 
 
 def error_row(model: str, work: Workload, mode: str, error: BaseException) -> dict:
@@ -371,13 +389,15 @@ def render_model_table(rows: Sequence[dict]) -> str:
     cols = [("batch", None, None)]
     cols += [(f"{m} tok/s", m, "tok_s") for m in MODES]
     cols += [(f"{m} ms/step", m, "step_ms") for m in MODES]
+    cols += [(f"clean {part} ms", "clean", f"{part}_ms") for part in ("forward", "sample", "host")]
     cols += [("clean/HF", "clean", "over_hf"), ("noisy/HF", "noisy", "over_hf"),
              ("noisy/clean", "noisy", "over_clean"), ("mixed/clean", "mixed", "over_clean"),
              ("mixed/noisy", "mixed", "over_noisy"),
              ("clean GB/s", "clean", "gbps"), ("noisy GB/s", "noisy", "gbps"),
              ("clean roofline", "clean", "roofline_frac"), ("noisy roofline", "noisy", "roofline_frac"),
              ("HF GB/s", "hf", "gbps")]
-    formats = {"tok_s": ",.0f", "step_ms": ".2f", "over_hf": ".2f", "over_clean": ".3f",
+    formats = {"tok_s": ",.0f", "step_ms": ".2f", "forward_ms": ".2f", "sample_ms": ".2f", "host_ms": ".2f",
+               "over_hf": ".2f", "over_clean": ".3f",
                "over_noisy": ".3f", "gbps": ",.1f", "roofline_frac": ".1%"}
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -424,7 +444,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
         "",
         f"Method: {meta.get('method', '')}",
         "",
-        f"{RATIO_NOTE} {ROOFLINE_NOTE}",
+        f"{RATIO_NOTE} {ROOFLINE_NOTE} {SPLIT_NOTE}",
         "",
     ]
     for (model, workload, prompt_len, output_len), mine in _sections(rows).items():
@@ -543,7 +563,7 @@ class Runner:
         blocks += math.ceil(0.02 * blocks) + 4  # above the admission watermark (1%)
         return LLM(path, dtype=DTYPES[a.dtype], device=a.device, max_model_len=max_len,
                    max_num_seqs=max_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                   block_size=a.block_size, num_kv_blocks=blocks, seed=a.seed)
+                   block_size=a.block_size, num_kv_blocks=blocks, seed=a.seed, time_steps=True)
 
     def hf_model(self, path: Path):
         from transformers import AutoModelForCausalLM

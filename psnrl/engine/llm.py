@@ -15,6 +15,7 @@ import itertools
 import math
 import numbers
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence as Seq
@@ -60,6 +61,9 @@ class EngineConfig:
     # (psnrl/engine/cuda_graphs.py), lazily, at the first step of each kind. True: every step runs
     # eagerly (debugging, profiling single kernels). A CPU always runs eagerly.
     enforce_eager: bool = False
+    # True: each StepOutput carries the device time of its forward and of its sampler (CUDA
+    # events; a CPU: the wall clock), which the decode bench splits a step's time with.
+    time_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -102,6 +106,8 @@ class StepOutput:
     num_finished_samples: int  # sequences that ended in this step (a progress bar's unit)
     num_seqs: int  # sequences the step's forward ran (0: none ran, e.g. every request ended early)
     decode: bool  # a pure decode step: one new token for each of them
+    forward_ms: float | None = None  # with EngineConfig.time_steps: the forward's device time
+    sample_ms: float | None = None  # ... and the sampler's
 
 
 class LLM:
@@ -257,8 +263,9 @@ class LLM:
         (a step interrupted half way leaves nothing consistent to continue from).
         """
         self._check_open()
+        timer = _StepTimer(self.device) if self.config.time_steps else None
         try:
-            finished, num_seqs, decode = self._step(self._specs)
+            finished, num_seqs, decode = self._step(self._specs, timer)
         except BaseException:
             self._abandon()
             raise
@@ -272,7 +279,8 @@ class LLM:
                 out.finished = True
                 del self._pending[seq.request_id]
                 done.append(out)
-        return StepOutput(done, len(finished), num_seqs, decode)
+        times = timer.spans() if timer is not None and num_seqs else (None, None)
+        return StepOutput(done, len(finished), num_seqs, decode, *times)
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prompt blocks (after a weight update their KV is stale)."""
@@ -323,7 +331,7 @@ class LLM:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _step(self, specs: list[NoiseSpec]) -> tuple[list[Sequence], int, bool]:
+    def _step(self, specs: list[NoiseSpec], timer: _StepTimer | None = None) -> tuple[list[Sequence], int, bool]:
         """Run one scheduled step: (the sequences that finished in it, how many sequences the
         forward ran, whether it was a pure decode step)."""
         with nvtx_range("scheduler"):
@@ -336,8 +344,12 @@ class LLM:
         self.runner.copy_blocks(step.copies)
         tables = [self.blocks.block_table(e.seq.seq_id) for e in step.seqs]
         decode = all(e.num_new == 1 for e in step.seqs)
+        if timer is not None:
+            timer.mark()
         with nvtx_range("decode_step" if decode else "prefill"):
             logits = self.runner.run(step.seqs, tables, specs)
+        if timer is not None:
+            timer.mark()
         sampling: list[Sequence] = []
         for entry in step.seqs:
             entry_samples = entry.samples
@@ -367,9 +379,13 @@ class LLM:
             stop_ids = pad_stop_ids([s.params.all_stop_token_ids(self.eos_token_id) for s in sampling], logits.device)
             mask_stop_tokens(logits, stop_ids, rows_state.steps,
                              torch.tensor([s.params.min_tokens for s in sampling], device=logits.device))
+        if timer is not None:
+            timer.mark()
         with nvtx_range("sample"):
             r = rows_state
             result = self.sampler(logits, r.temperatures, r.top_p, r.top_k, r.seeds, r.steps, r.truncates)
+        if timer is not None:
+            timer.mark()
         # One copy to the host: tokens (exact in float64) and log-probs; a bad row has token -1.
         tokens, logprobs = torch.stack((result.tokens.double(), result.logprobs.double())).tolist()
         for seq, token, lp in zip(sampling, tokens, logprobs):
@@ -440,6 +456,32 @@ class LLM:
                                  f"got {tuple(tensor.shape)}")
             params[name].copy_(tensor)
         self.reset_prefix_cache()
+
+
+class _StepTimer:
+    """Marks on the device's timeline (CUDA events; a CPU: the wall clock) around a step's
+    forward and its sampler; read once the step has copied its tokens back, so no extra sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans(self) -> tuple[float | None, float | None]:
+        """(forward ms, sampler ms); None for a span the step did not reach (nothing sampled)."""
+        def span(i: int) -> float | None:
+            if len(self.marks) < i + 2:
+                return None
+            a, b = self.marks[i], self.marks[i + 1]
+            return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+        return span(0), span(2)
 
 
 def noise_cache_salt(spec: NoiseSpec | None) -> int | None:
