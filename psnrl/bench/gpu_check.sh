@@ -14,6 +14,12 @@
 #             learner: psnrl bench learner --models 1.5B (8k and 16k tokens, activation
 #                    checkpointing off and on, plain / psn / naive, the engine mismatch);
 #             step:  psnrl bench step --models 0.5B --iters 2 (plain, psn, psn-var2 in one process)
+#   decode    tests: the gpu-marked engine, sampler and CUDA-graph tests;
+#             host:  psnrl bench host --device cuda (stub forward, V = 151,936: the engine's host
+#                    time and ops per decode step, sampler and engine apart);
+#             decode: psnrl bench decode --models 1.5B --batches 1 64 256 --output-len 256 (clean and HF,
+#                    each step split into forward / sampler / host ms) and the nano-vllm workload
+#                    on 0.5B
 # Tests run under pytest -n 8 when pytest-xdist is there. Each step runs under its own `timeout`
 # (seconds: INSTALL_S, TESTS_S, BENCH_S, NCU_S, STEP_S); a step that fails or runs out of time is
 # logged and the next one still runs. Everything it wrote (logs, the benches' <name>-<device>.json
@@ -26,7 +32,8 @@ CHECK="${1:-}"
 case "$CHECK" in
     kernels) TIMES=(60 100 120 80) ;;  # install, tests, bench, ncu
     learner) TIMES=(45 110 100 90) ;;  # install, tests, learner bench, step bench
-    *) echo "usage: gpu_check.sh {kernels|learner} [OUT_DIR]" >&2; exit 2 ;;
+    decode) TIMES=(45 90 150 60) ;;  # install, tests, decode bench, host bench
+    *) echo "usage: gpu_check.sh {kernels|learner|decode} [OUT_DIR]" >&2; exit 2 ;;
 esac
 DEST="${2:-${OUT:-$ROOT/psnrl/bench/results/gpu-check}}"
 PYTHON="${PYTHON:-python3}"
@@ -78,6 +85,13 @@ learner)
     step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests
     step learner "$BENCH_S" "${BENCH[@]}" learner --models 1.5B --out-dir "$WORK/results"
     step step "$STEP_S" "${BENCH[@]}" step --models 0.5B --warmup 1 --iters 2 --out-dir "$WORK/results"
+    ;;
+decode)
+    step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests/test_llm.py tests/test_sampling.py \
+        tests/test_sampler_kernel.py tests/test_cuda_graphs.py tests/test_engine_lifetime.py
+    step host "$STEP_S" "${BENCH[@]}" host --device cuda --out-dir "$WORK/results"
+    step decode "$BENCH_S" "${BENCH[@]}" decode --models 1.5B --batches 1 64 256 --modes clean hf --output-len 256 \
+        --nano-vllm-model 0.5B --out-dir "$WORK/results"
     ;;
 esac
 
