@@ -220,7 +220,7 @@ def test_profile_step_torch_profiler_trace_on_cpu(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
 def test_gpu_check_without_a_gpu_fails_fast_and_writes_nothing(bare_path, tmp_path):
     fake_tool(bare_path, "timeout", "echo no step may run >&2; exit 3")
-    for check in ("kernels", "learner"):
+    for check in ("kernels", "learner", "decode"):
         done = run_script("gpu_check.sh", bare_path, check, str(tmp_path / "out"))
         assert done.returncode == 2
         assert "gpu_check.sh: no CUDA GPU visible" in done.stderr
@@ -229,6 +229,6 @@ def test_gpu_check_without_a_gpu_fails_fast_and_writes_nothing(bare_path, tmp_pa
 
 
 def test_gpu_check_names_its_checks(bare_path, tmp_path):
-    for args in ((), ("decode",), (str(tmp_path / "out"),)):
+    for args in ((), ("prefill",), (str(tmp_path / "out"),)):
         done = run_script("gpu_check.sh", bare_path, *args)
-        assert done.returncode == 2 and "usage: gpu_check.sh {kernels|learner}" in done.stderr
+        assert done.returncode == 2 and "usage: gpu_check.sh {kernels|learner|decode}" in done.stderr
