@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from psnrl.bench import decode as bench
+from psnrl.bench import decode_workloads as workloads
 from psnrl.bench import model_configs as mc
 from psnrl.bench.common import device_slug
 
@@ -141,33 +142,33 @@ def test_random_checkpoint_untied_and_transformers_agree(tmp_path):
 # ---------------------------------------------------------------------------
 
 def test_peak_bandwidth_table():
-    assert bench.peak_gbps("NVIDIA H100 80GB HBM3") == 3350
-    assert bench.peak_gbps("NVIDIA H100 PCIe") == 2000
-    assert bench.peak_gbps("NVIDIA H200") == 4800
-    assert bench.peak_gbps("NVIDIA GH200 480GB") == 4000
-    assert bench.peak_gbps("NVIDIA A100-SXM4-80GB") == 2039
-    assert bench.peak_gbps("NVIDIA A100-SXM4-40GB") == 1555
-    assert bench.peak_gbps("NVIDIA A10G") == 600
-    assert bench.peak_gbps("cpu") is None
+    assert workloads.peak_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert workloads.peak_gbps("NVIDIA H100 PCIe") == 2000
+    assert workloads.peak_gbps("NVIDIA H200") == 4800
+    assert workloads.peak_gbps("NVIDIA GH200 480GB") == 4000
+    assert workloads.peak_gbps("NVIDIA A100-SXM4-80GB") == 2039
+    assert workloads.peak_gbps("NVIDIA A100-SXM4-40GB") == 1555
+    assert workloads.peak_gbps("NVIDIA A10G") == 600
+    assert workloads.peak_gbps("cpu") is None
 
 
 def test_decode_bytes_per_step():
     # Tied 0.5B, no context: every parameter once (the embedding is the lm_head) + the batch's rows.
-    assert bench.decode_bytes_per_step("0.5B", 1, 0, torch.bfloat16) == (494_032_768 + 896) * 2
+    assert workloads.decode_bytes_per_step("0.5B", 1, 0, torch.bfloat16) == (494_032_768 + 896) * 2
     # Untied 7B: the input embedding is only gathered; K/V of 8 sequences x 100 tokens.
-    b = bench.decode_bytes_per_step("7B", 8, 100, "bf16")
+    b = workloads.decode_bytes_per_step("7B", 8, 100, "bf16")
     weights = (7_615_616_512 - 152064 * 3584 + 8 * 3584) * 2
     assert b == weights + 8 * 100 * mc.kv_bytes_per_token("7B", "bf16")
-    assert bench.mean_decode_context(128, 256) == 256
+    assert workloads.mean_decode_context(128, 256) == 256
 
 
 def timing(tps_tokens=100, total=2.0, steps=(10.0, 12.0, 11.0), prefill=0.5):
-    return bench.Timing(total_s=total, decode_ms=list(steps), prefill_s=prefill,
+    return workloads.Timing(total_s=total, decode_ms=list(steps), prefill_s=prefill,
                         output_tokens=tps_tokens)
 
 
 def work(batch=8, prompt_len=128, output_len=256, group_size=10):
-    return bench.fixed_workload(batch, prompt_len, output_len, group_size, vocab_size=1000, seed=0)
+    return workloads.fixed_workload(batch, prompt_len, output_len, group_size, vocab_size=1000, seed=0)
 
 
 def fixture_rows(model="Qwen2.5-0.5B", batch=8):
@@ -187,7 +188,7 @@ def test_fixed_workload_groups_share_a_prompt():
 
 
 def test_nano_vllm_workload_has_uniform_random_lengths():
-    w = bench.nano_vllm_workload(vocab_size=50, seed=3)
+    w = workloads.nano_vllm_workload(vocab_size=50, seed=3)
     assert (w.name, w.batch, w.group_size) == ("nano-vllm", 256, 1)
     prompt_lens = [len(p) for p in w.prompts]
     for lengths in (prompt_lens, w.output_lens):
@@ -195,27 +196,27 @@ def test_nano_vllm_workload_has_uniform_random_lengths():
         # uniform on [100, 1024]: mean 562, std 267; 256 draws put the mean within 4 sigma/16 = 67
         assert abs(statistics.fmean(lengths) - 562) < 67
     assert len({tuple(p) for p in w.prompts}) == 256 and max(max(p) for p in w.prompts) < 50
-    assert w.output_lens == bench.nano_vllm_workload(vocab_size=50, seed=3).output_lens
-    small = bench.nano_vllm_workload(vocab_size=50, seed=3, seqs=4, lengths=(2, 3))
+    assert w.output_lens == workloads.nano_vllm_workload(vocab_size=50, seed=3).output_lens
+    small = workloads.nano_vllm_workload(vocab_size=50, seed=3, seqs=4, lengths=(2, 3))
     assert small.batch == 4 and {len(p) for p in small.prompts} <= {2, 3}
 
 
 def test_sequence_noise_and_requests():
     spec = object()
-    assert bench.sequence_noise(3, "clean", spec, 10, 2) == [None] * 3
-    assert bench.sequence_noise(3, "noisy", spec, 10, 2) == [spec] * 3
-    mixed = bench.sequence_noise(23, "mixed", spec, 10, 2)
+    assert workloads.sequence_noise(3, "clean", spec, 10, 2) == [None] * 3
+    assert workloads.sequence_noise(3, "noisy", spec, 10, 2) == [spec] * 3
+    mixed = workloads.sequence_noise(23, "mixed", spec, 10, 2)
     assert mixed == ([spec] * 8 + [None] * 2) * 2 + [spec] * 3  # 8 noisy + 2 clean probes per group
-    assert bench.sequence_noise(1, "mixed", spec, 10, 2) == [spec]
+    assert workloads.sequence_noise(1, "mixed", spec, 10, 2) == [spec]
     with pytest.raises(ValueError, match="not an engine mode"):
-        bench.sequence_noise(1, "hf", spec, 10, 2)
+        workloads.sequence_noise(1, "hf", spec, 10, 2)
     w = work(batch=23, prompt_len=5, output_len=7)
-    requests = bench.engine_requests(w, mixed)
+    requests = workloads.engine_requests(w, mixed)
     assert [(n, length, s) for _, n, length, s in requests] == [
         (8, 7, spec), (2, 7, None), (8, 7, spec), (2, 7, None), (3, 7, spec)]
     assert [r[0] for r in requests] == [w.prompts[i] for i in (0, 8, 10, 18, 20)]
-    nano = bench.nano_vllm_workload(vocab_size=50, seed=0, seqs=3, lengths=(2, 9))
-    assert [n for _, n, _, _ in bench.engine_requests(nano, [None] * 3)] == [1, 1, 1]
+    nano = workloads.nano_vllm_workload(vocab_size=50, seed=0, seqs=3, lengths=(2, 9))
+    assert [n for _, n, _, _ in workloads.engine_requests(nano, [None] * 3)] == [1, 1, 1]
 
 
 def test_build_row_and_ratios():
@@ -228,7 +229,7 @@ def test_build_row_and_ratios():
     assert row["gbps"] == pytest.approx(2e9 / 11e-3 / 1e9, abs=1e-4)
     assert row["roofline_frac"] == pytest.approx(row["gbps"] / 4000, abs=1e-4)
     assert row["decode_steps"] == 3 and row["repeats"] == 3
-    nano = bench.build_row("Qwen2.5-0.5B", bench.nano_vllm_workload(100, 0, seqs=4), "clean",
+    nano = bench.build_row("Qwen2.5-0.5B", workloads.nano_vllm_workload(100, 0, seqs=4), "clean",
                            [timing()], None, 4000.0)
     assert nano["workload"] == "nano-vllm" and nano["gbps"] is None and nano["roofline_frac"] is None
 
@@ -269,7 +270,7 @@ def test_write_results_and_merge(tmp_path):
                              "--output-len", "256", "--out-dir", str(tmp_path)])
     kept = bench.previous_rows(args, "NVIDIA H200")
     assert [(r["batch"], r["mode"]) for r in kept] == [(8, "clean"), (8, "noisy"), (8, "mixed")]
-    nano = bench.build_row("Qwen2.5-0.5B", bench.nano_vllm_workload(100, 0, seqs=4), "clean",
+    nano = bench.build_row("Qwen2.5-0.5B", workloads.nano_vllm_workload(100, 0, seqs=4), "clean",
                            [timing()], None, None)
     bench.FILES.write(tmp_path, meta, fixture_rows() + [nano])
     kept = bench.previous_rows(bench.parse_args(["--models", "0.5B", "--modes", "clean", "--batches", "8",
