@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from psnrl.bench import learner as bench
+from psnrl.bench import naive_psn, saved_tensors
 from psnrl.bench import report
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.cli import BENCHES
@@ -71,14 +72,14 @@ def test_extra_saved_tensors_is_a_per_label_difference():
     plain = {"fp32[4x8]": {"count": 2, "bytes": 256}, "fp32[4]": {"count": 1, "bytes": 16}}
     psn = {"fp32[4x8]": {"count": 3, "bytes": 384}, "fp32[4]": {"count": 1, "bytes": 16},
            "bf16[4x2]": {"count": 1, "bytes": 16}}
-    assert bench.extra_saved_tensors(psn, plain) == [{"tensor": "fp32[4x8]", "count": 1, "bytes": 128},
+    assert saved_tensors.extra_saved_tensors(psn, plain) == [{"tensor": "fp32[4x8]", "count": 1, "bytes": 128},
                                                      {"tensor": "bf16[4x2]", "count": 1, "bytes": 16}]
-    assert bench.extra_saved_tensors(plain, plain) == []
+    assert saved_tensors.extra_saved_tensors(plain, plain) == []
 
 
 def test_the_probe_names_each_saved_storage_once():
     model = torch.nn.Linear(8, 4)
-    probe = bench.SavedTensorProbe(model)
+    probe = saved_tensors.SavedTensorProbe(model)
     x = torch.randn(5, 8, requires_grad=True)
     with probe.micro_batch():
         h = model(x)  # saves x (the weight is a parameter: excluded)
@@ -121,7 +122,7 @@ def test_perturbed_copy_shares_all_but_the_targeted_weights(tmp_path):
 
     model = load_model(model_configs.write_random_checkpoint("tiny", tmp_path, dtype=torch.float32))
     spec = NoiseSpec(7, 0.01, "mlp")
-    noisy, copied = bench.perturbed_copy(model, spec)
+    noisy, copied = naive_psn.perturbed_copy(model, spec)
     mine, theirs = dict(model.named_parameters()), dict(noisy.named_parameters())
     assert set(mine) == set(theirs)
     mlp = [n for n in mine if ".mlp." in n]
@@ -136,7 +137,7 @@ def test_perturbed_copy_shares_all_but_the_targeted_weights(tmp_path):
             assert theirs[name] is p  # shared, not copied
     assert noisy.rope.cos is model.rope.cos
     # A tied lm_head that is targeted gets its own copy; the embedding stays clean and shared.
-    noisy, copied = bench.perturbed_copy(model, NoiseSpec(7, 0.01, "lm_head"))
+    noisy, copied = naive_psn.perturbed_copy(model, NoiseSpec(7, 0.01, "lm_head"))
     assert noisy.model.embed_tokens.weight is model.model.embed_tokens.weight
     assert noisy.lm_head.weight is not model.lm_head.weight
     assert not torch.equal(noisy.lm_head.weight, model.lm_head.weight)

@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The benches' --dtype names: torch's dtypes, and the names an engine or a config takes.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def device_slug(name: str) -> str:

@@ -52,7 +52,8 @@ from psnrl.bench import model_configs
 from psnrl.bench.decode_workloads import (FIXED, NANO_VLLM, NANO_VLLM_LENGTHS, NANO_VLLM_SEQS, Timing,
                                           Workload, decode_bytes_per_step, fixed_workload, mean_decode_context,
                                           nano_vllm_workload, peak_gbps, sequence_noise, time_engine, time_hf)
-from psnrl.bench.common import (BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing, device_and_sync,
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing,
+                                device_and_sync,
                                 error_row as _error_row, fmt_cell, free_memory, nonnegative_int, positive_int,
                                 positive_ints, ratio, round_or_none, run_meta, split_list)
 
@@ -70,7 +71,7 @@ NANO_VLLM_MODEL = "Qwen2.5-0.5B"
 HF_WARMUP_TOKENS = 16
 MODES = ("clean", "noisy", "mixed", "hf")
 ENGINE_MODES = ("clean", "noisy", "mixed")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = DTYPE_NAMES
 DEFAULT_SIGMA = 0.004
 DEFAULT_TARGETS = "mlp"
 NOISE_SEED = 0x5EED_0002

@@ -40,6 +40,7 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from psnrl.bench import model_configs  # noqa: E402
+from psnrl.bench.common import TORCH_DTYPES  # noqa: E402
 from psnrl.kernels import noise  # noqa: E402
 from psnrl.kernels.lm_head_logprob import lm_head_logprob  # noqa: E402
 from psnrl.kernels.noise import FILL_BITS, FILL_NOISE, _fill_kernel  # noqa: E402
@@ -52,7 +53,7 @@ from psnrl.kernels.paged_attention import (paged_attention, paged_decode_attenti
 HOPPER = GPUTarget("cuda", 90, 32)
 # Dynamic shared memory one block may use on an H100 (sm_90 opt-in maximum).
 HOPPER_MAX_SHARED = 232448
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")

@@ -51,24 +51,25 @@ except with ``--device cpu`` (a smoke run of every mode end to end: ``--device c
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import shutil
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+from psnrl.bench.naive_psn import perturbed_copy
+from psnrl.bench.logprob_mismatch import measure_mismatch
+from psnrl.bench.saved_tensors import SavedTensorProbe, extra_saved_tensors
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
                                 error_row as _error_row,
                                 error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
-                                positive_ints, ratio, round_or_none, run_meta, split_list)
+                                positive_ints, round_or_none, run_meta, split_list)
 
 NAME = "learner"
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
@@ -76,7 +77,7 @@ NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
 
 MODES = ("plain", "psn", "naive")
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = DTYPE_NAMES
 DEFAULT_SIGMA = 0.004
 DEFAULT_TARGETS = "mlp"
 NOISE_SEED = 0x5EED_0003
@@ -96,108 +97,6 @@ ROW_KEYS = ("model", "tokens", "activation_checkpointing", "mode", "peak_bytes",
             "seq_len", "prompt_len", "step_ms_all", "saved_tensors", "extra_saved_tensors")
 CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 META_KEYS = ("device", "torch", "triton")
-
-
-# ---------------------------------------------------------------------------
-# The naive baseline: a materialized perturbed copy of the targeted weights
-# ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def perturbed_weight(weight: torch.Tensor, seed: int, key: int, sigma: float) -> torch.Tensor:
-    """W + sigma E (psnrl/kernels/noise.py's contract), added in fp32 and rounded to W's dtype,
-    as the fused kernel forms its noisy tiles. Triton fill on a GPU, the torch twin on a CPU."""
-    from psnrl.kernels import noise as N
-
-    if N.runs_triton(weight):
-        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        N.fill_noise(out, seed, key, sigma)
-    else:
-        from psnrl.kernels import noise_reference as R
-        out = R.noise(tuple(weight.shape), seed, key, sigma, device=weight.device)
-    out.add_(weight)
-    return out.to(weight.dtype)
-
-
-@torch.no_grad()
-def perturbed_copy(model, spec) -> tuple[torch.nn.Module, int]:
-    """A second model whose targeted StreamLinear weights are W + sigma E; every other
-    parameter and buffer is shared with ``model`` (a tied lm_head gets its own copy only when
-    targeted, the embedding stays clean). Returns it and the bytes of the new weights."""
-    from psnrl.engine.layers import StreamLinear
-
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    noisy = copy.deepcopy(model, memo)
-    copied = 0
-    for name, module in model.named_modules():
-        if isinstance(module, StreamLinear) and module.group in spec.groups and spec.sigma > 0:
-            w = perturbed_weight(module.weight, spec.seed, module.key, spec.sigma)
-            noisy.get_submodule(name).weight = torch.nn.Parameter(w, requires_grad=False)
-            copied += w.numel() * w.element_size()
-    return noisy.eval(), copied
-
-
-# ---------------------------------------------------------------------------
-# Saved-for-backward bytes (the device-independent memory proxy)
-# ---------------------------------------------------------------------------
-
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "int64",
-                torch.int32: "int32", torch.bool: "bool", torch.uint8: "uint8"}
-
-
-def tensor_label(t: torch.Tensor) -> str:
-    """``bf16[8192x896]``: how a saved storage is named in the per-tensor accounting."""
-    return f"{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}[{'x'.join(map(str, t.shape))}]"
-
-
-class SavedTensorProbe:
-    """Bytes of the distinct storages autograd saves for backward, per micro-batch, and which
-    tensors they are (label -> count and bytes; a storage is named by the first tensor saved
-    from it).
-
-    Within one forward every saved tensor is alive (the graph holds it), so storages are told
-    apart by address. Parameters are excluded: they are held whatever the mode. The hooks
-    return the tensor itself, so they change nothing about memory.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.per_micro_batch: list[int] = []
-        self.tensors: list[dict[str, dict[str, int]]] = []  # per micro-batch: label -> {count, bytes}
-
-    @contextmanager
-    def micro_batch(self) -> Iterator[None]:
-        seen: dict[int, tuple[str, int]] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
-                return t
-            ptr = storage.data_ptr()
-            if ptr not in self.exclude and ptr not in seen:
-                seen[ptr] = (tensor_label(t), storage.nbytes())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield
-        self.per_micro_batch.append(sum(nbytes for _, nbytes in seen.values()))
-        tensors: dict[str, dict[str, int]] = {}
-        for label, nbytes in seen.values():
-            entry = tensors.setdefault(label, {"count": 0, "bytes": 0})
-            entry["count"] += 1
-            entry["bytes"] += nbytes
-        self.tensors.append(tensors)
-
-
-def extra_saved_tensors(mode: dict[str, dict[str, int]], plain: dict[str, dict[str, int]]) -> list[dict]:
-    """What a mode saves for backward that plain does not (or fewer of), per tensor label,
-    largest first: [{"tensor", "count", "bytes"}] with count and bytes as differences."""
-    out = []
-    for label in set(mode) | set(plain):
-        a, b = mode.get(label, {"count": 0, "bytes": 0}), plain.get(label, {"count": 0, "bytes": 0})
-        if a["count"] != b["count"] or a["bytes"] != b["bytes"]:
-            out.append({"tensor": label, "count": a["count"] - b["count"], "bytes": a["bytes"] - b["bytes"]})
-    return sorted(out, key=lambda e: (-abs(e["bytes"]), e["tensor"]))
 
 
 def _probed_learner_class():
@@ -371,65 +270,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
         row["extra_saved_tensors"] = (extra_saved_tensors(row["saved_tensors"], p["saved_tensors"])
                                       if p and not row.get("error") and not is_plain(row) else None)
     return out
-
-
-# ---------------------------------------------------------------------------
-# Engine vs learner log-probs of the same perturbed policy
-# ---------------------------------------------------------------------------
-
-def _stats(x: torch.Tensor) -> tuple[float, float, float]:
-    x = x.double().reshape(-1)
-    return x.mean().item(), torch.quantile(x, 0.99).item(), x.max().item()
-
-
-def measure_mismatch(path: Path, model: str, args: argparse.Namespace, spec) -> dict:
-    """Sample with the engine under ``spec``; compare its log-probs with the learner's."""
-    from psnrl.engine.llm import LLM
-    from psnrl.engine.sampling import SamplingParams
-    from psnrl.trainer.logprobs import dual_stream_logprobs, response_logprobs
-
-    n, plen, gen = args.mismatch_prompts, args.mismatch_prompt_len, args.mismatch_tokens
-    vocab = model_configs.get_config(model)["vocab_size"]
-    g = torch.Generator().manual_seed(args.seed * 7919 + 17)
-    prompts = torch.randint(0, vocab, (n, plen), generator=g).tolist()
-    block = 16
-    blocks = n * (math.ceil((plen + gen) / block) + 1)
-    llm = LLM(path, dtype=DTYPES[args.dtype], device=args.device, max_model_len=plen + gen, max_num_seqs=n,
-              block_size=block, num_kv_blocks=blocks + math.ceil(0.02 * blocks) + 4, seed=args.seed)
-    try:
-        params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=gen, ignore_eos=True,
-                                 seed=args.seed + i) for i in range(n)]
-        outs = llm.generate(prompts, params, noise=spec, use_tqdm=False)
-        seqs, plens, engine_lp = [], [], []
-        for out in outs:
-            c = out.outputs[0]
-            if len(c.token_ids) != gen:
-                raise RuntimeError(f"the engine stopped after {len(c.token_ids)} of {gen} tokens "
-                                   f"({c.finish_reason})")
-            seqs.append(list(out.prompt_token_ids) + list(c.token_ids))
-            plens.append(len(out.prompt_token_ids))
-            engine_lp.append(torch.tensor(c.logprobs, dtype=torch.float64))
-        with torch.no_grad():
-            dual = dual_stream_logprobs(llm.model, seqs, plens, spec)
-            noisy_model, _ = perturbed_copy(llm.model, spec)
-            naive = response_logprobs(noisy_model, seqs, plens).logprobs
-            del noisy_model
-    finally:
-        llm.close()
-        free_memory(args.device)
-    eng = torch.cat(engine_lp)
-    noisy, clean = dual.noisy.logprobs.double().cpu(), dual.clean.logprobs.double().cpu()
-    naive = naive.double().cpu()
-    out = {"model": model, "dtype": args.dtype, "sigma": spec.sigma, "targets": spec.targets,
-           "prompts": n, "prompt_len": plen, "tokens": int(eng.numel())}
-    for name, diff in (("engine_vs_learner", eng - noisy), ("noisy_vs_clean", noisy - clean),
-                       ("naive_vs_learner", naive - noisy)):
-        mean, p99, mx = _stats(diff.abs())
-        out.update({f"{name}_mean": mean, f"{name}_p99": p99, f"{name}_max": mx})
-    out["engine_vs_learner_over_effect"] = ratio(out["engine_vs_learner_mean"], out["noisy_vs_clean_mean"])
-    out["engine_logprob_mean"] = eng.mean().item()
-    # A non-finite figure (a NaN log-prob from the engine) is written as null, not as invalid JSON.
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------

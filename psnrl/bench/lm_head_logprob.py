@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_missing, cuda_peak_bytes,
+from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_missing,
+                                cuda_peak_bytes,
                                 error_text, markdown_table, gpu_timing_method, positive_int, ratio,
                                 round_or_none, run_meta)
 
@@ -31,7 +32,7 @@ NO_CUDA_MESSAGE = "psnrl bench lm-head needs a CUDA GPU; none found"
 TOKENS = (2048, 8192, 16384)
 VOCAB = 151936  # Qwen2.5
 HIDDEN = (896, 1536)  # Qwen2.5-0.5B, -1.5B
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 ENTROPY_WEIGHT = 0.01
 METHODS = ("ours", "naive")
 

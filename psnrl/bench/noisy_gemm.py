@@ -38,7 +38,7 @@ import torch
 from psnrl.bench import model_configs
 from psnrl.bench.report import (GEMM_CLEAN_RATIO, GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO, GEMM_LEARNER_MIN_M,
                                 GEMM_LEARNER_RATIO, GEMM_MIXED_RATIO)
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
+from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
                                 cuda_missing, error_row as _error_row, markdown_table, gpu_timing_method,
                                 positive_int, positive_ints, ratio, round_or_none, run_meta, split_list)
 
@@ -52,7 +52,7 @@ MODELS: dict[str, tuple[int, int]] = {
 }
 SHAPES = ("gate_up", "down")
 M_VALUES = (1, 8, 32, 128, 256, 1024, 4096, 16384)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 
 DEFAULT_SIGMA = 0.004
 DEFAULT_WARMUP = 10

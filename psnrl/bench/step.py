@@ -54,7 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
                                 device_and_sync,
                                 error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
                                 nonnegative_int, positive_int, round_or_none, run_meta, split_list)
@@ -78,7 +78,7 @@ MODE_OVERRIDES = {
 PHASES = ("rollout", "reward", "learner", "sync")
 EXTRA_PHASES = ("sigma",)
 TARGETS = {"psn": 1.05, "psn-var2": 1.10}  # step time / plain (psnrl/bench/README.md)
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = DTYPE_NAMES
 DEFAULT_SIGMA = 0.004
 DEFAULT_TARGETS = "mlp"
 TASK = "tiny-arith"
