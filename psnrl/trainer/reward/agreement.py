@@ -1,18 +1,13 @@
 """Agreement of :func:`verify` with Hugging Face ``math-verify`` on perturbed MATH-500 references.
 
-Each shipped MATH-500 reference answer gets rewritten variants of known truth: equivalent ones
-(``\\frac{a}{b}`` as ``(a)/(b)`` or an exact decimal, ``\\dfrac``, spacing, ``\\left( \\right)``,
-reordered sums, unit text, ``x = 5``, percent, reordered lists and unions) and non-equivalent ones
-(off-by-one numbers, rounded decimals of irrationals, sign flips, dropped terms or items, swapped
-tuples). Both verifiers score every (variant, reference) pair; the table counts, per kind, where
-they agree, where only one accepts, and how often each matches the intended label.
+Each distinct shipped MATH-500 reference answer gets rewrites of known truth, equivalent (``(a)/(b)``
+for ``\\frac{a}{b}``, exact decimals, spacing, reordered sums and sets, ``x = 5``, percent, ...) and
+not (off-by-one numbers, rounded decimals, sign flips, dropped terms, swapped tuples); both verifiers
+score each (variant, reference) pair, both seeing ``\\boxed{answer}``. math-verify runs in this process
+under its own SIGALRM limits; a pair that still takes ``MV_TIMEOUT_S`` or more is left out. Fixed seed.
 
-    pip install math-verify   # or: pip install -e .[compare]
+    pip install -e .[compare]   # math-verify
     python -m psnrl.trainer.reward.agreement [--limit N] [--json out.json]
-
-math-verify runs in this process under its own SIGALRM time limits (``parsing_timeout`` and
-``timeout_seconds``); a pair that still takes longer than ``MV_TIMEOUT_S`` is left out of the
-counts. Both sides see the answers wrapped in ``\\boxed{}``. Deterministic: fixed seed.
 """
 
 from __future__ import annotations
@@ -59,11 +54,6 @@ def is_scalar(s: str) -> bool:
             and not s.startswith(("(", "[", "\\{", "\\left")))
 
 
-def is_constant(s: str) -> bool:
-    """A scalar with no variable (letters only inside commands such as \\sqrt or \\pi)."""
-    return is_scalar(s) and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", s))
-
-
 def terms(s: str) -> Optional[list[tuple[str, str]]]:
     """The top-level terms of a scalar sum with at least two, else None."""
     parts = top_level(s, "+-") if is_scalar(s) and "\\pm" not in s else []
@@ -86,16 +76,30 @@ def join_terms(parts: list[tuple[str, str]]) -> str:
     return parts[0][1] + "".join(sep + p for sep, p in parts[1:])
 
 
-def exact_decimal(s: str) -> Optional[str]:
+def frac_decimal(s: str, exact: bool) -> Optional[str]:
+    """An integer fraction as its exact decimal (if it terminates) or rounded to 4 places (if not)."""
     m = FRAC.fullmatch(s)
     if not m or int(m.group(3)) == 0:
         return None
     f = Fraction(int(m.group(2)), int(m.group(3)))
-    for k in range(1, 12):
-        if (f * 10 ** k).denominator == 1:
-            q = f.numerator * 10 ** k // f.denominator
-            return f"{m.group(1)}{q // 10 ** k}.{q % 10 ** k:0{k}d}"
-    return None
+    k = next((k for k in range(12) if (f * 10 ** k).denominator == 1), None)
+    if exact and k is not None:
+        q = f.numerator * 10 ** k // f.denominator
+        return f"{m.group(1)}{q // 10 ** k}.{q % 10 ** k:0{k}d}" if k else None
+    return None if exact or k is not None else f"{m.group(1)}{float(f):.4f}"
+
+
+def as_inequality(s: str) -> Optional[str]:
+    """An interval as an inequality in x; only unmistakable intervals (\\infty or a square bracket)."""
+    it = items(s)
+    if it is None or len(it[2]) != 2 or it[0] == "\\{" or not ("\\infty" in s or "[" in s or "]" in s):
+        return None
+    (lo, hi), lo_op, hi_op = it[2], {"(": "<"}.get(it[0][-1], "\\le"), {")": "<"}.get(it[1][-1], "\\le")
+    if lo == "-\\infty":
+        return None if "infty" in hi else f"x {hi_op} {hi}"
+    if "infty" in hi:
+        return "x " + {"<": ">"}.get(lo_op, "\\ge") + " " + lo
+    return f"{lo} {lo_op} x {hi_op} {hi}"
 
 
 def sum_reorder(s):
@@ -156,7 +160,16 @@ def kinds(mv, rng) -> dict[str, tuple[bool, Callable[[str], Optional[str]]]]:
     return {
         "frac_to_slash": (True, lambda s: slash.sub(r"(\1)/(\2)", s)   # not in mixed numbers (1\frac{4}{5})
                           if slash.search(s) and not re.search(r"\d\s*\\[dt]?frac", s) else None),
-        "frac_to_decimal": (True, exact_decimal),
+        "frac_to_decimal": (True, lambda s: frac_decimal(s, exact=True)),
+        "neg_in_numerator": (True, lambda s: re.sub(r"^-\\([dt]?frac)\{([\w\\]+)\}", r"\\\1{-\2}", s)
+                             if re.match(r"-\\[dt]?frac\{[\w\\]+\}", s) else None),
+        "sci_notation": (True, lambda s: re.sub(r"^(-?\d*[1-9])(0{2,})$",
+                                                lambda m: f"{m[1]} \\times 10^{{{len(m[2])}}}", s)),
+        "sqrt_as_power": (True, lambda s: re.sub(r"\\sqrt\{([^{}]+)\}", r"(\1)^{1/2}", s)),
+        "explicit_cdot": (True, lambda s: re.sub(r"(?<=\d)\s*(?=\\sqrt|\\pi|[a-z](?![a-z\d])|\()", r" \\cdot ", s)),
+        "pm_expanded": (True, lambda s: s.replace("\\pm", "+", 1) + ", " + s.replace("\\pm", "-", 1)
+                        if s.count("\\pm") == 1 and is_scalar(s) else None),
+        "interval_as_inequality": (True, as_inequality),
         "int_as_frac": (True, lambda s: f"\\frac{{{2 * int(s)}}}{{2}}" if re.fullmatch(r"-?\d+", s) else None),
         "dfrac": (True, lambda s: s.replace("\\frac", "\\dfrac") if "\\frac" in s else None),
         "spaces": (True, lambda s: re.sub(r"(?<=\d)(?=\\(?!d?frac)[a-z])", r"\\,",   # not 1\,\frac45
@@ -165,12 +178,15 @@ def kinds(mv, rng) -> dict[str, tuple[bool, Callable[[str], Optional[str]]]]:
                        if "(" in s and "\\left" not in s else None),
         "sum_reorder": (True, sum_reorder),
         "units_text": (True, lambda s: s + "\\text{ cm}" if NUMBER.fullmatch(s) else None),
-        "x_equals": (True, lambda s: "x = " + s if is_constant(s) else None),
+        "x_equals": (True, lambda s: "x = " + s   # only for constants: letters only in commands (\\pi)
+                     if is_scalar(s) and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", s)) else None),
         "percent": (True, lambda s: s + "\\%" if NUMBER.fullmatch(s) else None),
         "set_reorder": (True, lambda s: reverse_items(s, False)),
         "union_reorder": (True, lambda s: "\\cup".join(reversed(s.split("\\cup"))) if "\\cup" in s else None),
         "off_by_one": (False, lambda s: off_by_one(s, rng)),
         "rounded_irrational": (False, lambda s: rounded_irrational(s, mv)),
+        "rounded_fraction": (False, lambda s: frac_decimal(s, exact=False)),
+        "swapped_fraction": (False, lambda s: FRAC.sub(r"\1\\frac{\3}{\2}", s) if FRAC.fullmatch(s) else None),
         "sign_flip": (False, sign_flip),
         "dropped_term": (False, dropped),
         "tuple_swap": (False, lambda s: reverse_items(s, True)),
