@@ -11,7 +11,7 @@ EXACT_REL_TOL = 1e-25
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Knobs of the verifier; the defaults are the policy documented in the module docstring."""
+    """Knobs of the verifier; the defaults are the policy documented in the package docstring (__init__.py)."""
 
     rel_tol: float = 1e-6            # numeric comparison: |a-b| <= rel_tol * max(|a|, |b|)
     timeout_s: float = 1.0           # wall-clock limit of one symbolic check (worker process)

@@ -5,7 +5,6 @@ scalar nodes:  ('num', Fraction) ('sym', name) ('const', 'pi'|'E'|'I'|'oo')
                ('root', x) ('root', x, n) ('func', name, arg...)
 structures:    ('tuple', open, close, item...) ('set', item...) ('list', item...)
                ('union', item...) ('rel', op, lhs, rhs) ('matrix', ncols, entry...)
-
 """
 
 from __future__ import annotations
