@@ -121,3 +121,20 @@ def test_score_batch_decides_repeated_pairs_once_and_skips_non_strings():
     comps = [r"\boxed{\sin(\pi)}"] * 8 + [r"\boxed{1}", None, r"\boxed{2}"]
     refs = ["0"] * 8 + [None, "1", "2"]
     assert score_batch(comps, refs) == [1.0] * 8 + [0.0, 0.0, 1.0]
+
+
+def test_a_ctrl_c_in_the_terminal_does_not_reach_the_workers():
+    """Workers run in their own session: SIGINT to the trainer's process group (what a terminal
+    sends on Ctrl-C) leaves them scoring, so an iteration finishing after Ctrl-C keeps its rewards."""
+    import signal
+
+    worker = P._Worker()
+    try:
+        assert os.getsid(worker.proc.pid) != os.getsid(0)
+        os.killpg(os.getpgid(worker.proc.pid), signal.SIGINT)  # its own group: the trainer's is untouched
+        time.sleep(0.2)
+        assert worker.proc.poll() is not None  # a signal sent to its group does reach it
+    finally:
+        worker.proc.kill()
+        worker.proc.wait()
+    assert math_reward(r"\boxed{\frac{1}{2}}", "0.5") == 1.0  # the pool itself still works

@@ -97,7 +97,10 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _WORKER_BOOT, os.path.dirname(os.path.abspath(__file__))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            close_fds=True)
+            # Its own session: a Ctrl-C in the terminal reaches the trainer (which stops at the next
+            # iteration boundary), not the workers still scoring this iteration. A worker whose
+            # parent dies sees its stdin close and exits.
+            close_fds=True, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
         self.buf = b""
         self.state = "starting"
