@@ -12,29 +12,33 @@ Passes over the row (each reads its V logits):
 
 1. max, the bad-row flags, the first argmax and the online logsumexp of the raw logits.
    Greedy and bad rows are done.
-2. (top-k rows) the k-th largest z, by a bitwise search over the order key
+2. (top-k rows) the k-th largest z, searched over the order key
    ``d = bits(z) & 0x7FFFFFFF``: z <= 0, so z1 >= z2 iff d1 <= d2, -0.0 and +0.0 share
-   d = 0, -inf is 0x7F800000. 31 passes, each counting ``d <= c`` for one candidate c.
+   d = 0, -inf is 0x7F800000. 8 passes, each counting ``d < c`` for 15 candidates c
+   (4 bits of the 31-bit key per pass).
 3. (top-p rows) the largest D with ``mass(d < D) < p`` (the mass of the tokens strictly
-   above D, over the top-k survivors, renormalized): 31 passes. The tokens kept by
-   torch's sorted rule "rank i is kept iff the mass of ranks < i is < p" are exactly
-   ``d <= D``, ties with the boundary included.
+   above D, over the top-k survivors, renormalized): 8 passes the same way. The tokens
+   kept by torch's sorted rule "rank i is kept iff the mass of ranks < i is < p" are
+   exactly ``d <= D``, ties with the boundary included; p >= 1 skips the search.
 4. the race over ``d <= D`` (D clamped to finite z) and the logsumexp of the kept z.
 
-So: bad and greedy rows 1 pass, untruncated sampled rows 2, top-k or top-p 33, both 64.
+So: bad and greedy rows 1 pass, untruncated sampled rows 2, top-k or top-p 10, both 18.
 z is recomputed in every pass as torch rounds it (``x - max`` then an IEEE division by
-T), which is why the race cannot share pass 1: its keys need the final max to be the
-same fp32 numbers as torch's.
+T; the kernel is compiled without fma contraction, so each operation rounds as torch's
+separate kernels round it), which is why the race cannot share pass 1: its keys need
+the final max to be the same fp32 numbers as torch's.
 
-Agreement with the torch sampler: tokens are identical whenever both compute the same
-Gumbel keys, i.e. whenever the fp32 ``log``/``log1p`` of the two agree; on the GPU the
-kernel calls libdevice's, the CUDA math functions torch calls. The interpreter computes
-them in fp64 rounded to fp32 (correctly rounded), while torch's CPU ``log`` is within
-1 ulp: keys can differ by an ulp, so a token can differ only where two keys are that
-close. The top-p decision compares an fp32 mass sum with p, as torch's cumsum does in
-another order: the kept set can differ where the mass above a candidate is within fp32
-rounding (~1e-6 relative) of p. Log-probs agree to ~1e-6 (the sums are ordered
-differently).
+Agreement with the torch sampler: z and the top-k set are bit-exact. Tokens are identical
+whenever both compute the same Gumbel noise, i.e. whenever their fp32 ``log``/``log1p``
+agree: on the GPU the kernel calls libdevice's, the CUDA math library's functions that
+torch calls (Triton links their flush-to-zero flavour, the same on the normal numbers
+that are all these functions see here); the interpreter computes them in fp64 rounded to fp32 (correctly rounded)
+while torch's CPU ``log`` is within an ulp, so there the noise can differ by an ulp and
+a token can differ only where the two best keys are that close. Exact key ties go to
+the first index, as torch's argmax. The top-p decision compares an fp32 mass sum with
+p, as torch's cumsum does in another order: the kept set can differ only where the mass
+above a candidate is within fp32 rounding (~1e-6 relative) of p. Log-probs agree to
+~1e-6 (sums in another order, ``tl.exp``/``tl.log`` approximations on the GPU).
 """
 from __future__ import annotations
 
@@ -196,8 +200,8 @@ def _sample_kernel(x_ptr, stride_x, V, seed_ptr, step_ptr, temp_ptr, top_p_ptr, 
             D = tl.minimum(D, _search(row_ptr, V, stop_ids, m, t, D, p, True, HAS_STOPS, BLOCK))
 
         # The race over the kept tokens, and their logsumexp.
-        k1, k2 = stream_keys((tl.load(seed_ptr + row) & 0xFFFFFFFF).to(tl.uint32),
-                             (tl.load(seed_ptr + row) >> 32).to(tl.uint32),
+        seed = tl.load(seed_ptr + row)
+        k1, k2 = stream_keys((seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32),
                              tl.load(step_ptr + row).to(tl.uint32) ^ STEP_SALT)
         best = tl.full((), float("-inf"), tl.float32)
         win = tl.full((), 0, tl.int32)
@@ -282,5 +286,5 @@ def sample_rows(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, 
     _sample_kernel[(b,)](logits, logits.stride(0), v, seeds, steps, temperature, top_p, top_k,
                          stops, stops.stride(0), width, mask, *out,
                          HAS_STOPS=has_stops, SB=triton.next_power_of_2(max(width, 1)),
-                         SAMPLED=logprobs_mode == "sampled", BLOCK=block, num_warps=8)
+                         SAMPLED=logprobs_mode == "sampled", BLOCK=block, num_warps=8, enable_fp_fusion=False)
     return out
