@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_fill_kernel", "_noisy_linear_kernel", "_splitk_reduce_kernel", "_decode_kernel",
            "_decode_reduce_kernel", "_prefill_kernel", "_store_kv_kernel", "_partials_kernel",
-           "_grad_logits_kernel"}
+           "_grad_logits_kernel", "_sample_kernel"}
 
 
 def test_kernels_compile_for_sm90_without_spills():

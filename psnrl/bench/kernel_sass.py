@@ -49,6 +49,7 @@ from psnrl.kernels.noisy_linear import _noisy_linear_kernel, dual_linear, noisy_
 from psnrl.kernels.kv_store import store_kv_skip_padding  # noqa: E402
 from psnrl.kernels.paged_attention import (paged_attention, paged_decode_attention, pick_num_splits,  # noqa: E402
                                      prefill_attention)
+from psnrl.kernels.sampler import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Dynamic shared memory one block may use on an H100 (sm_90 opt-in maximum).
@@ -297,6 +298,14 @@ def _fill(dtype: torch.dtype) -> None:
     noise.fill_noise(torch.empty(_INTER, _HIDDEN, dtype=dtype), seed=3, key=7, sigma=1e-3)
 
 
+def _sample(dtype: torch.dtype, stops: bool) -> None:
+    b = 64
+    i64 = dict(dtype=torch.int64)
+    masking = dict(stop_ids=torch.full((b, 2), -1, dtype=torch.int32), mask_stops=torch.zeros(b, dtype=torch.bool))
+    sample_rows(torch.empty(b, _VOCAB, dtype=dtype), torch.zeros(b, **i64), torch.zeros(b, **i64), torch.ones(b),
+                torch.ones(b), torch.full((b,), -1, **i64), **(masking if stops else {}))
+
+
 def launch_cases() -> list[tuple[str, Callable[[torch.dtype], None]]]:
     """(description, call with a dtype): the wrapper calls that the engine and the learner make on
     a GPU, at Qwen2.5-1.5B's shapes (and 7B's attention heads)."""
@@ -327,6 +336,8 @@ def launch_cases() -> list[tuple[str, Callable[[torch.dtype], None]]]:
         ("lm_head_logprob T=16 forward+backward", lambda dt: _logprob(dt, 16, 19456, 128, True)),
         ("lm_head_logprob T=256 forward+backward", lambda dt: _logprob(dt, 256, 19456, 128, True)),
         ("fill_noise gate_proj weight", _fill),
+        (f"sample_rows B=64 V={_VOCAB}", lambda dt: _sample(dt, False)),
+        (f"sample_rows B=64 V={_VOCAB}, stop tokens masked", lambda dt: _sample(dt, True)),
     ]
     for model in ("1.5B", "7B"):
         cases += [
