@@ -284,3 +284,29 @@ def test_time_steps_splits_a_step_into_forward_and_sampler(checkpoint):
     plain.add_requests(PROMPTS[:1], GREEDY)
     out = plain.step()
     assert out.forward_ms is None and out.sample_ms is None  # off by default: no events recorded
+
+
+def test_the_fused_sampler_takes_the_engines_inputs_and_draws_the_same_tokens(checkpoint, monkeypatch):
+    """The engine feeds psnrl/kernels/sampler.py (run here by Triton's interpreter) what it feeds
+    the torch sampler: the same tokens, log-probs within 1e-5, for greedy, sampled and truncated rows."""
+    from psnrl.kernels import sampler as kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real = kernel.sample_rows
+    monkeypatch.setattr(kernel, "sample_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, path = checkpoint
+    params = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+              SamplingParams(n=2, temperature=1.0, max_tokens=4, ignore_eos=True, seed=5),
+              SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=6)]
+    runs = []
+    for fused in (False, True):
+        llm = make(path)
+        llm.sampler.fused = fused
+        runs.append(llm.generate(PROMPTS[:3], params, noise=[None, NoiseSpec(seed=3, sigma=0.05), None],
+                                 use_tqdm=False))
+    assert len(calls) == 4  # every step of the fused run, none of the torch run
+    for torch_out, fused_out in zip(*runs):
+        for a, b in zip(torch_out.outputs, fused_out.outputs):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)

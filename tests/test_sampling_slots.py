@@ -20,6 +20,7 @@ def test_rows_gather_each_sequences_constants_by_slot_and_grow_past_capacity():
     assert torch.allclose(r.top_p, torch.tensor([params[i].top_p for i in order]))
     assert r.top_k.tolist() == [params[i].top_k for i in order]
     assert r.steps.tolist() == [5, 0, 9] and r.truncates  # sequence 3 has top-p 0.9
+    assert all(t.is_contiguous() for t in (r.seeds, r.temperatures, r.top_p, r.top_k, r.steps))  # kernel inputs
 
 
 def test_truncation_is_known_on_the_host():

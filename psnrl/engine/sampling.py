@@ -390,6 +390,8 @@ class Sampler:
             raise ValueError(f"logprobs_mode must be 'sampled' or 'raw', got {logprobs_mode!r}")
         self.generator = torch.Generator().manual_seed(seed)
         self.logprobs_mode = logprobs_mode
+        # The fused kernel: None = on CUDA logits; True also runs it under Triton's interpreter.
+        self.fused: bool | None = None
 
     def request_seed(self, params: SamplingParams) -> int:
         """params.seed, or a fresh draw in [0, 2**63 - 1) from the engine's generator."""
@@ -405,6 +407,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor,
                  top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                  truncates: bool | None = None) -> SampleOutput:
+        """On a GPU one fused kernel (psnrl/kernels/sampler.py: the same draws, no [B, V]
+        temporaries, no host sync); elsewhere ``sample``, its torch reference."""
+        if self.fused if self.fused is not None else logits.is_cuda:
+            from psnrl.kernels.sampler import sample_rows
+
+            tokens, logprobs, bad = sample_rows(logits, seeds, steps, temperatures, top_p, top_k,
+                                                logprobs_mode=self.logprobs_mode)
+            return SampleOutput(tokens, logprobs, bad)
         return sample(logits, temperatures, top_p, top_k, seeds, steps, logprobs_mode=self.logprobs_mode,
                       truncates=truncates)
 

@@ -32,8 +32,10 @@ class SamplingSlots:
         self.device = device
         self.vocab = vocab
         self.capacity = 0
-        self.ints = torch.empty(0, 2, dtype=torch.int64, device=device)  # (seed, top_k) per slot
-        self.floats = torch.empty(0, 2, dtype=torch.float32, device=device)  # (temperature, top_p)
+        # Field-major, so one gather gives each field as a contiguous [B] row (the fused sampler
+        # reads them so): ints = (seed, top_k), floats = (temperature, top_p), one column per slot.
+        self.ints = torch.empty(2, 0, dtype=torch.int64, device=device)
+        self.floats = torch.empty(2, 0, dtype=torch.float32, device=device)
         self._truncates: list[bool] = []
         self._free: list[int] = []
         self._unwritten: dict[int, tuple[int, SamplingParams]] = {}
@@ -73,8 +75,8 @@ class SamplingSlots:
         host[1] = torch.as_tensor(steps, dtype=torch.int64)
         dev = host.to(self.device, non_blocking=True)
         index = dev[0]
-        ints, floats = self.ints[index], self.floats[index]
-        return RowState(floats[:, 0], floats[:, 1], ints[:, 1], ints[:, 0], dev[1],
+        ints, floats = self.ints.index_select(1, index), self.floats.index_select(1, index)
+        return RowState(floats[0], floats[1], ints[1], ints[0], dev[1],
                         any(self._truncates[s] for s in slots))
 
     def _write_new(self) -> None:
@@ -85,14 +87,14 @@ class SamplingSlots:
         ints = torch.tensor([[seed, p.top_k] for seed, p in values], dtype=torch.int64)
         floats = torch.tensor([[p.temperature, p.top_p] for _, p in values], dtype=torch.float32)
         index = torch.tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
-        self.ints.index_copy_(0, index, ints.to(self.device, non_blocking=True))
-        self.floats.index_copy_(0, index, floats.to(self.device, non_blocking=True))
+        self.ints.index_copy_(1, index, ints.t().to(self.device, non_blocking=True))
+        self.floats.index_copy_(1, index, floats.t().to(self.device, non_blocking=True))
         self._unwritten.clear()
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
-        self.ints = torch.cat([self.ints, self.ints.new_zeros(capacity - old, 2)])
-        self.floats = torch.cat([self.floats, self.floats.new_zeros(capacity - old, 2)])
+        self.ints = torch.cat([self.ints, self.ints.new_zeros(2, capacity - old)], dim=1)
+        self.floats = torch.cat([self.floats, self.floats.new_zeros(2, capacity - old)], dim=1)
         self._truncates += [False] * (capacity - old)
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
         self.capacity = capacity

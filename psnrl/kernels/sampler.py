@@ -231,6 +231,8 @@ def _check(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[tor
     if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
         raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))} of shape {list(shape)} on {device}, "
                          f"got {t.dtype} of shape {list(t.shape)} on {t.device}")
+    if not t.is_contiguous():  # the kernel reads element i at ptr + i
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
 def sample_rows(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, temperature: torch.Tensor,
