@@ -189,7 +189,7 @@ def test_gumbel_noise_is_the_engines(seed, step, device):
     """The race noise -log E of 2**20 vocab ids, the tails included (u near 1 needs log1p).
     On the GPU it is bit-identical (libdevice); the interpreter's logs are correctly rounded
     and torch's CPU ones within an ulp, hence the tolerance there."""
-    n, block = 1 << 20, 1 << 16
+    n, block = 1 << 20, (1 << 16 if device == "cpu" else 1024)  # the interpreter: few big blocks
     seeds = torch.tensor([seed], dtype=torch.int64, device=device)
     steps = torch.tensor([step], dtype=torch.int64, device=device)
     got = torch.empty(n, device=device)
