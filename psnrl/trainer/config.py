@@ -396,9 +396,10 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class LogConfig(_Section):
-    """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/,
-    trainer.tensorboard; no extra package) and the reward/sigma PNG (<dir>/reward_sigma.png,
-    trainer.charts; needs matplotlib, the ``plots`` extra, else the run says it is not drawn)."""
+    """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/;
+    needs tensorboardX, the ``tensorboard`` extra, else the run says logging is off) and the
+    reward/sigma PNG (<dir>/reward_sigma.png, trainer.charts; needs matplotlib, the ``plots``
+    extra, else the run says it is not drawn)."""
 
     _name = "log"
     dir: str = "runs/tiny"
