@@ -197,8 +197,8 @@ def test_frozen():
 def test_direct_construction_is_validated():
     with pytest.raises(ConfigError, match=r"rollout\.group_size must be >= 2"):
         RolloutConfig(group_size=1)
-    with pytest.raises(ConfigError, match=r"algo\.k must be int or null, got '2' \(str\)"):
-        AlgoConfig(k="2")
+    with pytest.raises(ConfigError, match=r"algo\.tis_cap must be finite, got inf"):
+        AlgoConfig(tis_cap=float("inf"))
     with pytest.raises(ConfigError, match="section rollout must be a RolloutConfig"):
         TrainConfig(rollout={"group_size": 4})
 
@@ -255,7 +255,7 @@ def test_bad_names(override, pattern):
     ("rollout.group_size=8.0", "rollout.group_size must be int, got 8.0 (float)"),
     ("train.lr=fast", "train.lr must be float, got 'fast' (str)"),
     ("train.lr=false", "train.lr must be float, got False (bool)"),
-    ("noise.enabled=1", "noise.enabled must be bool, got 1 (int)"),
+    ("noise.enabled=maybe", "noise.enabled must be bool, got 'maybe' (str)"),  # (OmegaConf: 1, yes, on are true)
     ("model.path=null", "model.path must be str, got None (NoneType)"),
     ("algo.tis_cap=[10]", "algo.tis_cap must be float or null, got [10] (list)"),
     ("eval.ks=4", "eval.ks must be list of int, got 4 (int)"),
@@ -363,8 +363,15 @@ def test_override_must_be_a_string_list():
 
 
 def test_unparsable_override_value():
-    with pytest.raises(ConfigError, match=r"override 'eval\.ks=\[1,', line 1, column 4: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"^override 'eval\.ks=\[1,': invalid YAML: did not find expected"):
         load_config(None, ["eval.ks=[1,"])
+
+
+def test_bad_interpolation(tmp_path):
+    assert error(None, "log.dir=${") == "override 'log.dir=${': no viable alternative at input '${'"
+    path = write(tmp_path, "log:\n  dir: ${nope}\n")
+    assert error(path) == f"{path}: log.dir: Interpolation key 'nope' not found"
+    assert load_config(path, ["log.dir=runs/x"]).log.dir == "runs/x"
 
 
 def test_missing_file(tmp_path):
@@ -387,7 +394,7 @@ def test_file_not_a_mapping(tmp_path):
 
 def test_invalid_yaml_file(tmp_path):
     path = write(tmp_path, "rollout:\n  group_size: [8\n")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line 3, column 1: invalid YAML: expected ','"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}, line 3, column 1: invalid YAML: .*expected ','"):
         load_config(path)
 
 

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from event_files import event_files, scalars, shown
 from psnrl.trainer.checkpoint import checkpoints, save_checkpoint
 from psnrl.trainer.cli import main
 from psnrl.trainer.config import load_config
@@ -43,9 +44,11 @@ def test_a_short_run_logs_metrics_and_evaluates(tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "run" / "checkpoints")] == [
         "iter-000002.safetensors", "iter-000003.safetensors"]
     assert (tmp_path / "run" / "config.yaml").is_file()
-    # TensorBoard event files and the reward/sigma PNG, by default and without extra packages.
-    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
-    assert b"brain.Event:2" in events.read_bytes() and b"eval/tiny-arith/pass@1" in events.read_bytes()
+    # TensorBoard event files (tensorboardX) and the reward/sigma PNG (matplotlib), by default.
+    assert len(event_files(tmp_path / "run" / "tensorboard")) == 2  # a new file after each checkpoint
+    tb = scalars(tmp_path / "run" / "tensorboard")
+    assert tb["reward_mean"] == {r["iteration"]: pytest.approx(r["reward_mean"]) for r in rows}
+    assert set(tb["eval/tiny-arith/pass_1"]) == {0, 2, 3}  # before RL, every 2 iterations, the last
     assert (tmp_path / "run" / "reward_sigma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -83,15 +86,17 @@ def test_var2_probes_drive_sigma(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = trainer(tmp_path, "a", "train.iterations=4")
+    straight = trainer(tmp_path, "a", "train.iterations=5")
     straight.run()
     first = trainer(tmp_path, "b", "train.iterations=2")
     first.run()
-    resumed = trainer(tmp_path, "b", "train.iterations=4", resume=True)
+    # Iteration 5 goes to the file opened after checkpoint 4, which must not purge 3 and 4 again.
+    resumed = trainer(tmp_path, "b", "train.iterations=5", resume=True)
     resumed.run()
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(p, q), name
     assert resumed.sigma.state_dict() == straight.sigma.state_dict()
+    assert shown(tmp_path / "b") == shown(tmp_path / "a")
 
 
 def test_ctrl_c_stops_at_the_next_iteration_boundary_and_saves_it(tmp_path, monkeypatch):

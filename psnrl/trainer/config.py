@@ -1,4 +1,5 @@
-"""The trainer's configuration: nested frozen dataclasses, YAML files and ``section.key=value``.
+"""The trainer's configuration: nested frozen dataclasses (the schema), YAML files and
+``section.key=value`` overrides, merged on OmegaConf structured configs.
 
     cfg = load_config("qwen2.5-math-7b", ["model.path=/models/Qwen2.5-Math-7B", "algo.kl_coef=0"])
     (run_dir / "config.yaml").write_text(dump_config(cfg))     # the resolved config of a run
@@ -6,8 +7,10 @@
 A config file maps section names to mappings of keys (``psnrl/trainer/configs/*.yaml``; a shipped
 config is also found by its stem, e.g. ``"tiny"``). Keys a file leaves out keep their defaults,
 and the defaults are the tiny CPU run (``configs/tiny.yaml``). Override values are parsed as
-YAML (``1e-4``, ``true``, ``null``, ``[1, 2]``). Every error is a :class:`ConfigError` raised
-before any work starts, naming the key, the value and where it came from (file or override).
+YAML (``1e-4``, ``true``, ``null``, ``[1, 2]``). OmegaConf checks the keys and converts each value
+to its annotated type (as it does, ``1``/``yes`` are true for a bool); each section's ``_check``
+then checks the ranges. Every error is a one-line :class:`ConfigError` raised before any work
+starts, naming the key, the value and where it came from (file or override).
 
 Options owned by other modules are validated by those modules (``LossConfig``,
 ``SamplingParams``, ``EngineConfig``, ``NoiseSpec``, ``compute_advantages``), through
@@ -19,17 +22,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from psnrl.engine.llm import EngineConfig
 from psnrl.engine.noise_spec import NoiseSpec
@@ -64,39 +66,7 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# type coercion
-
-_NO = object()  # "does not match"
-
-
-def _match(value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint`` (int -> float, list -> tuple), or _NO."""
-    if hint is type(None):
-        return None if value is None else _NO
-    if hint in (bool, str):
-        return value if isinstance(value, hint) else _NO
-    if isinstance(value, bool):  # bool is an int subclass: never a number here
-        return _NO
-    if hint is int:
-        return value if isinstance(value, int) else _NO
-    if hint is float:
-        return float(value) if isinstance(value, (int, float)) else _NO
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            if (out := _match(value, arg)) is not _NO:
-                return out
-        return _NO
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return _NO
-        item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        if len(item_hints) != len(value):
-            return _NO
-        out = tuple(_match(v, h) for v, h in zip(value, item_hints))
-        return _NO if any(o is _NO for o in out) else out
-    raise TypeError(f"unsupported config type {hint!r}")
-
+# messages
 
 def _type_name(hint: Any) -> str:
     if hint is type(None):
@@ -117,21 +87,6 @@ def _finite(value: Any) -> bool:
     return all(map(_finite, value)) if isinstance(value, tuple) else True
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    out = _match(value, hint)
-    if out is _NO:
-        got = f"{value!r} ({type(value).__name__})"
-        raise ConfigError(f"{key} must be {_type_name(hint)}, got {got}", key)
-    if not _finite(out):
-        raise ConfigError(f"{key} must be finite, got {value!r}", key)
-    return out
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _suggest(word: str, options: Sequence[str], listed: bool = False) -> str:
     """A "did you mean" for the closest option, else the options (unless the message lists them)."""
     close = difflib.get_close_matches(word, options, n=1)
@@ -141,15 +96,15 @@ def _suggest(word: str, options: Sequence[str], listed: bool = False) -> str:
 
 
 class _Section:
-    """Shared by the sections: coerce every field to its annotated type, then check ranges."""
+    """Shared by the sections: finite numbers (OmegaConf lets NaN and inf through), then ranges."""
 
     _name = ""  # the section's name in files and overrides
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            key = f"{self._name}.{f.name}"
-            value = _coerce(key, getattr(self, f.name), _hints(type(self))[f.name])
-            object.__setattr__(self, f.name, value)
+            if not _finite(value := getattr(self, f.name)):
+                key = f"{self._name}.{f.name}"
+                raise ConfigError(f"{key} must be finite, got {value!r}", key)
         self._check()
 
     def _check(self) -> None:
@@ -397,9 +352,10 @@ class CheckpointConfig(_Section):
 
 @dataclass(frozen=True)
 class LogConfig(_Section):
-    """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/,
-    trainer.tensorboard; no extra package) and the reward/sigma PNG (<dir>/reward_sigma.png,
-    trainer.charts; needs matplotlib, the ``plots`` extra, else the run says it is not drawn)."""
+    """The run directory (metrics, resolved config), TensorBoard event files (<dir>/tensorboard/;
+    needs tensorboardX, the ``tensorboard`` extra, else the run says logging is off) and the
+    reward/sigma PNG (<dir>/reward_sigma.png, trainer.charts; needs matplotlib, the ``plots``
+    extra, else the run says it is not drawn)."""
 
     _name = "log"
     dir: str = "runs/tiny"
@@ -506,17 +462,7 @@ _SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name 
 
 
 # ---------------------------------------------------------------------------------------------
-# dicts, YAML
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-4 and 5E+3 as floats (YAML 1.2; PyYAML's 1.1 wants 1.0e-4)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
+# dicts, YAML, overrides
 
 class _Dumper(yaml.SafeDumper):
     """Lists in flow style ([1, 4]), sections as blocks."""
@@ -542,42 +488,63 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
 
 
-def _check_key(section: Any, key: Any = None) -> None:
-    """ConfigError for an unknown section (or section.key), with the nearest valid name."""
+def _unknown(section: str, key: str | None = None) -> ConfigError:
+    """An unknown section (or section.key), with the nearest valid name."""
     if section not in _SECTIONS:
-        section = str(section)
-        raise ConfigError(f"unknown section {section}{_suggest(section, tuple(_SECTIONS))}", section)
-    keys = tuple(f"{section}.{f.name}" for f in fields(_SECTIONS[section]))
-    if key is not None and f"{section}.{key}" not in keys:
-        key = f"{section}.{key}"
-        raise ConfigError(f"unknown key {key}{_suggest(key, keys)}", key)
+        return ConfigError(f"unknown section {section}{_suggest(section, tuple(_SECTIONS))}", section)
+    name, keys = f"{section}.{key}", tuple(f"{section}.{f.name}" for f in fields(_SECTIONS[section]))
+    return ConfigError(f"unknown key {name}{_suggest(name, keys)}", name)
 
 
-def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
-    """Build and validate a config from {section: {key: value}}; missing keys keep defaults."""
+def _first_line(e: OmegaConfBaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__  # the rest: OmegaConf's object types
+
+
+def config_from_dict(raw: Mapping[str, Any], origin: Mapping[str, str] | None = None,
+                     default: str | None = None) -> TrainConfig:
+    """Build and validate a config from {section: {key: value}}; missing keys keep defaults.
+    An error's message starts with ``origin[its key]`` (where that value came from), else ``default``."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
-    sections = {}
-    for name, values in raw.items():
-        _check_key(name)
-        if values is None:  # "section:" with nothing under it
-            values = {}
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"section {name} must be a mapping of keys, got {values!r} "
-                              f"({type(values).__name__})", name)
-        for key in values:
-            _check_key(name, key)
-        sections[name] = _SECTIONS[name](**values)
-    return TrainConfig(**sections)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
+    schema = OmegaConf.structured(TrainConfig)
+    for node in (schema, *(schema[name] for name in _SECTIONS)):  # frozen dataclasses are read-only
+        OmegaConf.set_readonly(node, False)
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:  # its own text names "<unicode string>" and spans lines
-        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
-        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else where
-        raise ConfigError(" ".join(f"{at}: invalid YAML: {problem}".split())) from None
+        for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise _unknown(str(section))
+            if values is None:  # "section:" with nothing under it
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"section {section} must be a mapping of keys, got {values!r} "
+                                  f"({type(values).__name__})", section)
+            for key, value in values.items():  # one at a time: an error is that key's
+                name = f"{section}.{key}"
+                try:
+                    schema.merge_with({section: {key: value}})
+                except ConfigKeyError:
+                    raise _unknown(section, key) from None
+                except ValidationError:
+                    got = f"{value!r} ({type(value).__name__})"
+                    raise ConfigError(f"{name} must be {_type_name(typing.get_type_hints(_SECTIONS[section])[key])}, "
+                                      f"got {got}", name) from None
+                except OmegaConfBaseException as e:
+                    raise ConfigError(f"{name}: {_first_line(e)}", name) from None
+        try:
+            return OmegaConf.to_object(schema)  # the dataclasses: ranges and cross-checks
+        except OmegaConfBaseException as e:  # an interpolation ("${...}") that does not resolve
+            raise ConfigError(f"{e.full_key}: {_first_line(e)}", e.full_key) from None
+    except ConfigError as e:
+        where = (origin or {}).get(e.key or "", default)
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {e}", e.key) from None
+
+
+def _invalid_yaml(where: str, e: yaml.YAMLError, marked: bool = True) -> ConfigError:
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+    at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None and marked else where
+    return ConfigError(" ".join(f"{at}: invalid YAML: {problem}".split()))  # (its own text spans lines)
 
 
 def _config_file(path: str | Path) -> Path:
@@ -591,47 +558,51 @@ def _config_file(path: str | Path) -> Path:
     return file
 
 
+def _load_file(file: Path) -> dict[str, Any]:
+    """{section: {key: value} or None}, or a ConfigError naming the file."""
+    try:
+        loaded = OmegaConf.load(file)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise _invalid_yaml(str(file), e) from None
+    except OmegaConfBaseException as e:  # an interpolation ("${...}") that does not parse
+        raise ConfigError(f"{file}: {e.full_key}: {_first_line(e)}", e.full_key) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{file}: a config file must be a mapping of sections "
+                          f"({{section: {{key: value}}}}), got a list")
+    raw = OmegaConf.to_container(loaded)
+    for section, values in raw.items():  # checked here: an override must not paper over a bad section
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{file}: section {section} must be a mapping of keys, got {values!r} "
+                              f"({type(values).__name__})", str(section))
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The config in ``path`` (a YAML file or a shipped config's name; None: the defaults, which
     are the tiny run) with ``section.key=value`` overrides applied in order, validated."""
-    raw: dict[str, Any] = {}
+    layers: list[Any] = []
     file = None
     if path is not None:
         file = _config_file(path)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
-        raw = _parse_yaml(text, str(file))
-        if raw is None:  # an empty file
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file}: a config file must be a mapping of sections "
-                              f"({{section: {{key: value}}}}), got {type(raw).__name__}")
+        layers.append(_load_file(file))
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of section.key=value strings, "
                           f"got the string {overrides!r}")
-    origin: dict[str, str] = {}  # section.key -> the override that set it
+    origin: dict[str, str] = {}  # section.key (and section) -> the override that set it
     for item in overrides:
         key, sep, text = item.partition("=") if isinstance(item, str) else ("", "", "")
         section, dot, name = key.strip().partition(".")
         if not (sep and dot and section and name) or "." in name:
             raise ConfigError(f"malformed override {item!r}: expected section.key=value")
         try:
-            _check_key(section, name)
-        except ConfigError as e:
-            raise ConfigError(f"override {item!r}: {e}", e.key) from None
-        value = _parse_yaml(text, f"override {item!r}")
-        if raw.get(section) is None:
-            raw[section] = {}
-        if isinstance(raw[section], dict):  # else config_from_dict reports the file's bad section
-            raw[section][name] = value
-        origin[f"{section}.{name}"] = item
-    try:
-        return config_from_dict(raw)
-    except ConfigError as e:
-        if e.key in origin:
-            raise ConfigError(f"override {origin[e.key]!r}: {e}", e.key) from None
-        if file is not None:
-            raise ConfigError(f"{file}: {e}", e.key) from None
-        raise
+            layers.append(OmegaConf.from_dotlist([f"{section}.{name}={text}"]))
+        except yaml.YAMLError as e:  # (its line and column are of the value alone: not shown)
+            raise _invalid_yaml(f"override {item!r}", e, marked=False) from None
+        except OmegaConfBaseException as e:  # an interpolation ("${...}") that does not parse
+            raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
+        origin[f"{section}.{name}"] = f"override {item!r}"
+        origin.setdefault(section, f"override {item!r}")
+    raw = OmegaConf.to_container(OmegaConf.merge(*layers)) if layers else {}
+    return config_from_dict(raw, origin, str(file) if file is not None else None)

@@ -20,7 +20,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import json
+import logging
 import os
 import random
 import shutil
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -53,9 +56,11 @@ from psnrl.trainer.export import export_model
 from psnrl.trainer.reward import math_reward
 from psnrl.trainer.embedders import HiddenStateEmbedder, make_embedder, semantic_similarity
 from psnrl.trainer.sigma import make_scheduler
-from psnrl.trainer.tensorboard import EventWriter
 from psnrl.trainer.tiny import TINY_SET, ArithmeticTask, build_checkpoint, exact_answer_reward
 from psnrl.kernels.profiling import nvtx_range
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 MASK64 = (1 << 64) - 1
 
@@ -142,7 +147,7 @@ class PSNTrainer:
                             ("train.mini_batch_prompts", t.mini_batch_prompts)):
             if value % self.world:
                 raise ValueError(f"{name}={value} must be a multiple of the number of processes ({self.world})")
-        self.writer: EventWriter | None = None  # opened by run(): a new stream, or the resumed one
+        self.writer: SummaryWriter | None = None  # open while run() runs: a new stream, or the resumed one
         self.llm = LLM(self.model_path, **dataclasses.asdict(cfg.engine_config()))
         if self.world == 1:
             self.model = self.llm.model  # colocated: the learner trains the engine's weights
@@ -243,9 +248,6 @@ class PSNTrainer:
         """Free the engine (KV cache, CUDA graphs) and drop the models and optimizer state, so
         another trainer or engine in this process gets the memory back. Idempotent."""
         self.llm.close()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
         self.model = self.ref_model = self.learner = self.optimizer = self.embedder = None
 
     def __enter__(self) -> "PSNTrainer":
@@ -413,12 +415,9 @@ class PSNTrainer:
                 "torch_rng": torch.get_rng_state(), "config": dump_config(self.cfg), "log": self._log_offsets()}
 
     def _log_offsets(self) -> dict:
-        """How far the metrics file and the event stream reach at this iteration: a resume cuts
-        them back to here, so rows of iterations redone after a crash are never doubled."""
-        size = lambda p: p.stat().st_size if p is not None and p.exists() else 0  # noqa: E731
-        events = self.writer.path if self.writer is not None else None
-        return {"metrics_bytes": size(self.metrics_path), "events_file": events.name if events else None,
-                "events_bytes": size(events)}
+        """How far the metrics file reaches at this iteration: a resume cuts it back to here, so
+        rows of iterations redone after a crash are never doubled."""
+        return {"metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
@@ -437,16 +436,15 @@ class PSNTrainer:
         self._sync_engine()
 
     def _restore_logs(self, offsets: dict) -> None:
-        """Cut metrics.jsonl and the event stream back to the checkpoint and continue them."""
+        """Cut metrics.jsonl back to the checkpoint and continue it; continue the event stream in a
+        new file whose purge step hides the events the earlier files have from the next iteration on."""
         have = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         if have < offsets["metrics_bytes"]:
             raise RunDirError(f"{self.metrics_path} is shorter ({have} bytes) than at the checkpoint "
                               f"({offsets['metrics_bytes']} bytes): the run folder was changed; cannot resume")
         os.truncate(self.metrics_path, offsets["metrics_bytes"])
-        events = offsets["events_file"] and self.run_dir / "tensorboard" / offsets["events_file"]
         if self.cfg.log.tensorboard:
-            self.writer = (EventWriter.resume(events, offsets["events_bytes"]) if events and events.exists()
-                           else EventWriter(self.run_dir / "tensorboard"))
+            self.writer = _event_writer(self.run_dir / "tensorboard", purge_step=self.iteration + 1)
 
     def _start_logs(self) -> None:
         """A new run's folder: the resolved config, the initial model, empty metrics, a new event stream."""
@@ -458,7 +456,7 @@ class PSNTrainer:
             shutil.copytree(self.model_path, self.run_dir / "init-model")
         self.metrics_path.write_bytes(b"")
         if self.cfg.log.tensorboard:
-            self.writer = EventWriter(self.run_dir / "tensorboard")
+            self.writer = _event_writer(self.run_dir / "tensorboard")
 
     def _save(self) -> None:
         if self.saved_iteration == self.iteration:
@@ -466,6 +464,12 @@ class PSNTrainer:
         state = self.state_dict()
         self.saved_iteration = self.iteration
         if self.main:
+            if self.writer is not None:
+                # The events up to the checkpoint must be on disk before it: tensorboardX writes from a
+                # thread and its flush() does not wait for it, close() does. The next event opens a new
+                # file, which must not purge again.
+                self.writer.close()
+                self.writer.purge_step = None
             save_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.checkpoint.keep)
             if self.cfg.log.plot:
                 _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
@@ -513,24 +517,29 @@ class PSNTrainer:
         KeyboardInterrupt leaves this method once it is written (``self.saved_iteration``).
         """
         cfg = self.cfg
-        with self._ctrl_c_at_boundaries():
-            if self.resume_from is not None:
-                state = load_checkpoint(self.resume_from)
-                self.load_state_dict(state)
-                self.saved_iteration = self.iteration
-                if self.main:
-                    self._restore_logs(state["log"])
-            else:
-                if self.main:
-                    self._start_logs()
-                if cfg.train.sft_warmup_steps:
-                    self.sft_warmup()
-                if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
-                    self.ref_model = self._frozen_copy()
-                if self.main and cfg.eval.every:  # the baseline of the run's pass@k
-                    self._log_eval_before_rl(self.evaluate())
-                self._boundary()
-            history = self._iterate()
+        try:
+            with self._ctrl_c_at_boundaries():
+                if self.resume_from is not None:
+                    state = load_checkpoint(self.resume_from)
+                    self.load_state_dict(state)
+                    self.saved_iteration = self.iteration
+                    if self.main:
+                        self._restore_logs(state["log"])
+                else:
+                    if self.main:
+                        self._start_logs()
+                    if cfg.train.sft_warmup_steps:
+                        self.sft_warmup()
+                    if self.loss_cfg.kl_coef > 0:  # k3 KL to the policy RL starts from
+                        self.ref_model = self._frozen_copy()
+                    if self.main and cfg.eval.every:  # the baseline of the run's pass@k
+                        self._log_eval_before_rl(self.evaluate())
+                    self._boundary()
+                history = self._iterate()
+        finally:  # the writer's thread hands its queued events to the file before the process ends
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
         # One process needs no collective (and the distributed helper keeps the model alive past close()).
         weights = (self.model.state_dict() if self.world == 1
                    else get_model_state_dict(self.model, options=self._state_options()))
@@ -566,15 +575,40 @@ class PSNTrainer:
     def _log_eval_before_rl(self, result: dict) -> None:
         """The policy RL starts from (after the warm-up): eval_before_rl.json and TensorBoard step 0."""
         write_json(result, self.run_dir / EVAL_BEFORE_RL)
-        if self.writer is not None:
-            self.writer.add_scalars(0, _eval_scalars(result))
+        self._add_scalars(0, _eval_scalars(result))
 
     def _log(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
+        self._add_scalars(metrics["iteration"], {**scalars, **_eval_scalars(metrics.get("eval", {}))})
+
+    def _add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
-            scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
-            self.writer.add_scalars(metrics["iteration"], {**scalars, **_eval_scalars(metrics.get("eval", {}))})
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+
+
+TENSORBOARD_OFF = "TensorBoard logging is off: tensorboardX is not installed (pip install 'psnrl[tensorboard]')"
+_writers = itertools.count()
+
+
+def _event_writer(log_dir: Path, purge_step: int | None = None) -> SummaryWriter | None:
+    """A writer of a new event file in ``log_dir``, or None (said in one line) without tensorboardX.
+
+    With ``purge_step`` TensorBoard discards the events of the earlier files from that step on:
+    how a resumed run continues its stream. The writer's thread flushes every second (not every
+    two minutes), so TensorBoard shows a running run's events at once."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print(f"psnrl train: {TENSORBOARD_OFF}; log.tensorboard=false hides this", file=sys.stderr)
+        return None
+    # A NaN metric (e.g. a mean over no tokens) is a value to show, not a warning on every iteration.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+    # The file name has the time in seconds and the host: pid and a count keep two writers apart.
+    return SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=1,
+                         filename_suffix=f".{os.getpid()}.{next(_writers)}")
 
 
 def _is_number(v) -> bool:
@@ -582,7 +616,8 @@ def _is_number(v) -> bool:
 
 
 def _eval_scalars(result: dict) -> dict[str, float]:
-    """An evaluation's figures as TensorBoard tags: eval/<set or average>/<pass@k, ...>."""
+    """An evaluation's figures as TensorBoard tags: eval/<set or average>/<pass@k, ...> (shown as
+    pass_k: tensorboardX writes "_" for the characters a TensorBoard tag may not hold)."""
     return {f"eval/{s}/{name}": v for s, r in [*result.get("sets", {}).items(), ("average", result.get("average", {}))]
             for name, v in r.items() if _is_number(v)}
 

@@ -1,0 +1,69 @@
+"""TensorBoard logs through tensorboardX: readable event files, a resumed stream continued with a
+purge step, and a run without tensorboardX that says logging is off and carries on."""
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+
+from event_files import event_files, events, scalars
+from psnrl.trainer.config import load_config
+from psnrl.trainer.loop import TENSORBOARD_OFF, PSNTrainer, _event_writer
+
+
+def test_events_read_back(tmp_path):
+    w = _event_writer(tmp_path / "tb")
+    for tag, value in {"reward_mean": 0.25, "eval/tiny-arith/pass@1": 0.5, "nan": math.nan}.items():
+        w.add_scalar(tag, value, 1)
+    w.add_scalar("sigma", 0.004, 2)
+    w.close()
+    (path,) = event_files(tmp_path / "tb")
+    assert re.fullmatch(rf"events\.out\.tfevents\.\d{{10}}\..+\.{os.getpid()}\.\d+", path.name), path.name
+    assert events(path)[0].file_version == "brain.Event:2"
+    shown = scalars(tmp_path / "tb")
+    assert shown.keys() == {"reward_mean", "eval/tiny-arith/pass_1", "nan", "sigma"}  # tags are [-/\w.]
+    assert shown["reward_mean"] == {1: 0.25} and shown["eval/tiny-arith/pass_1"] == {1: 0.5}
+    assert shown["sigma"] == {2: pytest.approx(0.004)} and math.isnan(shown["nan"][1])
+
+
+def write(log_dir, steps, scale, purge_step=None):
+    w = _event_writer(log_dir, purge_step)
+    for step in steps:
+        w.add_scalar("reward_mean", step * scale, step)
+    w.close()
+
+
+def test_a_resumed_stream_hides_the_steps_after_the_checkpoint(tmp_path):
+    write(tmp_path, range(1, 6), 0.1)  # a run that crashed after step 5, its checkpoint at step 2
+    write(tmp_path, range(3, 7), 1.0, purge_step=3)  # the resumed run redoes steps 3..6
+    assert len(event_files(tmp_path)) == 2
+    got = scalars(tmp_path)["reward_mean"]
+    assert got == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: 3.0, 4: 4.0, 5: 5.0, 6: 6.0}
+
+
+def test_tensorboard_shows_the_resumed_stream_the_same_way(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    write(tmp_path, range(1, 6), 0.1)
+    write(tmp_path, range(3, 5), 1.0, purge_step=3)
+    acc = accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    got = [(e.step, round(e.value, 6)) for e in acc.Scalars("reward_mean")]
+    assert got == [(1, 0.1), (2, 0.2), (3, 3.0), (4, 4.0)]
+    assert scalars(tmp_path)["reward_mean"] == {s: pytest.approx(v) for s, v in got}  # the helper agrees
+
+
+def test_without_tensorboardx_the_run_says_logging_is_off_and_carries_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises ImportError
+    cfg = load_config(None, ["rollout.prompts_per_iter=8", "rollout.group_size=4", "train.mini_batch_prompts=4",
+                             "train.sft_warmup_steps=0", "train.iterations=1", "eval.every=0",
+                             "checkpoint.every=0", "log.plot=false", f"log.dir={tmp_path / 'run'}"])
+    PSNTrainer(cfg).run()
+    err = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
+    assert err == [f"psnrl train: {TENSORBOARD_OFF}; log.tensorboard=false hides this"]
+    assert "pip install 'psnrl[tensorboard]'" in err[0]
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["iteration"] == 1
