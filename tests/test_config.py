@@ -322,7 +322,7 @@ def test_override_fixes_file_value_and_blames_override(tmp_path):
     (["train.seed=-1"], r"train\.seed must be in \[0, 2\*\*63\), got -1"),
     (["eval.every=-1"], r"eval\.every must be >= 0 \(0: never\), got -1"),
     (["eval.n_samples=0"], r"eval\.n_samples must be >= 1, got 0"),
-    (["eval.ks=[1, 8]"], r"eval\.ks must be in \[1, eval\.n_samples = 4\], got \(1, 8\)"),
+    (["eval.ks=[1, 32]"], r"eval\.ks must be in \[1, eval\.n_samples = 16\], got \(1, 32\)"),
     (["eval.ks=[]"], r"eval\.ks must be a non-empty list of distinct ints, got \(\)"),
     (["eval.ks=[1, 1]"], r"eval\.ks must be a non-empty list of distinct ints"),
     (["eval.sets=[]"], r"eval\.sets must name at least one set when eval\.every > 0, got \(\)"),
