@@ -99,16 +99,16 @@ def test_without_matplotlib_every_chart_says_what_to_install(tmp_path, monkeypat
 def test_a_run_without_matplotlib_says_the_plot_is_not_drawn(tmp_path, monkeypatch, capsys):
     import json
 
-    from psnrl.trainer.loop import _plot
+    from psnrl.trainer.run_logs import plot_reward_sigma
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"iteration": i, "reward_mean": 0.1 * i, "sigma": 0.004}) + "\n"
                                for i in range(1, 4)))
-    _plot(metrics, tmp_path / "reward_sigma.png")
+    plot_reward_sigma(metrics, tmp_path / "reward_sigma.png")
     assert (tmp_path / "reward_sigma.png").is_file()
     (tmp_path / "reward_sigma.png").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    _plot(metrics, tmp_path / "reward_sigma.png")
+    plot_reward_sigma(metrics, tmp_path / "reward_sigma.png")
     assert "reward_sigma.png not drawn: matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "reward_sigma.png").exists()

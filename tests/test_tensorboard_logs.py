@@ -10,11 +10,12 @@ import pytest
 
 from event_files import event_files, events, scalars
 from psnrl.trainer.config import load_config
-from psnrl.trainer.loop import TENSORBOARD_OFF, PSNTrainer, _event_writer
+from psnrl.trainer.loop import PSNTrainer
+from psnrl.trainer.run_logs import TENSORBOARD_OFF, event_writer
 
 
 def test_events_read_back(tmp_path):
-    w = _event_writer(tmp_path / "tb")
+    w = event_writer(tmp_path / "tb")
     for tag, value in {"reward_mean": 0.25, "eval/tiny-arith/pass@1": 0.5, "nan": math.nan}.items():
         w.add_scalar(tag, value, 1)
     w.add_scalar("sigma", 0.004, 2)
@@ -29,7 +30,7 @@ def test_events_read_back(tmp_path):
 
 
 def write(log_dir, steps, scale, purge_step=None):
-    w = _event_writer(log_dir, purge_step)
+    w = event_writer(log_dir, purge_step)
     for step in steps:
         w.add_scalar("reward_mean", step * scale, step)
     w.close()

@@ -20,9 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import itertools
 import json
-import logging
 import os
 import random
 import shutil
@@ -43,7 +41,6 @@ from psnrl.engine.llm import LLM, RequestOutput
 from psnrl.engine.loader import load_model
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.trainer.advantages import compute_advantages
-from psnrl.trainer.charts import ChartsUnavailable, line_chart
 from psnrl.trainer.checkpoint import (checkpoints, latest_checkpoint, load_checkpoint,
                                       old_checkpoints, save_checkpoint)
 from psnrl.trainer.config import TrainConfig, dump_config
@@ -53,6 +50,7 @@ from psnrl.trainer.learner import Learner, Rollouts, reshard, shard_model, sync_
 from psnrl.trainer.logprobs import last_hidden, response_logprobs
 from psnrl.trainer.evaluate import pass_at_k_eval, write_json
 from psnrl.trainer.export import export_model
+from psnrl.trainer.run_logs import event_writer, eval_scalars, is_number, plot_reward_sigma
 from psnrl.trainer.reward import math_reward
 from psnrl.trainer.embedders import HiddenStateEmbedder, make_embedder, semantic_similarity
 from psnrl.trainer.sigma import make_scheduler
@@ -444,7 +442,7 @@ class PSNTrainer:
                               f"({offsets['metrics_bytes']} bytes): the run folder was changed; cannot resume")
         os.truncate(self.metrics_path, offsets["metrics_bytes"])
         if self.cfg.log.tensorboard:
-            self.writer = _event_writer(self.run_dir / "tensorboard", purge_step=self.iteration + 1)
+            self.writer = event_writer(self.run_dir / "tensorboard", purge_step=self.iteration + 1)
 
     def _start_logs(self) -> None:
         """A new run's folder: the resolved config, the initial model, empty metrics, a new event stream."""
@@ -456,7 +454,7 @@ class PSNTrainer:
             shutil.copytree(self.model_path, self.run_dir / "init-model")
         self.metrics_path.write_bytes(b"")
         if self.cfg.log.tensorboard:
-            self.writer = _event_writer(self.run_dir / "tensorboard")
+            self.writer = event_writer(self.run_dir / "tensorboard")
 
     def _save(self) -> None:
         if self.saved_iteration == self.iteration:
@@ -472,7 +470,7 @@ class PSNTrainer:
                 self.writer.purge_step = None
             save_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.checkpoint.keep)
             if self.cfg.log.plot:
-                _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+                plot_reward_sigma(self.metrics_path, self.run_dir / "reward_sigma.png")
 
     @contextlib.contextmanager
     def _ctrl_c_at_boundaries(self):
@@ -546,7 +544,7 @@ class PSNTrainer:
         if self.main:
             export_model(weights, self.model_path, self.run_dir / "final")
             if cfg.log.plot:
-                _plot(self.metrics_path, self.run_dir / "reward_sigma.png")
+                plot_reward_sigma(self.metrics_path, self.run_dir / "reward_sigma.png")
         return history
 
     def _iterate(self) -> list[dict]:
@@ -575,67 +573,15 @@ class PSNTrainer:
     def _log_eval_before_rl(self, result: dict) -> None:
         """The policy RL starts from (after the warm-up): eval_before_rl.json and TensorBoard step 0."""
         write_json(result, self.run_dir / EVAL_BEFORE_RL)
-        self._add_scalars(0, _eval_scalars(result))
+        self._add_scalars(0, eval_scalars(result))
 
     def _log(self, metrics: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        scalars = {name: v for name, v in metrics.items() if name != "iteration" and _is_number(v)}
-        self._add_scalars(metrics["iteration"], {**scalars, **_eval_scalars(metrics.get("eval", {}))})
+        scalars = {name: v for name, v in metrics.items() if name != "iteration" and is_number(v)}
+        self._add_scalars(metrics["iteration"], {**scalars, **eval_scalars(metrics.get("eval", {}))})
 
     def _add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
-
-
-TENSORBOARD_OFF = "TensorBoard logging is off: tensorboardX is not installed (pip install 'psnrl[tensorboard]')"
-_writers = itertools.count()
-
-
-def _event_writer(log_dir: Path, purge_step: int | None = None) -> SummaryWriter | None:
-    """A writer of a new event file in ``log_dir``, or None (said in one line) without tensorboardX.
-
-    With ``purge_step`` TensorBoard discards the events of the earlier files from that step on:
-    how a resumed run continues its stream. The writer's thread flushes every second (not every
-    two minutes), so TensorBoard shows a running run's events at once."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        print(f"psnrl train: {TENSORBOARD_OFF}; log.tensorboard=false hides this", file=sys.stderr)
-        return None
-    # A NaN metric (e.g. a mean over no tokens) is a value to show, not a warning on every iteration.
-    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-    # The file name has the time in seconds and the host: pid and a count keep two writers apart.
-    return SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=1,
-                         filename_suffix=f".{os.getpid()}.{next(_writers)}")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _eval_scalars(result: dict) -> dict[str, float]:
-    """An evaluation's figures as TensorBoard tags: eval/<set or average>/<pass@k, ...> (shown as
-    pass_k: tensorboardX writes "_" for the characters a TensorBoard tag may not hold)."""
-    return {f"eval/{s}/{name}": v for s, r in [*result.get("sets", {}).items(), ("average", result.get("average", {}))]
-            for name, v in r.items() if _is_number(v)}
-
-
-def _plot(metrics_path: Path, out: Path) -> None:
-    """Mean reward per iteration (and its 10-iteration running mean) on the left axis, sigma on the right."""
-    if not metrics_path.exists():
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    it = [r["iteration"] for r in rows]
-    reward = [r.get("reward_mean", float("nan")) for r in rows]
-    if all(v != v for v in reward):  # nothing to draw yet (no rows, or NaN only)
-        return
-    running = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
-    try:
-        line_chart(out, {"reward mean": (it, reward), "10-iteration mean": (it, running)},
-                   secondary={"sigma": (it, [r.get("sigma", float("nan")) for r in rows])},
-                   title=f"{out.parent.name}: mean reward and sigma", xlabel="iteration", ylabel="mean reward",
-                   secondary_label="sigma")
-    except ChartsUnavailable as e:  # the run itself is unaffected: say what is off (log.plot=false hides it)
-        print(f"psnrl train: {out.name} not drawn: {e}", file=sys.stderr)
