@@ -398,14 +398,18 @@ class _Parser:
         self.consume_chars(1)
         return self.letter(t[0])
 
+    def nested_items(self) -> list:
+        """The comma-separated items inside a group, one nesting level deeper."""
+        self.enter()
+        try:
+            return self.parse_items()
+        finally:
+            self.depth -= 1
+
     def parse_bracket(self):
         _, open_ = self.peek()
         self.advance()
-        self.enter()
-        try:
-            items = self.parse_items()
-        finally:
-            self.depth -= 1
+        items = self.nested_items()
         k, close = self.peek()
         if k != "op" or close not in (")", "]"):
             raise _ParseError("unclosed bracket")
@@ -418,11 +422,7 @@ class _Parser:
 
     def parse_brace(self):
         self.advance()
-        self.enter()
-        try:
-            items = self.parse_items()
-        finally:
-            self.depth -= 1
+        items = self.nested_items()
         self.expect_op("}")
         if len(items) == 1:
             return items[0]
@@ -433,11 +433,7 @@ class _Parser:
         if self.is_cmd("\\}"):
             self.advance()
             return self.mk("set")
-        self.enter()
-        try:
-            items = self.parse_items()
-        finally:
-            self.depth -= 1
+        items = self.nested_items()
         if not self.is_cmd("\\}"):
             raise _ParseError("unclosed set")
         self.advance()
