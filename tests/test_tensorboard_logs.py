@@ -21,7 +21,7 @@ def test_events_read_back(tmp_path):
     w.add_scalar("sigma", 0.004, 2)
     w.close()
     (path,) = event_files(tmp_path / "tb")
-    assert re.fullmatch(rf"events\.out\.tfevents\.\d{{10}}\..+\.{os.getpid()}\.\d+", path.name), path.name
+    assert re.fullmatch(rf"events\.out\.tfevents\.\d{{10}}\..+\.\d{{19}}\.{os.getpid()}", path.name), path.name
     assert events(path)[0].file_version == "brain.Event:2"
     shown = scalars(tmp_path / "tb")
     assert shown.keys() == {"reward_mean", "eval/tiny-arith/pass_1", "nan", "sigma"}  # tags are [-/\w.]
@@ -34,6 +34,18 @@ def write(log_dir, steps, scale, purge_step=None):
     for step in steps:
         w.add_scalar("reward_mean", step * scale, step)
     w.close()
+
+
+def test_files_of_the_same_second_are_read_in_the_order_they_were_written(tmp_path, monkeypatch):
+    """A run killed and resumed within one second: the resumed process (here with a smaller pid)
+    must still come after the killed one, or its purge would apply before the events it hides."""
+    monkeypatch.setattr(os, "getpid", lambda: 4000)
+    write(tmp_path, range(1, 6), 0.1)
+    monkeypatch.setattr(os, "getpid", lambda: 300)
+    write(tmp_path, range(3, 5), 1.0, purge_step=3)
+    first, second = event_files(tmp_path)
+    assert first.name.endswith(".4000") and second.name.endswith(".300")
+    assert scalars(tmp_path)["reward_mean"] == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: 3.0, 4: 4.0}
 
 
 def test_a_resumed_stream_hides_the_steps_after_the_checkpoint(tmp_path):

@@ -3,11 +3,11 @@
 library missing turns its part off with one line; the run carries on."""
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
 
 TENSORBOARD_OFF = "TensorBoard logging is off: tensorboardX is not installed (pip install 'psnrl[tensorboard]')"
-_writers = itertools.count()
 
 
 def event_writer(log_dir: Path, purge_step: int | None = None) -> SummaryWriter | None:
@@ -33,9 +32,11 @@ def event_writer(log_dir: Path, purge_step: int | None = None) -> SummaryWriter 
         return None
     # A NaN metric (e.g. a mean over no tokens) is a value to show, not a warning on every iteration.
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-    # The file name has the time in seconds and the host: pid and a count keep two writers apart.
+    # TensorBoard reads a folder's files in name order, and the name starts with the time in whole
+    # seconds: the nanosecond time keeps files of the same second (a run killed and resumed at
+    # once, a writer reopened at a checkpoint) in the order they were written.
     return SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=1,
-                         filename_suffix=f".{os.getpid()}.{next(_writers)}")
+                         filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
 
 def is_number(v) -> bool:
