@@ -63,3 +63,12 @@ def test_median_and_errors():
     assert common.median([3.0, None, 1.0, 2.0]) == 2.0 and common.median([None]) is None
     assert common.error_text(ValueError("x" * 600)).startswith("ValueError: xxx")
     assert len(common.error_text(ValueError("x" * 600))) == 500
+
+
+def test_errors_section_lists_failed_rows_only():
+    from psnrl.bench.common import errors_section
+
+    rows = [{"batch": 1}, {"batch": 2, "error": "RuntimeError: boom"}, {"batch": 3, "error": None}]
+    assert errors_section(rows, lambda r: f"batch {r['batch']}") == \
+        ["## Errors", "", "- batch 2: RuntimeError: boom", ""]
+    assert errors_section(rows[:1], lambda r: "x") == []

@@ -191,6 +191,13 @@ class Column:
         return self.fmt.format(value)
 
 
+def errors_section(rows: Sequence[dict], label: Callable[[dict], str]) -> list[str]:
+    """The markdown lines of a results file's "Errors" section: each failed row as
+    ``- <label>: <error>``; no lines when every row ran."""
+    failed = [f"- {label(r)}: {r['error']}" for r in rows if r.get("error")]
+    return ["## Errors", "", *failed, ""] if failed else []
+
+
 def markdown_table(columns: Sequence[Column], rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(c.title for c in columns) + " |",
              "|" + "|".join("---" if c.left else "---:" for c in columns) + "|"]

@@ -53,9 +53,9 @@ from psnrl.bench.decode_workloads import (FIXED, NANO_VLLM, NANO_VLLM_LENGTHS, N
                                           Workload, decode_bytes_per_step, fixed_workload, mean_decode_context,
                                           nano_vllm_workload, peak_gbps, sequence_noise, time_engine, time_hf)
 from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing,
-                                device_and_sync,
-                                error_row as _error_row, fmt_cell, free_memory, nonnegative_int, positive_int,
-                                positive_ints, ratio, round_or_none, run_meta, split_list)
+                                device_and_sync, error_row as _error_row, errors_section, fmt_cell, free_memory,
+                                nonnegative_int, positive_int, positive_ints, ratio, round_or_none, run_meta,
+                                split_list)
 
 NAME = "decode"
 NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
@@ -227,13 +227,8 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     for (model, workload, prompt_len, output_len), mine in _sections(rows).items():
         parts += [f"## {_section_title(model, workload, prompt_len, output_len)}", "",
                   render_model_table(mine), ""]
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        parts += ["## Errors", ""]
-        parts += [f"- {r['model']} {r.get('workload', FIXED)} batch {r['batch']} {r['mode']}: {r['error']}"
-                  for r in errors]
-        parts.append("")
-    return "\n".join(parts)
+    return "\n".join(parts + errors_section(
+        rows, lambda r: f"{r['model']} {r.get('workload', FIXED)} batch {r['batch']} {r['mode']}"))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)

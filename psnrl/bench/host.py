@@ -30,8 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync,
-                                error_row, markdown_table, positive_int, positive_ints, run_meta)
+from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync, error_row,
+                                errors_section, markdown_table, positive_int, positive_ints, run_meta)
 
 NAME = "host"
 NO_CUDA_MESSAGE = "psnrl bench host --device cuda: no CUDA GPU found (the default --device cpu runs anywhere)"
@@ -126,12 +126,9 @@ COLUMNS = (
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    errors = [f"- batch {r['batch']}: {r['error']}" for r in rows if r.get("error")]
     parts = [f"# host on {meta['device']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}.", "",
              f"Method: {meta['method']}", "", markdown_table(COLUMNS, rows), ""]
-    if errors:
-        parts += ["## Errors", "", *errors, ""]
-    return "\n".join(parts)
+    return "\n".join(parts + errors_section(rows, lambda r: f"batch {r['batch']}"))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)

@@ -67,9 +67,8 @@ from psnrl.bench.naive_psn import perturbed_copy
 from psnrl.bench.logprob_mismatch import measure_mismatch
 from psnrl.bench.saved_tensors import SavedTensorProbe, extra_saved_tensors
 from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
-                                error_row as _error_row,
-                                error_text, fill_ratios, fmt_cell, free_memory, markdown_table, positive_int,
-                                positive_ints, round_or_none, run_meta, split_list)
+                                error_row as _error_row, error_text, errors_section, fill_ratios, fmt_cell, free_memory,
+                                markdown_table, positive_int, positive_ints, round_or_none, run_meta, split_list)
 
 NAME = "learner"
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
@@ -361,10 +360,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
         parts += ["Targets:", "", *targets, ""]
     parts += render_extra_tensors(rows)
     parts += render_mismatch(meta.get("mismatch") or {})
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        parts += ["## Errors", "", *[f"- {_case(r)}, {r['mode']}: {r['error']}" for r in errors], ""]
-    return "\n".join(parts)
+    return "\n".join(parts + errors_section(rows, lambda r: f"{_case(r)}, {r['mode']}"))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)

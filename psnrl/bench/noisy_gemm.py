@@ -39,8 +39,8 @@ from psnrl.bench import model_configs
 from psnrl.bench.report import (GEMM_CLEAN_RATIO, GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO, GEMM_LEARNER_MIN_M,
                                 GEMM_LEARNER_RATIO, GEMM_MIXED_RATIO)
 from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
-                                cuda_missing, error_row as _error_row, markdown_table, gpu_timing_method,
-                                positive_int, positive_ints, ratio, round_or_none, run_meta, split_list)
+                                cuda_missing, error_row as _error_row, errors_section, gpu_timing_method,
+                                markdown_table, positive_int, positive_ints, ratio, round_or_none, run_meta, split_list)
 
 NAME = "noisy_gemm"
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
@@ -323,7 +323,6 @@ COLUMNS = (
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    errors = [r for r in rows if r.get("error")]
     parts = [
         f"# noisy_gemm on {meta['device']}",
         "",
@@ -349,11 +348,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
         *render_targets(rows),
         "",
     ]
-    if errors:
-        parts += ["## Errors", ""]
-        parts += [f"- {r['shape']} M={r['M']}: {r['error']}" for r in errors]
-        parts.append("")
-    return "\n".join(parts)
+    return "\n".join(parts + errors_section(rows, lambda r: f"{r['shape']} M={r['M']}"))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)

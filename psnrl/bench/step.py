@@ -55,9 +55,9 @@ import torch
 
 from psnrl.bench import model_configs
 from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
-                                device_and_sync,
-                                error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
-                                nonnegative_int, positive_int, round_or_none, run_meta, split_list)
+                                device_and_sync, error_row as _error_row, errors_section, fill_ratios, fmt_cell,
+                                free_memory, markdown_table, median, nonnegative_int, positive_int, round_or_none,
+                                run_meta, split_list)
 
 NAME = "step"
 NO_CUDA_MESSAGE = ("psnrl bench step needs a CUDA GPU; none found "
@@ -199,12 +199,7 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
                   f"up to {first.get('max_tokens')} generated; micro-batches of "
                   f"{first.get('micro_batch_tokens')} tokens.", "",
                   render_model_table(mine), ""]
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        parts += ["## Errors", ""]
-        parts += [f"- {r['model']} {r['mode']}: {r['error']}" for r in errors]
-        parts.append("")
-    return "\n".join(parts)
+    return "\n".join(parts + errors_section(rows, lambda r: f"{r['model']} {r['mode']}"))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
