@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from event_files import shown
 from psnrl.trainer.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from psnrl.trainer.cli import main
 
@@ -57,7 +58,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert torch.equal(got["torch_rng"], want["torch_rng"])
     assert (got["sigma"], got["data"]) == (want["sigma"], want["data"])
     assert metrics(run) == metrics(reference)
-
+    assert shown(run) == shown(reference)  # TensorBoard shows the resumed run's files as the reference run's
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"):
         from safetensors.torch import load_file
         assert torch.equal(load_file(run / "final" / "model.safetensors")[name], want["model"][name])

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import pytest
 
@@ -46,6 +47,24 @@ def test_files_of_the_same_second_are_read_in_the_order_they_were_written(tmp_pa
     first, second = event_files(tmp_path)
     assert first.name.endswith(".4000") and second.name.endswith(".300")
     assert scalars(tmp_path)["reward_mean"] == {1: pytest.approx(0.1), 2: pytest.approx(0.2), 3: 3.0, 4: 4.0}
+
+
+def test_a_writer_reopened_after_a_checkpoint_in_the_same_second_writes_a_new_file(tmp_path, monkeypatch):
+    """The loop closes its writer at each checkpoint and the next event reopens it. A run resumed
+    at the warm-up's checkpoint (iteration 0) reaches checkpoint 2 within a second: the reopened
+    file must not take the name of the resumed one, or it overwrites its purge and steps 1 and 2."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.5)  # every file of the same second
+    write(tmp_path, [0], 0.1)  # the run stopped during the warm-up: the pre-RL evaluation at step 0
+    w = event_writer(tmp_path, purge_step=1)  # the resumed run, as PSNTrainer continues it
+    for step in (1, 2):
+        w.add_scalar("reward_mean", step, step)
+    w.close()  # checkpoint 2
+    w.purge_step = None
+    for step in (3, 4):
+        w.add_scalar("reward_mean", step, step)
+    w.close()
+    assert len(event_files(tmp_path)) == 3
+    assert scalars(tmp_path)["reward_mean"] == {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
 
 
 def test_a_resumed_stream_hides_the_steps_after_the_checkpoint(tmp_path):

@@ -32,11 +32,19 @@ def event_writer(log_dir: Path, purge_step: int | None = None) -> SummaryWriter 
         return None
     # A NaN metric (e.g. a mean over no tokens) is a value to show, not a warning on every iteration.
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-    # TensorBoard reads a folder's files in name order, and the name starts with the time in whole
-    # seconds: the nanosecond time keeps files of the same second (a run killed and resumed at
-    # once, a writer reopened at a checkpoint) in the order they were written.
-    return SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=1,
-                         filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+
+    class EventWriter(SummaryWriter):
+        def _get_file_writer(self):
+            # TensorBoard reads a folder's files in name order, and the name starts with the time in
+            # whole seconds: the nanosecond time keeps files of the same second (a run killed and
+            # resumed at once) in the order they were written. It is taken for each file, as a writer
+            # closed at a checkpoint reopens with its suffix: the same name within the same second,
+            # and the new file (opened "wb") would replace the events of the first.
+            if self.file_writer is None:
+                self._filename_suffix = f".{time.time_ns()}.{os.getpid()}"
+            return super()._get_file_writer()
+
+    return EventWriter(str(log_dir), purge_step=purge_step, flush_secs=1)
 
 
 def is_number(v) -> bool:
