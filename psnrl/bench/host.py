@@ -1,17 +1,19 @@
-"""Benchmark: the engine's host work per decode step, with the model forward stubbed out.
+"""Benchmark: the engine's host work per decode step, with the model stubbed out.
 
-The model's forward is replaced by a stub that returns fixed logits (``--vocab`` columns:
-151,936 on CUDA as Qwen2.5 has, 2,048 on a CPU by default), so what is left is the engine
-around it: scheduling and block bookkeeping, building the step's inputs, sampling, stop checks
-and the per-sequence Python. For each batch (default 1, 64, 256 sequences sampled at temperature
-1, each decoding exactly ``--steps`` tokens after a 16-token prompt) it reports the median wall
-time of one pure decode step (device work included: each step ends in a device-to-host copy)
-and the torch ops it launched, counted by a ``TorchDispatchMode`` (on a GPU, each is a kernel
-launch outside any CUDA graph, or a copy), each split into the sampler's part and the rest (the
-engine's own host work). On a CPU the sampler's ops are real compute over [B, V] logits that a
-GPU does in its own kernels; the engine's part is the host cost that stays. Targets (this
-engine's roadmap): <= 0.3 ms per step at batch 1 and <= 1.5 ms at batch 256 on a 2-core CPU,
-at most 10 ops per step.
+The model's forward and logits are replaced by a stub that returns fixed logits (``--vocab``
+columns: 151,936 on CUDA as Qwen2.5 has, 2,048 on a CPU by default); everything around it
+runs: scheduling and block bookkeeping, the decode graph's inputs (on a CPU the same host path
+runs with the graph uncaptured), sampling, stop checks and the per-sequence Python. For each
+batch (default 1, 64, 256 sequences sampled at temperature 1, each decoding exactly
+``--steps`` tokens after a 16-token prompt) it reports the median wall time of a pure decode
+step, split into three parts: the forward (the graph replay: the stub's copy of the logits),
+the sampler and the rest, the engine's own host work, each timed up to a device
+synchronization; and the torch ops each part dispatched (views excluded: on a GPU each op
+counted is a kernel launch or a copy; a graph replay counts as one). On a CPU the forward's
+and the sampler's time is compute a GPU does on its own (the fused sampler is one launch
+there); the engine's part is the host cost that stays. Targets (this engine's roadmap): engine
+ms <= 0.3 at batch 1 and <= 1.5 at batch 256 on a 2-core CPU, at most 10 launches per step
+outside the graph (on a CPU: engine ops + 1 for the sampler).
 
 Writes ``psnrl/bench/results/host-<device>.json`` and ``.md``. ``psnrl bench host [options]``
 runs anywhere (``--device cuda`` on a GPU machine).
@@ -40,88 +42,145 @@ PROMPT_LEN = 16
 VOCAB = {"cuda": 151936, "cpu": 2048}
 TARGET_MS = {1: 0.3, 256: 1.5}
 TARGET_OPS = 10
-ROW_KEYS = ("batch", "vocab", "host_ms", "host_ms_p90", "sampler_ms", "engine_ms", "ops_per_step", "sampler_ops",
-            "steps", "target_ms")
+ROW_KEYS = ("batch", "vocab", "host_ms", "host_ms_p90", "forward_ms", "sampler_ms", "engine_ms", "ops_per_step",
+            "sampler_ops", "engine_ops", "steps", "target_ms")
 META_KEYS = ("device", "torch", "triton", "transformers")
 
 
+def does_work(func) -> bool:
+    """An op that launches a kernel or a copy on a GPU; views (slices, selects, reshapes,
+    detaches) only make tensor metadata."""
+    return not (func.is_view or torch.Tag.inplace_view in func.tags or func is torch.ops.aten._unsafe_view.default)
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the torch ops dispatched while it is active (each a kernel launch or copy on a GPU)."""
+    """Counts the torch ops that do work (``does_work``) while it is active."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        self.count += does_work(func)
         return func(*args, **(kwargs or {}))
 
 
-def stub_forward(llm, vocab: int, batch: int) -> None:
-    """The engine's forward, replaced: fixed random logits for the step's sampling rows."""
+def stub_model(llm, vocab: int) -> None:
+    """Replace the model's forward and logits by a stub: a fixed hidden state and fixed random logits.
+
+    Everything around the model stays: the runner's inputs and the decode graphs (on CUDA they
+    capture the stub; on a CPU the same decode-graph host path runs uncaptured), so the host work
+    measured is the one a GPU step pays.
+    """
+    from psnrl.engine.cuda_graphs import DecodeGraphs
+
+    model = llm.model
+    rows = max(llm.config.max_num_seqs, 256)  # the largest decode-graph bucket
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(batch, vocab, generator=gen).to(llm.device)
-
-    def run(seqs, tables, specs):
-        return logits[:sum(1 for entry in seqs if entry.samples)]
-    llm.runner.run = run
-
-
-class TimedSampler:
-    """The engine's sampler, timing each call (device synchronized) and counting its ops."""
-
-    def __init__(self, inner, sync):
-        self.inner, self.sync = inner, sync
-        self.seconds = 0.0
-        self.ops = 0
-        self.counting = False  # counting ops slows every op down: only on the untimed step
-
-    def __call__(self, *args, **kwargs):
-        counter = OpCounter()
-        t0 = time.perf_counter()
-        with counter if self.counting else contextlib.nullcontext():
-            out = self.inner(*args, **kwargs)
-        self.sync()
-        self.seconds += time.perf_counter() - t0
-        self.ops += counter.count
-        return out
-
-    def sample_seeds(self, params):
-        return self.inner.sample_seeds(params)
+    hidden = torch.zeros(llm.config.max_num_batched_tokens, 1, device=llm.device)
+    logits = torch.randn(rows, vocab, generator=gen).to(llm.device)
+    model.forward = lambda input_ids, *args, **kwargs: hidden[:input_ids.shape[0]]
+    model.logits = lambda h, noise=None: logits[:h.shape[0]]
+    if llm.runner.graphs is None:
+        llm.runner.graphs = DecodeGraphs(model, llm.runner.kv_caches, llm.config.block_size,
+                                         llm.config.max_num_seqs, llm.max_model_len, capture=False,
+                                         verbose=False)
 
 
-def measure(llm, batch: int, steps: int, sync) -> list[dict]:
-    """Per pure decode step: wall seconds, the sampler's share of them, and (on one mid-run step,
-    not timed) the ops of the whole step and of its sampler."""
+class StepProbe(TorchDispatchMode):
+    """Splits each step into the parts a GPU runs on its own, the forward (the decode graph's
+    replay) and the sampler, and the rest, the engine's host work: the wall seconds of each
+    part (device synchronized at its end) and, while active as a dispatch mode, the ops each
+    dispatched. A replay counts as one launch whatever it runs (uncaptured on a CPU)."""
+
+    PARTS = ("forward", "sampler", "engine")
+
+    def __init__(self, llm, sync):
+        super().__init__()
+        self.sync = sync
+        self.part = "engine"
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.ops = dict.fromkeys(self.PARTS, 0)
+        inner, probe = llm.sampler, self
+
+        class Sampler:
+            def __call__(self, *args, **kwargs):
+                with probe.timing("sampler"):
+                    return inner(*args, **kwargs)
+
+            def sample_seeds(self, params):
+                return inner.sample_seeds(params)
+        llm.sampler = Sampler()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.ops = dict.fromkeys(self.PARTS, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.part != "forward":
+            self.ops[self.part] += does_work(func)
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        t0, self.part = time.perf_counter(), part
+        self.ops["forward"] += part == "forward"
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[part] += time.perf_counter() - t0
+            self.part = "engine"
+
+    @contextlib.contextmanager
+    def on_graph_replays(self):
+        """Decode graphs replay under ``timing("forward")`` while this is entered."""
+        from psnrl.engine.cuda_graphs import DecodeGraph
+
+        replay, probe = DecodeGraph.replay, self
+
+        def timed(graph):
+            with probe.timing("forward"):
+                replay(graph)
+        DecodeGraph.replay = timed  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            DecodeGraph.replay = replay  # type: ignore[method-assign]
+
+
+def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]:
+    """Per pure decode step: wall seconds and the forward's and sampler's shares of them; and the
+    ops of each part on one mid-run step (counting slows every op down: that step is not timed)."""
     from psnrl.engine.sampling import SamplingParams
 
-    sampler = llm.sampler = TimedSampler(llm.sampler, sync)
+    probe = StepProbe(llm, sync)
     records: list[dict] = []
     ops = None
     prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
     llm.add_requests(prompts, SamplingParams(temperature=1.0, max_tokens=steps + 1, ignore_eos=True, seed=0))
-    while llm.has_unfinished_requests():
-        count = len(records) == steps // 2 and ops is None  # one mid-run step counts its ops (untimed)
-        counter = OpCounter()
-        sampler.seconds, sampler.ops, sampler.counting = 0.0, 0, count
-        t0 = time.perf_counter()
-        with counter if count else contextlib.nullcontext():
-            out = llm.step()
-        sync()
-        seconds = time.perf_counter() - t0
-        if out.decode and count:
-            ops = {"ops": counter.count, "sampler_ops": sampler.ops}
-        elif out.decode:
-            records.append({"seconds": seconds, "sampler_seconds": sampler.seconds})
-    return records + ([ops] if ops else [])
+    with probe.on_graph_replays():
+        while llm.has_unfinished_requests():
+            count = len(records) == steps // 2 and ops is None
+            probe.reset()
+            t0 = time.perf_counter()
+            with probe if count else contextlib.nullcontext():
+                out = llm.step()
+            sync()
+            seconds = time.perf_counter() - t0
+            if out.decode and count:
+                ops = dict(probe.ops)
+            elif out.decode:
+                records.append({"seconds": seconds, **probe.seconds})
+    return records, ops
 
 
 COLUMNS = (
     Column("batch", "batch"), Column("vocab", "vocab", "{:,}"), Column("host_ms", "host ms/step", "{:.3f}"),
-    Column("host_ms_p90", "p90 ms", "{:.3f}"), Column("sampler_ms", "sampler ms", "{:.3f}"),
-    Column("engine_ms", "engine ms", "{:.3f}"), Column("ops_per_step", "ops/step"),
-    Column("sampler_ops", "sampler ops"),
-    Column("target_ms", "target ms", "<= {:.1f}"), Column("steps", "steps"),
+    Column("host_ms_p90", "p90 ms", "{:.3f}"), Column("forward_ms", "forward ms", "{:.3f}"),
+    Column("sampler_ms", "sampler ms", "{:.3f}"), Column("engine_ms", "engine ms", "{:.3f}"),
+    Column("target_ms", "target ms", "<= {:.1f}"), Column("ops_per_step", "ops/step"),
+    Column("sampler_ops", "sampler ops"), Column("engine_ops", "engine ops"), Column("steps", "steps"),
 )
 
 
@@ -163,12 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     vocab = args.vocab or VOCAB[args.device]
     device_name, sync = device_and_sync(args.device)
     meta = run_meta(device_name, method=(
-        f"a 2-layer Qwen2 whose forward is a stub returning fixed [rows, {vocab}] logits; batches of "
-        f"sequences with {PROMPT_LEN}-token prompts sampled at temperature 1, each decoding exactly "
-        f"{args.steps} tokens; host ms = median (and p90) wall time of the pure decode steps, device "
-        f"synchronized; sampler ms = the sampler's share of it (timed around the engine's sampler, device "
-        f"synchronized), engine ms = the rest (scheduling, inputs, stop checks, the per-sequence Python); "
-        f"ops = torch ops dispatched in one decode step, and by its sampler (TorchDispatchMode)."))
+        f"a 2-layer Qwen2 whose forward and logits are a stub returning fixed [rows, {vocab}] logits, "
+        f"decode steps through the decode-graph host path; batches of sequences with {PROMPT_LEN}-token "
+        f"prompts sampled at temperature 1, each decoding exactly {args.steps} tokens; host ms = median "
+        f"(and p90) wall time of the pure decode steps, device synchronized; forward ms = the graph "
+        f"replay's share (the stub), sampler ms = the sampler's, engine ms = the rest (scheduling, "
+        f"inputs, stop checks, the per-sequence Python); ops = torch ops that do work (views excluded) "
+        f"in one decode step: all, the sampler's and the engine's (the replay counts as one)."))
     run = BenchRun(FILES, meta, args.out_dir)
     with tempfile.TemporaryDirectory(prefix="psnrl-host-") as tmp:
         cfg = {**model_configs.get_config("tiny"), "vocab_size": vocab}
@@ -178,22 +238,25 @@ def main(argv: list[str] | None = None) -> int:
                 blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
                 llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
                           max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2)
-                stub_forward(llm, vocab, batch)
-                records = measure(llm, batch, args.steps, sync)
+                stub_model(llm, vocab)
+                records, ops = measure(llm, batch, args.steps, sync)
                 llm.close()
-                ops = records.pop() if records and "ops" in records[-1] else {"ops": None, "sampler_ops": None}
                 ms = sorted(1e3 * r["seconds"] for r in records)
-                engine = [1e3 * (r["seconds"] - r["sampler_seconds"]) for r in records]
+
+                def median_ms(part: str) -> float:
+                    return round(statistics.median(1e3 * r[part] for r in records), 4)
+                engine = [1e3 * (r["seconds"] - r["forward"] - r["sampler"]) for r in records]
                 row = {"batch": batch, "vocab": vocab, "host_ms": round(statistics.median(ms), 4),
                        "host_ms_p90": round(ms[int(0.9 * (len(ms) - 1))], 4),
-                       "sampler_ms": round(statistics.median(1e3 * r["sampler_seconds"] for r in records), 4),
+                       "forward_ms": median_ms("forward"), "sampler_ms": median_ms("sampler"),
                        "engine_ms": round(statistics.median(engine), 4),
-                       "ops_per_step": ops["ops"], "sampler_ops": ops["sampler_ops"],
+                       "ops_per_step": sum(ops.values()) if ops else None,
+                       "sampler_ops": ops["sampler"] if ops else None, "engine_ops": ops["engine"] if ops else None,
                        "steps": len(ms), "target_ms": TARGET_MS.get(batch)}
             except Exception as exc:  # a failed batch is a row; the others still run
                 row = error_row(ROW_KEYS, exc, batch=batch, vocab=vocab)
             run.record(row, f"batch {batch}", None if row.get("error") else
-                       f"{row['host_ms']:.3f} ms/step, {row['ops_per_step']} ops/step")
+                       f"engine {row['engine_ms']:.3f} ms/step, {row['engine_ops']} engine ops/step")
     return run.close()
 
 

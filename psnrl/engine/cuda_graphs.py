@@ -84,6 +84,7 @@ a CPU, and a debugging aid on a GPU).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import warnings
@@ -186,31 +187,29 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
     n = len(seqs)
     if not 1 <= n <= bucket:
         raise ValueError(f"a decode plan needs 1..{bucket} sequences, got {n}")
-    noisy_specs = set()
-    for entry in seqs:
-        idx = entry.seq.noise
-        if not -1 <= idx < len(specs):
-            raise ValueError(f"sequence noise index {idx} is outside [-1, {len(specs) - 1}]")
-        spec = specs[idx] if idx >= 0 else None
-        if spec is not None and spec.sigma > 0:
-            noisy_specs.add(idx)
-    local = {s: i + 1 for i, s in enumerate(sorted(noisy_specs))}
-    sid = [local.get(e.seq.noise, 0) for e in seqs]
-    order = sorted(range(n), key=sid.__getitem__)
-    tokens, positions, slots, ctx, tables = [], [], [], [], []
-    for i in order:
-        entry, table = seqs[i], block_tables[i]
-        if entry.num_new != 1:
-            raise ValueError(f"a decode plan takes one new token per sequence, got {entry.num_new}")
-        pos = entry.seq.num_computed
-        if pos // block_size >= len(table):
-            raise ValueError(f"position {pos} is past the sequence's {len(table)} blocks")
-        tokens.append(entry.seq.tokens[pos])
-        positions.append(pos)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
-        ctx.append(pos + 1)
-        tables.append(list(table))
-    streams = [NoiseStream(specs[s].seed, specs[s].sigma) for s in sorted(noisy_specs)]
+    if any(e.num_new != 1 for e in seqs):
+        raise ValueError(f"a decode plan takes one new token per sequence, got {[e.num_new for e in seqs]}")
+    step_seqs = [e.seq for e in seqs]
+    noise = [seq.noise for seq in step_seqs]
+    bad = [i for i in set(noise) if not -1 <= i < len(specs)]
+    if bad:
+        raise ValueError(f"sequence noise index {bad[0]} is outside [-1, {len(specs) - 1}]")
+    noisy_specs = sorted(i for i in set(noise) if i >= 0 and specs[i] is not None and specs[i].sigma > 0)
+    local = {s: i + 1 for i, s in enumerate(noisy_specs)}
+    sid = [local.get(i, 0) for i in noise] if local else [0] * n
+    order = sorted(range(n), key=sid.__getitem__) if local else list(range(n))
+    ordered = [step_seqs[i] for i in order]
+    tables = [block_tables[i] for i in order]
+    positions = [seq.num_computed for seq in ordered]
+    tokens = [seq.tokens[p] for seq, p in zip(ordered, positions)]
+    try:
+        blocks = [t[p // block_size] for t, p in zip(tables, positions)]
+    except IndexError:
+        p, t = next((p, t) for p, t in zip(positions, tables) if p // block_size >= len(t))
+        raise ValueError(f"position {p} is past the sequence's {len(t)} blocks") from None
+    slots = [b * block_size + p % block_size for b, p in zip(blocks, positions)]
+    ctx = [p + 1 for p in positions]
+    streams = [NoiseStream(specs[s].seed, specs[s].sigma) for s in noisy_specs]
     group_ids: dict[str, list[int]] = {}
     for group in TARGET_GROUPS:
         targeted = {local[s] for s in noisy_specs if group in specs[s].groups}
@@ -219,8 +218,15 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         ids = [sid[i] if sid[i] in targeted else 0 for i in order] + [0] * (bucket - n)
         if any(ids):
             group_ids[group] = ids
-    position_of = {entry: row for row, entry in enumerate(order)}
-    out_rows = [position_of[i] for i, e in enumerate(seqs) if e.samples]
+    # A row samples when this step computes its last token; out_rows lists their graph rows
+    # in the step's order.
+    if local:
+        row_of = [0] * n
+        for row, i in enumerate(order):
+            row_of[i] = row
+        out_rows = [row_of[i] for i, seq in enumerate(step_seqs) if seq.num_computed + 1 == len(seq.tokens)]
+    else:
+        out_rows = [i for i, c in enumerate(ctx) if c == len(ordered[i].tokens)]
     return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows)
 
 
@@ -300,7 +306,9 @@ class DecodeGraph:
         width = owner.table_width
         self.tables = torch.zeros(bucket, width, dtype=torch.int32, device=dev)
         self.host_tables = torch.zeros(bucket * width, dtype=torch.int32, pin_memory=pin)
+        self._np_tables = self.host_tables.numpy()
         self._copied: torch.cuda.Event | None = None  # after the last host -> device copies (CUDA)
+        self._streams: list[NoiseStream] | None = None  # whose seeds and sigmas the buffers hold
 
         v = self._view
         self.tokens, self.positions, self.slots = v("tokens"), v("positions"), v("slots")
@@ -337,11 +345,13 @@ class DecodeGraph:
         self._put("slots", plan.slots, pad=-1)
         self._put("context_lens", plan.context_lens)
         self._put("out_rows", plan.out_rows)
-        self._put("seeds", noise_mod.seed_table([0] + [s.seed for s in plan.streams], "cpu").numpy())
-        sig_off, sig_len = self._slices["sigmas"]
-        sig = self._np[sig_off:sig_off + sig_len].view(np.float32)
-        sig[:] = 0.0
-        sig[1:1 + len(plan.streams)] = [s.sigma for s in plan.streams]
+        if plan.streams != self._streams:  # they change with the step's noise specs only
+            self._put("seeds", noise_mod.seed_table([0] + [s.seed for s in plan.streams], "cpu").numpy())
+            sig_off, sig_len = self._slices["sigmas"]
+            sig = self._np[sig_off:sig_off + sig_len].view(np.float32)
+            sig[:] = 0.0
+            sig[1:1 + len(plan.streams)] = [s.sigma for s in plan.streams]
+            self._streams = list(plan.streams)
         for g in self.groups:
             self._put(f"ids.{g}", plan.group_ids.get(g, [0] * b))
             self.rows[g].streams = list(plan.streams)
@@ -349,16 +359,16 @@ class DecodeGraph:
                 ranges, table = tiles[(g, bm)]
                 self._put(f"ranges.{g}.{bm}", ranges)  # unused tiles: [0, 0), no rows
                 self._put(f"tiles.{g}.{bm}", table, pad=-1)
-        width = max(len(t) for t in plan.tables)
-        staged = self.host_tables[:n * width].view(n, width)
-        rows = np.zeros((n, width), dtype=np.int32)
-        for r, t in enumerate(plan.tables):
-            rows[r, :len(t)] = t
-        staged.numpy()[:] = rows
+        lens = np.fromiter(map(len, plan.tables), np.int64, n)
+        width = int(lens.max())
+        staged = self._np_tables[:n * width].reshape(n, width)
+        # Each row's blocks, then stale entries past them (never read), in one vectorized write.
+        staged[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(plan.tables),
+                                                               np.int32, int(lens.sum()))
         cuda = self.flat.is_cuda
         self.flat.copy_(self.host, non_blocking=cuda)
         # Entries past a row's blocks (and padding rows) keep stale values: never read.
-        self.tables[:n, :width].copy_(staged, non_blocking=cuda)
+        self.tables[:n, :width].copy_(self.host_tables[:n * width].view(n, width), non_blocking=cuda)
         if cuda:
             self._copied = event = torch.cuda.Event()
             event.record()
@@ -477,7 +487,10 @@ class DecodeGraphs:
             graph.fill(plan, tiles)
         graph.replay()
         self.num_replays += 1
-        return self.out[:bucket].index_select(0, graph.out_rows[:len(plan.out_rows)])
+        rows = len(plan.out_rows)
+        if plan.out_rows == list(range(rows)):  # graph rows in the step's order: no gather
+            return self.out[:rows]
+        return self.out[:bucket].index_select(0, graph.out_rows[:rows])
 
     def close(self) -> None:
         """Drop every graph, the graphs' memory pool and the shared output buffer; the object

@@ -217,10 +217,11 @@ class LLM:
         the engine's requests are dropped and their blocks freed before the exception
         propagates, so the engine is ready for the next call.
         """
-        outputs = self.add_requests(prompts, params, noise)
-        waiting = {o.request_id for o in outputs if not o.finished}
-        total = sum(self._pending[r][1] for r in waiting)
-        try:
+        self._check_open()
+        try:  # a Ctrl-C while the requests are queued drops them too
+            outputs = self.add_requests(prompts, params, noise)
+            waiting = {o.request_id for o in outputs if not o.finished}
+            total = sum(self._pending[r][1] for r in waiting)
             with tqdm(total=total, desc="generate", unit="seq", disable=not use_tqdm or total < 2) as bar:
                 while waiting:
                     out = self.step()
@@ -324,6 +325,7 @@ class LLM:
         seeds = self.sampler.sample_seeds(params)
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
+                       stop_ids=frozenset(params.all_stop_token_ids(self.eos_token_id)),
                        cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
         self._pending[rid] = (out, params.n)
@@ -342,7 +344,7 @@ class LLM:
                 return finished, 0, False
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         self.runner.copy_blocks(step.copies)
-        tables = [self.blocks.block_table(e.seq.seq_id) for e in step.seqs]
+        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
         decode = all(e.num_new == 1 for e in step.seqs)
         if timer is not None:
             timer.mark()
@@ -351,26 +353,29 @@ class LLM:
         if timer is not None:
             timer.mark()
         sampling: list[Sequence] = []
-        for entry in step.seqs:
-            entry_samples = entry.samples
+        for seq, num_new in step.seqs:
+            seq.num_computed += num_new
             # The forward wrote these tokens' KV: their full blocks may now be shared.
-            self.blocks.mark_computed(entry.seq.seq_id, entry.seq.num_computed + entry.num_new)
-            entry.seq.num_computed += entry.num_new
-            if entry_samples:
-                sampling.append(entry.seq)
+            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
+            if seq.num_computed == len(seq.tokens):  # the step reached its last token: it samples
+                sampling.append(seq)
         rows = list(range(len(sampling)))
-        for row, seq in list(zip(rows, sampling)):
-            for child in self._fork(seq):
-                sampling.append(child)
-                rows.append(row)
+        for row in range(len(rows)):
+            if sampling[row].child_seeds:  # forks sample from their parent's row
+                for child in self._fork(sampling[row]):
+                    sampling.append(child)
+                    rows.append(row)
         if not sampling:
             return finished, len(step.seqs), decode
+        slots, generated, masked = [], [], False
         for seq in sampling:
             if seq.slot < 0:  # its first sample: its constants go to the device once
                 seq.slot = self.slots.acquire(seq.seed, seq.params)
-        generated = [s.num_tokens - s.prompt_len for s in sampling]
-        rows_state = self.slots.rows([s.slot for s in sampling], generated)
-        masked = any(g < s.params.min_tokens for g, s in zip(generated, sampling))  # stop tokens still barred
+            slots.append(seq.slot)
+            n = len(seq.tokens) - seq.prompt_len
+            generated.append(n)
+            masked = masked or n < seq.params.min_tokens  # stop tokens still barred
+        rows_state = self.slots.rows(slots, generated)
         if len(rows) > logits.shape[0]:  # forks sample from their parent's row
             logits = logits[torch.tensor(rows, device=logits.device)]
         elif masked:
@@ -414,12 +419,23 @@ class LLM:
         return children
 
     def _stop_reason(self, seq: Sequence) -> str | None:
+        params = seq.params
+        if params.stop and self.tokenizer is not None:
+            return self._stop_reason_text(seq)
+        # No text to watch: the token rules of check_stop, on the sequence's precomputed stop ids.
+        n = len(seq.tokens) - seq.prompt_len
+        if n >= params.min_tokens:
+            if seq.tokens[-1] in seq.stop_ids:
+                return "stop"
+            if n >= params.max_tokens:
+                return "length"
+        return "length" if len(seq.tokens) >= self.max_model_len else None
+
+    def _stop_reason_text(self, seq: Sequence) -> str | None:
         # Text is decoded every step only for requests with stop strings; the others are
         # decoded once when they finish (decoding a long rollout per token is quadratic).
-        watch_text = bool(seq.params.stop) and self.tokenizer is not None
         before = len(seq.text)
-        if watch_text:
-            seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
+        seq.text = self.tokenizer.decode(seq.output_tokens, skip_special_tokens=True)
         check = check_stop(seq.generated, seq.text, seq.params, self.eos_token_id,
                            new_char_count=len(seq.text) - before)
         if check.trim_text_to is not None:

@@ -39,7 +39,7 @@ class SamplingSlots:
         self._truncates: list[bool] = []
         self._free: list[int] = []
         self._unwritten: dict[int, tuple[int, SamplingParams]] = {}
-        self._pinned = torch.empty(0, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._pinned = self._pinned_buffer(64)
         self._grow(capacity)
 
     def acquire(self, seed: int, params: SamplingParams) -> int:
@@ -67,17 +67,21 @@ class SamplingSlots:
         self._write_new()
         n = len(slots)
         if self._pinned.numel() < 2 * n:
-            self._pinned = torch.empty(2 * max(n, 64), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            self._pinned = self._pinned_buffer(max(n, self._pinned.numel()))
         # Reused every step: the previous step's copy has completed, since a step ends by
-        # reading its sampled tokens back.
-        host = self._pinned[:2 * n].view(2, n)
-        host[0] = torch.as_tensor(slots, dtype=torch.int64)
-        host[1] = torch.as_tensor(steps, dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)
+        # reading its sampled tokens back. Written through numpy: no torch op on the host side.
+        host = self._pinned.numpy()
+        host[:n] = slots
+        host[n:2 * n] = steps
+        dev = self._pinned[:2 * n].to(self.device, non_blocking=True).view(2, n)
         index = dev[0]
         ints, floats = self.ints.index_select(1, index), self.floats.index_select(1, index)
         return RowState(floats[0], floats[1], ints[1], ints[0], dev[1],
                         any(self._truncates[s] for s in slots))
+
+    def _pinned_buffer(self, n: int) -> torch.Tensor:
+        """Host staging of a step's slots then steps: 2 n int64, pinned on CUDA."""
+        return torch.empty(2 * n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
 
     def _write_new(self) -> None:
         if not self._unwritten:

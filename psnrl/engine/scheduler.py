@@ -9,8 +9,11 @@ front of the queue to be recomputed later (its generated tokens are kept).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from psnrl.engine.block_manager import BlockManager, OutOfBlocks
 from psnrl.engine.sequence import Sequence, Status
@@ -28,8 +31,9 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
+    """One sequence's part of a step (a tuple: a step builds one per running sequence)."""
+
     seq: Sequence
     num_new: int  # tokens whose KV this step computes, from seq.num_computed on
 
@@ -102,11 +106,14 @@ class Scheduler:
         # 1. Running sequences: their new tokens need slots; preempt from the back when out of blocks.
         i = 0
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+            i, budget = self._schedule_decodes(step, i, budget)
+            if i == len(self.running) or budget <= 0:
+                break
+            seq = self.running[i]  # one the batched call stopped at
             if not self._reserve(seq, step):
                 continue  # seq itself was preempted; the same index now holds the next one
             n = min(seq.num_uncomputed, budget)
-            self._schedule(step, seq, n)
+            step.seqs.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
         # 2. Waiting sequences, first come first served.
@@ -132,13 +139,25 @@ class Scheduler:
             seq.num_computed = cached
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
-            self._schedule(step, seq, n)
+            step.seqs.append(ScheduledSeq(seq, n))
             budget -= n
         return step
 
-    def _schedule(self, step: Step, seq: Sequence, n: int) -> None:
-        # The KV these tokens get is published (mark_computed) only once the step has run.
-        step.seqs.append(ScheduledSeq(seq, n))
+    def _schedule_decodes(self, step: Step, start: int, budget: int) -> tuple[int, int]:
+        """Schedule ``running[start:]`` while the budget lasts, reserving in one block-manager call
+        the token each sampled last step; stops at the first the call leaves (one that needs a
+        block when none is free). Returns (where it stopped, the budget left)."""
+        seqs = self.running[start:start + budget]  # each takes at least one token of the budget
+        new = [len(seq.tokens) - seq.num_computed for seq in seqs]
+        seqs = seqs[:bisect.bisect_left(list(itertools.accumulate(new)), budget) + 1]
+        done, copies = self.blocks.append_last_tokens([seq.seq_id for seq in seqs], [seq.tokens[-1] for seq in seqs],
+                                                      [len(seq.tokens) for seq in seqs])
+        step.copies += copies
+        for seq, n in zip(seqs[:done], new):
+            # The KV these tokens get is published (mark_computed) only once the step has run.
+            step.seqs.append(ScheduledSeq(seq, min(n, budget)))
+            budget -= n
+        return start + done, max(budget, 0)
 
     def _reserve(self, seq: Sequence, step: Step) -> bool:
         """Give the block manager the tokens it has not seen; False if ``seq`` had to be preempted."""

@@ -37,6 +37,7 @@ class Sequence:
     # n > 1: the first sample prefills the prompt, then forks one sample per seed here.
     child_seeds: list[int] = field(default_factory=list)
     slot: int = -1  # its row of the engine's SamplingSlots, from its first sample on
+    stop_ids: frozenset[int] = frozenset()  # tokens that finish it: params.all_stop_token_ids(eos)
 
     @property
     def num_tokens(self) -> int:

@@ -374,6 +374,29 @@ class BlockManager {
         return res;
     }
 
+    // A decode step's reservations in one call: sequence i, holding lengths[i] - 1 tokens, gets
+    // last_tokens[i] (the token it sampled last step); one already holding lengths[i] gets
+    // nothing. Stops before the first sequence in neither state or that needs a block when none
+    // is free (left unchanged, for the caller's general path). Returns how many were handled
+    // and their copy-on-writes, in order.
+    std::pair<int64_t, std::vector<std::pair<int32_t, int32_t>>> append_last_tokens(
+        const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& last_tokens,
+        const std::vector<int64_t>& lengths) {
+        if (last_tokens.size() != seq_ids.size() || lengths.size() != seq_ids.size())
+            throw std::invalid_argument("append_last_tokens: seq_ids, last_tokens and lengths differ in length");
+        std::vector<std::pair<int32_t, int32_t>> cows;
+        size_t i = 0;
+        for (; i < seq_ids.size(); ++i) {
+            const Sequence& seq = get(seq_ids[i]);
+            const int64_t held = static_cast<int64_t>(seq.tokens.size());
+            if (held == lengths[i]) continue;
+            if (held != lengths[i] - 1 || append_need(seq) > free_count_) break;
+            const AppendResult res = append_token(seq_ids[i], last_tokens[i]);
+            if (res.cow) cows.push_back(*res.cow);
+        }
+        return {static_cast<int64_t>(i), std::move(cows)};
+    }
+
     void fork(int64_t parent_id, int64_t child_id) {
         const Sequence& parent = get(parent_id);
         if (seqs_.count(child_id))
@@ -393,6 +416,12 @@ class BlockManager {
     }
 
     std::vector<int32_t> block_table(int64_t seq_id) const { return get(seq_id).table; }
+    std::vector<std::vector<int32_t>> block_tables(const std::vector<int64_t>& seq_ids) const {
+        std::vector<std::vector<int32_t>> tables;
+        tables.reserve(seq_ids.size());
+        for (int64_t id : seq_ids) tables.push_back(get(id).table);
+        return tables;
+    }
     std::vector<int64_t> token_ids(int64_t seq_id) const { return get(seq_id).tokens; }
     int64_t num_tokens(int64_t seq_id) const {
         return static_cast<int64_t>(get(seq_id).tokens.size());
@@ -904,7 +933,15 @@ PYBIND11_MODULE(_block_manager, m) {
              "salt.")
         .def("free", &BlockManager::free, py::arg("seq_id"),
              "Release the sequence's blocks (ref - 1 each, last block first). KeyError if unknown.")
+        .def("append_last_tokens", &BlockManager::append_last_tokens, py::arg("seq_ids"),
+             py::arg("last_tokens"), py::arg("lengths"),
+             "A decode step's append_token calls in one: each sequence holding lengths[i] - 1 "
+             "tokens gets last_tokens[i], one holding lengths[i] nothing; stops before the first "
+             "in neither state or needing a block when none is free (left unchanged). Returns "
+             "(how many were handled, their copy-on-writes in order).")
         .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
+        .def("block_tables", &BlockManager::block_tables, py::arg("seq_ids"),
+             "The block tables of these sequences, in one call.")
         .def("token_ids", &BlockManager::token_ids, py::arg("seq_id"))
         .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
         .def("cache_salt", &BlockManager::cache_salt, py::arg("seq_id"),
