@@ -163,7 +163,7 @@ class DecodePlan:
     positions: list[int]
     slots: list[int]
     context_lens: list[int]
-    tables: list[list[int]]
+    tables: list[Sequence[int]]
     streams: list[NoiseStream]  # local stream s (1-based) is streams[s - 1]
     group_ids: dict[str, list[int]]  # per noisy group: the stream of each of the bucket's rows
     out_rows: list[int]  # graph rows of the sampling entries, in the step's order
