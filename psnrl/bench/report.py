@@ -239,51 +239,30 @@ def render_targets(targets: Sequence[Target]) -> list[str]:
 LOWER, HIGHER = "lower", "higher"
 
 
-def _step_phase(phase: str) -> Callable[[dict], object]:
-    return lambda r: (r.get("phases_ms") or {}).get(phase) if isinstance(r.get("phases_ms"), dict) else None
-
-
-def _workload_tag(row: dict) -> str:
-    """" nano-vllm" for rows of a workload other than the default fixed one."""
-    workload = row.get("workload", "fixed")
-    return "" if workload == "fixed" else f" {workload}"
-
-
-def _learner_case(r: dict) -> tuple:
-    """Learner rows compared with each other (files from before the option: checkpointing off)."""
-    return r.get("model"), r.get("tokens"), bool(r.get("activation_checkpointing"))
-
-
-# kind -> how a row is named in the regression table (its key: the same fields)
+# kind -> how a row is named in the regression table; rows of the same name are compared
 ROW_LABELS: dict[str, Callable[[dict], str]] = {
     "noisy_gemm": lambda r: f"{r.get('shape')} M={r.get('M')}",
-    "decode": lambda r: (f"{r.get('model')}{_workload_tag(r)} batch {r.get('batch')} prompt "
-                         f"{r.get('prompt_len')} output {r.get('output_len')} {r.get('mode')}"),
+    "decode": lambda r: (f"{r.get('model')}{'' if r.get('workload', 'fixed') == 'fixed' else ' ' + r['workload']} "
+                         f"batch {r.get('batch')} prompt {r.get('prompt_len')} output {r.get('output_len')} "
+                         f"{r.get('mode')}"),
     "learner": lambda r: (f"{r.get('model')} {r.get('tokens')} tokens"
                           f"{' act-ckpt' if r.get('activation_checkpointing') else ''} {r.get('mode')}"),
     "step": lambda r: f"{r.get('model')} {r.get('mode')}",
     "lm_head": lambda r: f"{r.get('tokens')} x {r.get('vocab')} (hidden {r.get('hidden')}) {r.get('impl')}",
 }
-
-# kind -> (row key, [(metric name, getter, better)])
-COMPARISONS: dict[str, tuple[Callable[[dict], tuple], list[tuple[str, Callable[[dict], object], str]]]] = {
-    "noisy_gemm": (lambda r: (r.get("shape"), r.get("M")),
-                   [("noisy_us", lambda r: r.get("noisy_us"), LOWER),
-                    ("noisy_over_cublas", lambda r: r.get("noisy_over_cublas"), LOWER)]),
-    "decode": (lambda r: (r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
-                          r.get("output_len"), r.get("mode")),
-               [("tok_s", lambda r: r.get("tok_s"), HIGHER)]),
-    "learner": (lambda r: (*_learner_case(r), r.get("mode")),
-                [("step_ms", lambda r: r.get("step_ms"), LOWER),
-                 ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
-    "step": (lambda r: (r.get("model"), r.get("mode")),
-             [("step_ms", lambda r: r.get("step_ms"), LOWER),
-              ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]
-             + [(f"{p}_ms", _step_phase(p), LOWER) for p in PHASES]),
-    "lm_head": (lambda r: (r.get("tokens"), r.get("vocab"), r.get("hidden"), r.get("impl")),
-                [("ms", lambda r: r.get("ms"), LOWER),
-                 ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
+# kind -> [(metric, better)]; a step's "<phase>_ms" is read from its phases_ms
+COMPARISONS: dict[str, list[tuple[str, str]]] = {
+    "noisy_gemm": [("noisy_us", LOWER), ("noisy_over_cublas", LOWER)],
+    "decode": [("tok_s", HIGHER)],
+    "learner": [("step_ms", LOWER), ("peak_bytes", LOWER)],
+    "step": [("step_ms", LOWER), ("peak_bytes", LOWER), *[(f"{p}_ms", LOWER) for p in PHASES]],
+    "lm_head": [("ms", LOWER), ("peak_bytes", LOWER)],
 }
+
+
+def _metric(row: dict, name: str) -> object:
+    phases = row.get("phases_ms")
+    return row.get(name) if name in row or not isinstance(phases, dict) else phases.get(name[:-len("_ms")])
 
 
 @dataclass
@@ -324,21 +303,17 @@ def compare(current: Mapping[str, dict | None], baseline: Mapping[str, dict | No
     out: list[Change] = []
     if not baseline:
         return out
-    for kind, (key_fn, metrics) in COMPARISONS.items():
-        base_rows = {key_fn(r): r for r in _rows(baseline.get(kind)) if _ok(r)}
+    for kind, metrics in COMPARISONS.items():
+        label = ROW_LABELS[kind]
+        base_rows = {label(r): r for r in _rows(baseline.get(kind)) if _ok(r)}
         for row in _rows(current.get(kind)):
-            key = key_fn(row)
-            base = base_rows.get(key)
-            if base is None:
-                continue
-            for name, get, better in metrics:
-                b = _num(get(base))
-                if b is None or b <= 0:
-                    continue
-                c = _num(get(row)) if _ok(row) else None
-                if c is None and _ok(row):
-                    continue  # a field this run did not write: nothing to compare
-                out.append(Change(kind, ROW_LABELS[kind](row), name, b, c, better, threshold))
+            base = base_rows.get(label(row))
+            for name, better in metrics if base else ():
+                b = _num(_metric(base, name))
+                c = _num(_metric(row, name)) if _ok(row) else None
+                if b is None or b <= 0 or (c is None and _ok(row)):
+                    continue  # not measured before, or a field this run did not write
+                out.append(Change(kind, label(row), name, b, c, better, threshold))
     return out
 
 
