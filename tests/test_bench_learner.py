@@ -110,9 +110,9 @@ def test_markdown_and_report(smoke):
     assert "## Engine vs learner mismatch" in md and "PSN effect" in md
     assert "step time PSN/plain" in md
     # psnrl/bench/report.py reads the file: its table and the mismatch line.
-    text = report.learner_table(report.load_results(out, "cpu")["learner"])
+    text = report.bench_table("learner", report.load_results(out, "cpu")["learner"])
     assert "| tiny | 48 | off | psn | — |" in text
-    assert "Mismatch: model = tiny" in text
+    assert "### Engine vs learner mismatch" in text and "tiny, fp32," in text
 
 
 def test_perturbed_copy_shares_all_but_the_targeted_weights(tmp_path):

@@ -28,17 +28,23 @@ def summary(tmp_path, **kw):
 def test_markdown_tables_hold_the_figures(tmp_path):
     text, _ = summary(tmp_path)
     assert text.startswith("# Benchmark summary: NVIDIA H100 80GB HBM3")
-    # noisy GEMM: times and the noisy/cuBLAS ratio; a missing field prints as a dash
-    assert "| Qwen2.5-1.5B/gate_up | 256 | 30.0 | 29.4 | 34.5 | 34.5 | 135.0 | 1.150 | 0 |" in text
-    assert "| Qwen2.5-1.5B/down | 4096 | 260.0 | 254.8 | 351.0 | — | 1170.0 | 1.350 | 0 |" in text
-    # decode: tokens/s, ours over HF, a row without gbps
-    assert "| Qwen2.5-1.5B | 32 | 128 | 256 | noisy | 3,800 | 8.30 | — | — | 4.22 | 0.974 |" in text
-    assert "| Qwen2.5-7B | 1 | 128 | 256 | clean | 105 | 9.40 | 1,625 | 48.5% | — | — |" in text
-    # learner: peak GiB and the ratios to plain; the mismatch figures
-    assert "| Qwen2.5-1.5B | 8192 | off | psn | 20.20 | 930.0 | 1.010 | 1.094 |" in text  # an old file: off
+    # Each section is the bench's own tables (psnrl/bench/<bench>.py render_tables).
+    # noisy GEMM: times and the noisy/cuBLAS ratio, extra bytes; a missing field prints as a dash
+    assert ("| Qwen2.5-1.5B/gate_up | 256 | 17920 | 1536 | 30.0 | 29.4 | 34.5 | 34.5 | — | 135.0 | 1.150 | 1.000 "
+            "| — | 0 |") in text
+    assert ("| Qwen2.5-1.5B/down | 4096 | 1536 | 8960 | 260.0 | 254.8 | 351.0 | — | — | 1170.0 | 1.350 | — | — "
+            "| 0 |") in text
+    # decode, per model and lengths, the modes side by side: tokens/s, ms/step, ours over HF, noisy over
+    # clean, GB/s (a row without gbps: a dash), the roofline
+    assert "### Qwen2.5-1.5B, prompt 128, output 256" in text
+    assert "| 32 | 3,900 | 3,800 | 900 | 8.10 | 8.30 | 35.00 | 4.33 | 4.22 | 0.974 | 520.0 | — | 120.0 |" in text
+    assert "| 1 | 105 | 104 | 9.40 | 9.50 | 0.991 | 1,625.0 | 1,608.0 | 48.5% | 48.0% |" in text
+    # learner: peak MiB (20.20 GiB) and the ratios to plain; the mismatch figures
+    assert "| Qwen2.5-1.5B | 8192 | off | psn | 20,684.8 | 930.0 | 1.010 | 1.094 |" in text  # an old file: off
     assert "loss_rel_diff = 1.2e-06" in text
-    # step: the phases
-    assert "| Qwen2.5-1.5B | psn-var2 | 11,500.0 | 8,300.0 | 300.0 | 2,800.0 | 100.0 | 30.50 | 1.150 |" in text
+    # step: the phases (rollout, sigma, reward, learner, sync, other), peak GiB, over plain
+    assert ("### Qwen2.5-1.5B\n\n| mode |" in text and
+            "| psn-var2 | 11,500.0 | 8,300.0 | — | 300.0 | 2,800.0 | 100.0 | — | 30.50 | — | — | — | 1.150 |" in text)
 
 
 def test_targets_met_and_missed(tmp_path):
@@ -137,8 +143,8 @@ def test_missing_and_broken_files_are_tolerated(tmp_path):
     assert "Missing results" in text and f"noisy_gemm (`noisy_gemm-{SLUG}.json`)" in text
     assert f"decode-{SLUG}.json: not valid JSON" in text
     assert "No baseline" in text
-    assert "| m | plain | — | — | — | — | — | — | 1.000 |" not in text  # no step_ms: no ratio to itself
-    assert "| m | plain | — | — | — | — | — | — | — |" in text
+    assert "### m" in text and "| plain | " + " | ".join(["—"] * 13) + " |" in text  # no step_ms: no ratio to itself
+    assert "1.000" not in text
     # nothing at all
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -223,7 +229,7 @@ def test_lm_head_wide_rows_of_the_bench_are_read_per_impl(tmp_path):
                     {"tokens": 8192, "vocab": 151936, "hidden": 1536, "impl": "naive", "ms": 11.0,
                      "peak_bytes": 5120 << 20}]
     text = report.write_summary(tmp_path, SLUG, git_rev=None)[0].read_text()
-    assert "| 8192 | 151936 | 1536 | naive | 11.00 | 5120.0 |" in text
+    assert "| 8192 | 151936 | 1536 | naive | 11.00 | 5,120.0 |" in text
 
 
 def test_learner_targets_compare_rows_of_the_same_activation_checkpointing():
@@ -238,4 +244,4 @@ def test_learner_targets_compare_rows_of_the_same_activation_checkpointing():
     assert found == {("m 8192 tokens", "peak memory"): 1.01, ("m 8192 tokens", "step time P"): 1.1,
                      ("m 8192 tokens, activation checkpointing", "peak memory"): 1.2,
                      ("m 8192 tokens, activation checkpointing", "step time P"): 1.0714}
-    assert "| m | 8192 | on | psn |" in report.learner_table(doc)
+    assert "| m | 8192 | on | psn |" in report.bench_table("learner", doc)

@@ -81,8 +81,10 @@ def test_markdown_and_report_read_the_rows(tmp_path):
     assert "- Qwen2.5-0.5B psn: RuntimeError: boom" in text
     # psnrl/bench/report.py: its table, its targets
     current = report.load_results(tmp_path, "nvidia-h100-80gb-hbm3")
-    table = report.step_table(current["step"])
-    assert "| Qwen2.5-1.5B | psn | 1,030.0 | 600.0 | 10.0 | 300.0 | 0.0 | 20.00 | 1.030 |" in table
+    table = report.bench_table("step", current["step"])  # the bench's own table, under the model
+    assert "### Qwen2.5-1.5B" in table
+    assert ("| psn | 1,030.0 | 600.0 | 0.0 | 10.0 | 300.0 | 0.0 | 120.0 | 20.00 | 8.00 | 256.0 | 1,000 "
+            "| 1.030 |") in table
     targets = {(t.target, t.ok) for t in report.check_targets(current)}
     assert targets == {("step time PSN/plain <= 1.05", True), ("step time Var-II/plain <= 1.10", False)}
 

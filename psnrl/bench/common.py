@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -205,6 +207,37 @@ def markdown_table(columns: Sequence[Column], rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_document(name: str, meta: dict, rows: Sequence[dict], label: Callable[[dict], str], *,
+                    setting: str = "", paragraphs: Sequence[str] = (), body: Sequence[str] = ()) -> str:
+    """A results file's markdown: ``# <name> on <device>``, the library versions and ``setting``,
+    the non-empty ``paragraphs``, the ``body`` lines (the tables), then the Errors section."""
+    versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "triton", "transformers") if meta.get(k))
+    parts = [f"# {name} on {meta['device']}", "", versions + (f"; {setting}" if setting else "") + ".", ""]
+    parts += [line for p in paragraphs if p for line in (p, "")]
+    return "\n".join([*parts, *body, *errors_section(rows, label)])
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A target: ``field`` of every row that ``applies`` accepts stays at most ``limit`` (at least,
+    with ``at_least``); ``limit`` is a number or the name of a row field (the weight's bytes, say).
+    ``where`` names a row in the lists of misses."""
+
+    title: str
+    field: str
+    limit: float | str
+    applies: Callable[[dict], bool] = lambda r: not r.get("error")
+    where: Callable[[dict], str] = str
+    at_least: bool = False
+
+    def check(self, row: dict) -> tuple[object, object, bool]:
+        """(value, limit, met) of one row."""
+        value = row.get(self.field)
+        limit = row.get(self.limit) if isinstance(self.limit, str) else self.limit
+        met = value is not None and limit is not None and (value >= limit if self.at_least else value <= limit)
+        return value, limit, met
+
+
 def run_meta(device: str, **fields) -> dict:
     """The metadata every result file starts with: device, torch, triton, transformers."""
     import transformers
@@ -259,6 +292,18 @@ class BenchRun:
             self.log(f"{label}: {row.get('error') or detail}")
         self.write()
 
+    def attempt(self, measure: Callable[[], dict], failed: Callable[[BaseException], dict],
+                label: str | Callable[[dict], str], detail: Callable[[dict], str] | None = None) -> dict:
+        """Record the row ``measure`` returns, or ``failed(error)`` when it raises (a failed case is a
+        row: OOM, a kernel failure; the others still run); ``detail`` of a good row is logged."""
+        try:
+            row = measure()
+        except Exception as exc:
+            row = failed(exc)
+        self.record(row, label(row) if callable(label) else label,
+                    detail(row) if detail and not row.get("error") else None)
+        return row
+
     def write(self) -> tuple[Path, Path]:
         return self.files.write(self.out_dir, self.meta, self.rows)
 
@@ -277,6 +322,70 @@ def cuda_missing(device: str, message: str) -> bool:
         print(message, file=sys.stderr)
         return True
     return False
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None,
+                  check: Callable[[argparse.Namespace], None]) -> argparse.Namespace:
+    """Parse ``argv`` and run ``check`` on the result; its ValueError is the parser's usage error."""
+    args = parser.parse_args(argv)
+    try:
+        check(args)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def pick(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    """The ``allowed`` names among ``values`` (spaces, commas or both), in ``allowed``'s order;
+    ValueError for an unknown one."""
+    given = split_list(values)
+    for value in given:
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+    return [a for a in allowed if a in given]
+
+
+def check_sigma(sigma: float) -> None:
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"--sigma must be finite and > 0, got {sigma}")
+
+
+def add_modes(parser: argparse.ArgumentParser, modes: Sequence[str]) -> None:
+    parser.add_argument("--modes", nargs="+", default=list(modes), metavar="MODE",
+                        help=f"what to run: {', '.join(modes)} (default all)")
+
+
+def add_noise(parser: argparse.ArgumentParser, noise_seed: int | None = None, sigma: float = 0.004) -> None:
+    """``--sigma``, ``--targets`` (and ``--noise-seed`` when it has a default)."""
+    parser.add_argument("--sigma", type=float, default=sigma, help="noise std (default %(default)s)")
+    parser.add_argument("--targets", default="mlp", help="noise targets: mlp, attn, lm_head or all (default mlp)")
+    if noise_seed is not None:
+        parser.add_argument("--noise-seed", type=int, default=noise_seed)
+
+
+def noise_text(args: argparse.Namespace) -> str:
+    return f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})"
+
+
+def random_checkpoints(run: "BenchRun", args: argparse.Namespace, models: Sequence[str], prefix: str,
+                       failed: Callable[[str, BaseException], None],
+                       make: Callable[..., Path] | None = None) -> Iterator[tuple[str, Path]]:
+    """(model, path) of a random ``args.dtype`` checkpoint of each model, kept in ``--ckpt-dir`` or
+    deleted after its turn; a model whose checkpoint cannot be written goes to ``failed``."""
+    from psnrl.bench import model_configs
+
+    make = make or model_configs.cached_random_checkpoint
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for model in models:
+            run.log(f"{model}: writing random {args.dtype} weights")
+            try:
+                path = make(model, args.dtype, args.seed, args.ckpt_dir, args.device, Path(tmp))
+            except Exception as exc:
+                failed(model, exc)
+                continue
+            yield model, path
+            if not args.ckpt_dir:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def add_out_dir(parser: argparse.ArgumentParser, merge: bool = False) -> None:

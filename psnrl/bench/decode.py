@@ -1,49 +1,22 @@
 """Benchmark: rollout decode throughput of the engine (clean, noisy, mixed) against HF generate.
 
-Random weights in the real Qwen2.5 shapes (psnrl/bench/model_configs.py), one run on one device.
-Every sequence generates exactly its output length (the engine with ``ignore_eos=True``,
-transformers with ``min_new_tokens = max_new_tokens``), sampled at temperature 1 (top_p 1, no
-top_k; ``--greedy`` for argmax). Two workloads:
-
-  fixed      ``batch`` sequences in groups of ``--group-size`` (10) that share one random
-             prompt of ``--prompt-len`` tokens, as the samples of one GRPO prompt do; each
-             generates ``--output-len`` tokens. Runs every mode.
-  nano-vllm  the nano-vllm benchmark setting: 256 sequences, each its own random prompt, with
-             prompt and output lengths uniform in [100, 1024]; engine modes only, on one model
-             (``--nano-vllm-model``, default Qwen2.5-0.5B; ``none`` skips it).
-
-Modes:
-
-  clean   the engine, every sequence on the clean policy
-  noisy   the engine, every sequence with NoiseSpec(noise_seed, sigma, targets) (one spec)
-  mixed   the engine, in every group of 10 sequences 8 noisy samples and 2 clean probes
-          (``--probes``), as PSN-GRPO with Var-II rolls out; the noisy and the clean sequences
-          of a prompt cannot share its KV (noise changes it), so a group prefills it twice
-  hf      transformers' AutoModelForCausalLM.generate on the same checkpoint and the same
-          prompts (sdpa attention, its default dynamic KV cache; no prefix sharing)
-
-Each row reports ``tok_s``, output tokens/s (all generated tokens / wall time of the whole
-call, prefill included), ``hf_tok_s`` (HF's tokens/s on the same workload), the median time
-of a pure decode step (every scheduled sequence adds one token), and the roofline: ``gbps``,
-the bytes one decode step must read (the weights, lm_head included, and the K/V of the mean
-decode context, prompt_len + output_len / 2) over the step time, and ``roofline_frac``, that
-over the device's peak memory bandwidth (PEAK_GBPS, ``--peak-gbps`` overrides). The nano-vllm
-rows have no roofline (their batch shrinks as sequences finish). Ratios are of tokens/s:
-``over_hf`` = ours / HF (> 1: faster than HF), ``over_clean`` = noisy or mixed / clean (< 1:
-slower than clean), ``over_noisy`` = mixed / noisy.
-
-Writes ``psnrl/bench/results/decode-<device>.json`` and a markdown summary beside it. Run it with
-``psnrl bench decode [options]`` or ``python -m psnrl.bench.decode``; it needs a CUDA GPU, except
-with ``--device cpu`` (a smoke run: ``--device cpu --models tiny --batches 1 2 --prompt-len
-8 --output-len 8 --dtype fp32 --nano-vllm-model none``).
+Random weights in the real Qwen2.5 shapes; every sequence generates exactly its output length
+(engine: ``ignore_eos``; HF: ``min_new_tokens = max_new_tokens``), sampled at temperature 1
+(``--greedy``: argmax). Workloads: ``fixed`` (groups of ``--group-size`` sequences share one random
+prompt, as the samples of a GRPO prompt do; every mode) and ``nano-vllm`` (256 random prompts,
+prompt and output lengths uniform in 100-1024; engine modes only, on ``--nano-vllm-model``). Modes:
+``clean``, ``noisy`` (one NoiseSpec for every sequence), ``mixed`` (per group ``--probes`` clean
+probes, the others noisy: the Var-II rollout) and ``hf`` (transformers generate, sdpa, no prefix
+sharing). The fields (``tok_s``, ``hf_tok_s``, ``step_ms``, ``gbps``, ``roofline_frac``, ``over_hf``,
+``over_clean``, ``over_noisy``) are described in psnrl/bench/README.md and in RATIO_NOTE /
+ROOFLINE_NOTE. Needs a CUDA GPU, except ``--device cpu`` (a smoke run: ``--device cpu --models tiny
+--batches 1 2 --prompt-len 8 --output-len 8 --dtype fp32 --nano-vllm-model none``).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -52,10 +25,11 @@ from psnrl.bench import model_configs
 from psnrl.bench.decode_workloads import (FIXED, NANO_VLLM, NANO_VLLM_LENGTHS, NANO_VLLM_SEQS, Timing,
                                           Workload, decode_bytes_per_step, fixed_workload, mean_decode_context,
                                           nano_vllm_workload, peak_gbps, sequence_noise, time_engine, time_hf)
-from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, add_model_runs, add_out_dir, cuda_missing,
-                                device_and_sync, error_row as _error_row, errors_section, fmt_cell, free_memory,
-                                nonnegative_int, positive_int, positive_ints, ratio, round_or_none, run_meta,
-                                split_list)
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, add_model_runs, add_modes, add_noise,
+                                add_out_dir, check_sigma, cuda_missing, device_and_sync, error_row as _error_row,
+                                fmt_cell, free_memory, noise_text, nonnegative_int, parse_checked, pick,
+                                positive_int, positive_ints, random_checkpoints, ratio, render_document,
+                                round_or_none, run_meta, split_list)
 
 NAME = "decode"
 NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
@@ -72,8 +46,6 @@ HF_WARMUP_TOKENS = 16
 MODES = ("clean", "noisy", "mixed", "hf")
 ENGINE_MODES = ("clean", "noisy", "mixed")
 DTYPES = DTYPE_NAMES
-DEFAULT_SIGMA = 0.004
-DEFAULT_TARGETS = "mlp"
 NOISE_SEED = 0x5EED_0002
 
 ROW_KEYS = ("model", "workload", "mode", "batch", "prompt_len", "output_len", "tok_s", "hf_tok_s",
@@ -178,13 +150,13 @@ def render_model_table(rows: Sequence[dict]) -> str:
                "over_noisy": ".3f", "gbps": ",.1f", "roofline_frac": ".1%"}
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        groups.setdefault((row["batch"], row["prompt_len"], row["output_len"]), {})[row["mode"]] = row
+        groups.setdefault((row.get("batch"), row.get("prompt_len"), row.get("output_len")), {})[row.get("mode")] = row
     # Columns with nothing to show go (no HF or roofline for the nano-vllm workload).
     cols = cols[:1] + [(title, mode, key) for title, mode, key in cols[1:]
                        if any(by_mode.get(mode, {}).get(key) is not None for by_mode in groups.values())]
     lines = ["| " + " | ".join(title for title, _, _ in cols) + " |",
              "|" + "|".join("---:" for _ in cols) + "|"]
-    for (batch, _, _), by_mode in sorted(groups.items()):
+    for (batch, _, _), by_mode in sorted(groups.items(), key=str):
         cells = [str(batch)]
         for _, mode, key in cols[1:]:
             row = by_mode.get(mode)
@@ -197,7 +169,7 @@ def _sections(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
     """Rows by (model, workload, prompt_len, output_len): one table each."""
     out: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["model"], row.get("workload", FIXED), row["prompt_len"], row["output_len"])
+        key = (row.get("model"), row.get("workload", FIXED), row.get("prompt_len"), row.get("output_len"))
         out.setdefault(key, []).append(row)
     return out
 
@@ -208,27 +180,40 @@ def _section_title(model: str, workload: str, prompt_len: int, output_len: int) 
     return f"{model}, prompt {prompt_len}, output {output_len}"
 
 
+def render_tables(rows: Sequence[dict], level: str = "##") -> list[str]:
+    """A table per (model, workload, lengths), the modes side by side."""
+    return [line for key, mine in _sections(rows).items()
+            for line in (f"{level} {_section_title(*key)}", "", render_model_table(mine), "")]
+
+
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     peak = meta.get("peak_gbps")
-    parts = [
-        f"# decode on {meta['device']}",
-        "",
-        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
-        f"dtype {meta.get('dtype', '?')}; {meta.get('sampling', '')}; noise: {meta.get('noise', '')}.",
-        "",
-        f"Peak memory bandwidth: {'unknown' if peak is None else f'{peak:,.0f} GB/s'}"
-        f"{' (' + meta['peak_source'] + ')' if meta.get('peak_source') else ''}.",
-        "",
-        f"Method: {meta.get('method', '')}",
-        "",
-        f"{RATIO_NOTE} {ROOFLINE_NOTE} {SPLIT_NOTE}",
-        "",
-    ]
-    for (model, workload, prompt_len, output_len), mine in _sections(rows).items():
-        parts += [f"## {_section_title(model, workload, prompt_len, output_len)}", "",
-                  render_model_table(mine), ""]
-    return "\n".join(parts + errors_section(
-        rows, lambda r: f"{r['model']} {r.get('workload', FIXED)} batch {r['batch']} {r['mode']}"))
+    source = f" ({meta['peak_source']})" if meta.get("peak_source") else ""
+    return render_document(
+        NAME, meta, rows, lambda r: f"{r['model']} {r.get('workload', FIXED)} batch {r['batch']} {r['mode']}",
+        setting=f"dtype {meta.get('dtype', '?')}; {meta.get('sampling', '')}; noise: {meta.get('noise', '')}",
+        paragraphs=[f"Peak memory bandwidth: {'unknown' if peak is None else f'{peak:,.0f} GB/s'}{source}.",
+                    f"Method: {meta.get('method', '')}", f"{RATIO_NOTE} {ROOFLINE_NOTE} {SPLIT_NOTE}"],
+        body=render_tables(rows))
+
+
+def _fixed(test: Callable[[dict], bool]) -> Callable[[dict], bool]:
+    return lambda r: not r.get("error") and r.get("workload", FIXED) == FIXED and test(r)
+
+
+NOISE_RATIO, ROOFLINE_MODEL, ROOFLINE, HF_BATCH, HF_RATIO = 0.90, "Qwen2.5-7B", 0.70, 256, 20.0
+TARGETS = (
+    *[Bound(f"{mode}/clean tok/s >= {NOISE_RATIO:.2f}", "over_clean", NOISE_RATIO,
+            lambda r, mode=mode: not r.get("error") and r.get("mode") == mode,
+            lambda r: f"{r.get('model')} {r.get('workload', FIXED)} batch {r.get('batch')}", True)
+      for mode in ("noisy", "mixed")],
+    Bound(f"batch-1 {ROOFLINE_MODEL} decode >= {ROOFLINE:.0%} of peak HBM bandwidth", "roofline_frac", ROOFLINE,
+          _fixed(lambda r: r.get("mode") in ("clean", "noisy") and r.get("batch") == 1
+                 and r.get("model") == ROOFLINE_MODEL), lambda r: f"{r.get('model')} {r.get('mode')}", True),
+    Bound(f"batch {HF_BATCH}: ours/HF tok/s >= {HF_RATIO:.0f}", "over_hf", HF_RATIO,
+          _fixed(lambda r: r.get("mode") in ("clean", "noisy") and r.get("batch") == HF_BATCH),
+          lambda r: f"{r.get('model')} {r.get('mode')}", True),
+)
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
@@ -359,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
-                        help=f"what to run: {', '.join(MODES)} (default all)")
+    add_modes(parser, MODES)
     parser.add_argument("--prompt-len", type=positive_int, default=PROMPT_LEN,
                         help="prompt tokens per request (default %(default)s)")
     parser.add_argument("--output-len", type=positive_int, default=OUTPUT_LEN,
@@ -382,10 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--greedy", action="store_true",
                         help="argmax decoding (default: sampling at temperature 1)")
-    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
-    parser.add_argument("--targets", default=DEFAULT_TARGETS,
-                        help="noise targets: mlp, attn, lm_head or all (default %(default)s)")
-    parser.add_argument("--noise-seed", type=int, default=NOISE_SEED)
+    add_noise(parser, NOISE_SEED)
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
     parser.add_argument("--warmup", type=nonnegative_int, default=1,
                         help="untimed runs before each measurement (engine: the full run; HF: "
@@ -413,46 +394,39 @@ def _nano_vllm_model(name: str | None, models: list[str]) -> str | None:
     return model
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.models = [model_configs.resolve(m) for m in split_list(args.models)]
-        args.batches = sorted(positive_ints(args.batches, "--batches"))
-        args.modes = split_list(args.modes)
-        for mode in args.modes:
-            if mode not in MODES:
-                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        args.modes = [m for m in MODES if m in args.modes]
-        if not args.models or not args.batches or not args.modes:
-            raise ValueError("give at least one model, batch size and mode")
-        if not math.isfinite(args.sigma) or args.sigma <= 0:
-            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
-        lo, hi = args.nano_vllm_lengths
-        if lo > hi:
-            raise ValueError(f"--nano-vllm-lengths: {lo} > {hi}")
-        if args.probes >= args.group_size:
-            raise ValueError(f"--probes ({args.probes}) must be below --group-size ({args.group_size}): "
-                             f"a mixed group needs a noisy sample")
-        args.nano_vllm_model = _nano_vllm_model(args.nano_vllm_model, args.models)
-        from psnrl.engine.noise_spec import NoiseSpec
-        args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
-        if args.peak_gbps is not None and not args.peak_gbps > 0:
-            raise ValueError(f"--peak-gbps must be > 0, got {args.peak_gbps}")
-        if not (args.block_size & (args.block_size - 1)) == 0:
-            raise ValueError(f"--block-size must be a power of two, got {args.block_size}")
-        for model in args.models:
-            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
-            if args.prompt_len + args.output_len > limit:
-                raise ValueError(f"prompt + output = {args.prompt_len + args.output_len} tokens exceeds "
-                                 f"{model}'s max_position_embeddings={limit}")
-            if model == args.nano_vllm_model and 2 * args.nano_vllm_lengths[1] > limit:
-                raise ValueError(f"the nano-vllm workload needs {2 * args.nano_vllm_lengths[1]} positions; "
-                                 f"{model}'s max_position_embeddings={limit}")
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(str(exc))
+def _check(args: argparse.Namespace) -> None:
+    args.models = [model_configs.resolve(m) for m in split_list(args.models)]
+    args.batches = sorted(positive_ints(args.batches, "--batches"))
+    args.modes = pick(args.modes, MODES, "mode")
+    if not args.models or not args.batches or not args.modes:
+        raise ValueError("give at least one model, batch size and mode")
+    check_sigma(args.sigma)
+    lo, hi = args.nano_vllm_lengths
+    if lo > hi:
+        raise ValueError(f"--nano-vllm-lengths: {lo} > {hi}")
+    if args.probes >= args.group_size:
+        raise ValueError(f"--probes ({args.probes}) must be below --group-size ({args.group_size}): "
+                         f"a mixed group needs a noisy sample")
+    args.nano_vllm_model = _nano_vllm_model(args.nano_vllm_model, args.models)
+    from psnrl.engine.noise_spec import NoiseSpec
+    args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
+    if args.peak_gbps is not None and not args.peak_gbps > 0:
+        raise ValueError(f"--peak-gbps must be > 0, got {args.peak_gbps}")
+    if not (args.block_size & (args.block_size - 1)) == 0:
+        raise ValueError(f"--block-size must be a power of two, got {args.block_size}")
+    for model in args.models:
+        limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+        if args.prompt_len + args.output_len > limit:
+            raise ValueError(f"prompt + output = {args.prompt_len + args.output_len} tokens exceeds "
+                             f"{model}'s max_position_embeddings={limit}")
+        if model == args.nano_vllm_model and 2 * args.nano_vllm_lengths[1] > limit:
+            raise ValueError(f"the nano-vllm workload needs {2 * args.nano_vllm_lengths[1]} positions; "
+                             f"{model}'s max_position_embeddings={limit}")
     args.torch_dtype = model_configs.as_dtype(args.dtype)
-    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_checked(build_parser(), argv, _check)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -495,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(
         device_name, dtype=args.dtype,
         sampling="greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
-        noise=f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
+        noise=noise_text(args),
         sigma=args.sigma, targets=args.targets, peak_gbps=peak,
         peak_source="--peak-gbps" if args.peak_gbps is not None else "PEAK_GBPS table" if peak is not None else None,
         method=method_description(args), hf_attn_implementation=args.hf_attn,
@@ -504,24 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, repeats=args.repeats, seed=args.seed)
     run = BenchRun(FILES, meta, args.out_dir, previous_rows(args, device_name) if args.merge else [])
     runner = Runner(args, run, sync)
-    with tempfile.TemporaryDirectory(prefix="psnrl-decode-") as tmp:
-        for model in args.models:
-            run.log(f"{model}: writing random {args.dtype} weights")
-            try:
-                path = model_configs.cached_random_checkpoint(model, args.dtype, args.seed, args.ckpt_dir,
-                                                              args.device, Path(tmp))
-            except Exception as exc:
-                for work in runner.workloads(model):
-                    for mode in args.modes:
-                        if work.name == FIXED or mode in ENGINE_MODES:
-                            runner.record(error_row(model, work, mode, exc))
-                continue
-            runner.model(model, path)
-            if not args.ckpt_dir:
-                shutil.rmtree(path, ignore_errors=True)
-    return run.close("\n".join(f"\n{_section_title(*key)}\n\n{render_model_table(mine)}"
-                               for key, mine in _sections(add_ratios(run.rows)).items()))
 
+    def failed(model: str, exc: BaseException) -> None:
+        for work in runner.workloads(model):
+            for mode in args.modes:
+                if work.name == FIXED or mode in ENGINE_MODES:
+                    runner.record(error_row(model, work, mode, exc))
+    for model, path in random_checkpoints(run, args, args.models, "psnrl-decode-", failed):
+        runner.model(model, path)
+    return run.close("\n".join(render_tables(add_ratios(run.rows))))
 
 if __name__ == "__main__":
     raise SystemExit(main())

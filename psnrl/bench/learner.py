@@ -1,60 +1,22 @@
 """Benchmark: peak memory and time of a learner step, plain GRPO vs PSN-GRPO vs a naive PSN step,
 and the engine/learner log-prob mismatch of the same perturbed policy.
 
-For each model (random weights in the real Qwen2.5 shapes, psnrl/bench/model_configs.py) and
-micro-batch (``--seqs`` sequences of each ``--seq-lens`` tokens, the first ``--prompt-len``
-of them prompt; random token ids; one micro-batch and one optimizer step per learner step),
-on one device, it runs psnrl.trainer.learner.Learner.update (AdamW, grad clipping) in three modes:
-
-  plain  GRPO: clean rows (noise None), no TIS
-  psn    PSN-GRPO: every row carries NoiseSpec(seed, sigma, targets) and
-         noisy_logprobs="learner": one dual-stream forward per micro-batch gives the clean
-         log-probs (autograd) and the perturbed policy's (TIS denominator) from one read
-         of each weight (psnrl/trainer/logprobs.dual_stream_logprobs)
-  naive  what a stack without our kernels does: materialize W + sigma E (kernels.noise
-         fill, added in fp32 and rounded to the weight dtype as the fused kernel does) for
-         every targeted StreamLinear as a second model that shares all other weights, run
-         it under no_grad for the perturbed log-probs, then the clean step with those as
-         the TIS denominator (noisy_logprobs="sampler"); the copy lives for the whole step
-         (a resident second policy) and is freed at its end
-
-Per row: ``step_ms`` = median host wall time of ``--iters`` steps after ``--warmup`` ones
-(CUDA-synchronized; the AdamW state exists from the warmup on); ``peak_bytes`` =
-torch.cuda.max_memory_allocated during a step minus memory_allocated before it (weights
-and AdamW state are held before; gradients are freed before each step, so they count in
-the peak; the largest over the timed steps; None on a CPU); ``saved_bytes`` = a
-device-independent proxy: the bytes of distinct storages autograd saves for backward in
-one micro-batch (torch.autograd.graph.saved_tensors_hooks; parameters excluded, the
-largest micro-batch) plus the perturbed weight copy a step materializes
-(``weight_copy_bytes``, naive only); ``saved_tensors`` = those storages by dtype and shape
-(``bf16[8192x896]`` -> count, bytes) and ``extra_saved_tensors`` = a mode's minus plain's, the
-per-tensor account of what the dual-stream pass keeps that plain does not. ``over_plain_*`` =
-the mode over plain of the same model, tokens and activation checkpointing
-(``--activation-checkpointing off|on|both``, default both: each decoder layer recomputed in
-backward, as ``train.activation_checkpointing`` does). Targets (psnrl/bench/README.md): peak
-memory PSN/plain <= 1.02, step time PSN/plain <= 1.15.
-
-Mismatch (``--mismatch-model``, default the first model): the engine (engine.llm.LLM on
-the same random checkpoint and dtype) samples ``--mismatch-tokens`` tokens for each of
-``--mismatch-prompts`` random prompts under the perturbed policy (temperature 1, top_p 1,
-no top_k, ignore_eos); on those tokens it reports |log p_engine - log p_learner,noisy|
-(dual_stream_logprobs' perturbed stream; mean, p99, max) next to the size of the PSN
-effect itself, |log p_noisy - log p_clean| (mean, p99, max), and |naive - learner| (the
-materialized perturbed copy against the fused dual-stream pass).
-
-Writes ``psnrl/bench/results/learner-<device>.json`` ({"device", "torch", "triton", ...,
-"rows": [...], "mismatch": {...}}) and a markdown table beside it. Run it with
-``psnrl bench learner [options]`` or ``python -m psnrl.bench.learner``; it needs a CUDA GPU,
-except with ``--device cpu`` (a smoke run of every mode end to end: ``--device cpu
---models tiny``, which defaults to fp32 and tiny token counts).
+For each model (random weights in the real Qwen2.5 shapes) and micro-batch (``--seqs`` sequences of
+each ``--seq-lens`` tokens, the first ``--prompt-len`` of them prompt; one micro-batch and one
+optimizer step per learner step) it runs ``Learner.update`` in three modes: ``plain`` (GRPO, clean
+rows), ``psn`` (every row on NoiseSpec(seed, sigma, targets); one dual-stream forward gives the
+clean and the perturbed log-probs) and ``naive`` (W + sigma E materialized for every targeted
+StreamLinear as a second model, its no-grad forward for the perturbed log-probs, then the clean
+step; the copy lives for the whole step). Each with activation checkpointing off and on
+(``--activation-checkpointing``). The fields (``step_ms``, ``peak_bytes``, ``saved_bytes``,
+``saved_tensors``, ``extra_saved_tensors``, ``over_plain_*``, ``mismatch``) are described in
+psnrl/bench/README.md and in each file's method line. Needs a CUDA GPU, except ``--device cpu
+--models tiny`` (a smoke run of every mode, fp32 and tiny token counts).
 """
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +28,11 @@ from psnrl.bench import model_configs
 from psnrl.bench.naive_psn import perturbed_copy
 from psnrl.bench.logprob_mismatch import measure_mismatch
 from psnrl.bench.saved_tensors import SavedTensorProbe, extra_saved_tensors
-from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
-                                error_row as _error_row, error_text, errors_section, fill_ratios, fmt_cell, free_memory,
-                                markdown_table, positive_int, positive_ints, round_or_none, run_meta, split_list)
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes,
+                                add_noise, add_out_dir, check_sigma, cuda_missing, device_and_sync,
+                                error_row as _error_row, error_text, fill_ratios, fmt_cell, free_memory,
+                                markdown_table, noise_text, parse_checked, pick, positive_int, positive_ints,
+                                random_checkpoints, render_document, round_or_none, run_meta, split_list)
 
 NAME = "learner"
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
@@ -77,8 +41,6 @@ NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
 MODES = ("plain", "psn", "naive")
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B")
 DTYPES = DTYPE_NAMES
-DEFAULT_SIGMA = 0.004
-DEFAULT_TARGETS = "mlp"
 NOISE_SEED = 0x5EED_0003
 MEMORY_TARGET, TIME_TARGET = 1.02, 1.15  # PSN / plain (psnrl/bench/README.md)
 
@@ -280,7 +242,8 @@ def _on_off(checkpointing) -> str:
 
 
 def _case(r: dict) -> str:
-    return f"{r['model']} {r['tokens']} tokens, activation checkpointing {_on_off(r.get('activation_checkpointing'))}"
+    ckpt = _on_off(r.get("activation_checkpointing"))
+    return f"{r.get('model')} {r.get('tokens')} tokens, activation checkpointing {ckpt}"
 
 
 COLUMNS = (
@@ -293,16 +256,26 @@ COLUMNS = (
 )
 
 
+def _where(r: dict) -> str:
+    ckpt = ", activation checkpointing" if r.get("activation_checkpointing") else ""
+    return f"{r.get('model')} {r.get('tokens')} tokens{ckpt}"
+
+
+def _is_psn(r: dict) -> bool:
+    return r.get("mode") == "psn" and not r.get("error")
+
+
+TARGETS = (Bound(f"peak memory PSN/plain <= {MEMORY_TARGET:.2f}", "over_plain_mem", MEMORY_TARGET, _is_psn, _where),
+           Bound(f"step time PSN/plain <= {TIME_TARGET:.2f}", "over_plain_time", TIME_TARGET, _is_psn, _where))
+
+
 def target_lines(rows: Sequence[dict]) -> list[str]:
     lines = []
-    for r in rows:
-        if r["mode"] != "psn" or r.get("error"):
-            continue
-        for what, key, limit in (("peak memory", "over_plain_mem", MEMORY_TARGET),
-                                 ("step time", "over_plain_time", TIME_TARGET)):
-            value = r.get(key)
-            verdict = "not measured" if value is None else "met" if value <= limit else "MISSED"
-            lines.append(f"- {_case(r)}: {what} PSN/plain = {fmt_cell(value, '.3f')} "
+    for r in filter(_is_psn, rows):
+        for bound in TARGETS:
+            value, limit, met = bound.check(r)
+            verdict = "not measured" if value is None else "met" if met else "MISSED"
+            lines.append(f"- {_case(r)}: {bound.title.split(' <=')[0]} = {fmt_cell(value, '.3f')} "
                          f"(target <= {limit:.2f}): {verdict}")
     return lines
 
@@ -311,7 +284,7 @@ def render_extra_tensors(rows: Sequence[dict], limit: int = 8) -> list[str]:
     """Per PSN case: the tensors its step saves for backward that plain's does not."""
     lines = []
     for r in rows:
-        if r["mode"] != "psn" or r.get("extra_saved_tensors") is None:
+        if r.get("mode") != "psn" or r.get("extra_saved_tensors") is None:
             continue
         extra = r["extra_saved_tensors"]
         total = sum(e["bytes"] for e in extra)
@@ -331,6 +304,9 @@ def render_extra_tensors(rows: Sequence[dict], limit: int = 8) -> list[str]:
 def render_mismatch(m: dict) -> list[str]:
     if not m:
         return []
+    if "dtype" not in m and not m.get("error"):  # a file from before these fields
+        return ["Mismatch: " + ", ".join(f"{k} = {fmt_cell(v, '.3g') if isinstance(v, float) else v}"
+                                         for k, v in m.items()), ""]
     if m.get("error"):
         return ["## Engine vs learner mismatch", "", f"Failed: {m['error']}", ""]
     rows = [("engine vs learner, noisy: \\|log p_engine - log p_learner\\|", "engine_vs_learner"),
@@ -349,18 +325,18 @@ def render_mismatch(m: dict) -> list[str]:
     return lines
 
 
-def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    parts = [f"# learner on {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}; dtype {meta.get('dtype', '?')}; "
-             f"noise: {meta.get('noise', '')}.", "",
-             f"Method: {meta.get('method', '')}", "",
-             markdown_table(COLUMNS, rows), ""]
+def render_tables(rows: Sequence[dict], level: str = "##", mismatch: dict | None = None) -> list[str]:
     targets = target_lines(rows)
-    if targets:
-        parts += ["Targets:", "", *targets, ""]
-    parts += render_extra_tensors(rows)
-    parts += render_mismatch(meta.get("mismatch") or {})
-    return "\n".join(parts + errors_section(rows, lambda r: f"{_case(r)}, {r['mode']}"))
+    sections = render_extra_tensors(rows) + render_mismatch(mismatch or {})
+    return [markdown_table(COLUMNS, rows), "", *(["Targets:", "", *targets, ""] if targets else []),
+            *[level + line[2:] if line.startswith("## ") else line for line in sections]]
+
+
+def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
+    return render_document(NAME, meta, rows, lambda r: f"{_case(r)}, {r['mode']}",
+                           setting=f"dtype {meta.get('dtype', '?')}; noise: {meta.get('noise', '')}",
+                           paragraphs=[f"Method: {meta.get('method', '')}"],
+                           body=render_tables(rows, mismatch=meta.get("mismatch")))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
@@ -370,8 +346,16 @@ FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 # Running it
 # ---------------------------------------------------------------------------
 
-def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Callable[[dict], None],
-              log: Callable[[str], None]) -> None:
+def _label(row: dict) -> str:
+    return f"{_case(row)}, {row['mode']}"
+
+
+def _detail(row: dict) -> str:
+    peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
+    return f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB"
+
+
+def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: BenchRun) -> None:
     from psnrl.engine.loader import load_model
     from psnrl.trainer.losses import LossConfig
 
@@ -385,8 +369,8 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Ca
         for checkpointing in args.checkpointing:
             for seq_len, case in cases:
                 for mode in args.modes:
-                    record(error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing, mode,
-                                     exc))
+                    row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing, mode, exc)
+                    run.record(row, _label(row))
         free_memory(args.device)
         return
     try:
@@ -404,7 +388,7 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, record: Ca
                                         mode, exc)
                         learner.optimizer.zero_grad(set_to_none=True)
                         learner.noisy_logprobs = "learner"
-                    record(row)
+                    run.record(row, _label(row), None if row.get("error") else _detail(row))
                     free_memory(args.device)
     finally:
         del learner, net
@@ -424,17 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequences per micro-batch (default 16 on cuda, 4 on cpu)")
     parser.add_argument("--prompt-len", type=positive_int, default=None,
                         help="prompt tokens of each sequence (default 256 on cuda, 8 on cpu)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
-                        help=f"what to run: {', '.join(MODES)} (default all)")
+    add_modes(parser, MODES)
     parser.add_argument("--activation-checkpointing", choices=sorted(CHECKPOINTING), default="both",
                         help="recompute each decoder layer in backward: off, on, or both, each its own rows "
                              "(default %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights and compute (default bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help="noise std (default %(default)s)")
-    parser.add_argument("--targets", default=DEFAULT_TARGETS,
-                        help="noise targets: mlp, attn, lm_head or all (default %(default)s)")
-    parser.add_argument("--noise-seed", type=int, default=NOISE_SEED)
+    add_noise(parser, NOISE_SEED)
     parser.add_argument("--seed", type=int, default=0, help="weights, tokens and sampling seed")
     parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -452,43 +432,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check(args: argparse.Namespace) -> None:
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    try:
-        args.models = [model_configs.resolve(m) for m in split_list(args.models)]
-        args.seq_lens = positive_ints(list(map(str, args.seq_lens)), "--seq-lens")
-        args.modes = split_list(args.modes)
-        for mode in args.modes:
-            if mode not in MODES:
-                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        args.modes = [m for m in MODES if m in args.modes]
-        if not args.models or not args.seq_lens or not args.modes:
-            raise ValueError("give at least one model, sequence length and mode")
-        if args.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-        if any(n <= args.prompt_len for n in args.seq_lens):
-            raise ValueError(f"every --seq-lens must exceed --prompt-len={args.prompt_len} "
-                             f"(a sequence needs response tokens)")
-        if not math.isfinite(args.sigma) or args.sigma <= 0:
-            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
-        from psnrl.engine.noise_spec import NoiseSpec
-        args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
-        args.mismatch_model = (model_configs.resolve(args.mismatch_model) if args.mismatch_model
-                               else args.models[0])
-        for model in set(args.models) | {args.mismatch_model}:
-            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
-            longest = max(max(args.seq_lens), args.mismatch_prompt_len + args.mismatch_tokens)
-            if longest > limit:
-                raise ValueError(f"{longest} tokens exceed {model}'s max_position_embeddings={limit}")
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(str(exc))
+    args.models = [model_configs.resolve(m) for m in split_list(args.models)]
+    args.seq_lens = positive_ints(list(map(str, args.seq_lens)), "--seq-lens")
+    args.modes = pick(args.modes, MODES, "mode")
+    if not args.models or not args.seq_lens or not args.modes:
+        raise ValueError("give at least one model, sequence length and mode")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if any(n <= args.prompt_len for n in args.seq_lens):
+        raise ValueError(f"every --seq-lens must exceed --prompt-len={args.prompt_len} "
+                         f"(a sequence needs response tokens)")
+    check_sigma(args.sigma)
+    from psnrl.engine.noise_spec import NoiseSpec
+    args.spec = NoiseSpec(args.noise_seed, args.sigma, args.targets)  # validates seed and targets
+    args.mismatch_model = model_configs.resolve(args.mismatch_model) if args.mismatch_model else args.models[0]
+    for model in set(args.models) | {args.mismatch_model}:
+        limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+        longest = max(max(args.seq_lens), args.mismatch_prompt_len + args.mismatch_tokens)
+        if longest > limit:
+            raise ValueError(f"{longest} tokens exceed {model}'s max_position_embeddings={limit}")
     args.torch_dtype = model_configs.as_dtype(args.dtype)
     args.checkpointing = CHECKPOINTING[args.activation_checkpointing]
-    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_checked(build_parser(), argv, _check)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -507,54 +479,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if cuda_missing(args.device, NO_CUDA_MESSAGE):
         return 2
-    meta = run_meta(
-        torch.cuda.get_device_name() if args.device == "cuda" else "cpu", dtype=args.dtype,
-        noise=f"NoiseSpec(seed={args.noise_seed}, sigma={args.sigma}, targets={args.targets!r})",
-        sigma=args.sigma, targets=args.targets, method=method_description(args),
-        targets_psn_over_plain={"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
-        warmup=args.warmup, iters=args.iters, seed=args.seed, mismatch={})
+    meta = run_meta(device_and_sync(args.device)[0], dtype=args.dtype, noise=noise_text(args), sigma=args.sigma,
+                    targets=args.targets, method=method_description(args),
+                    targets_psn_over_plain={"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
+                    warmup=args.warmup, iters=args.iters, seed=args.seed, mismatch={})
     run = BenchRun(FILES, meta, args.out_dir)
 
-    def record(row: dict) -> None:
-        peak = "" if row["peak_bytes"] is None else f", peak {row['peak_bytes'] / 2**20:,.0f} MiB"
-        run.record(row, f"{_case(row)}, {row['mode']}",
-                   None if row.get("error") else
-                   f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB")
+    def failed(model: str, exc: BaseException) -> None:
+        if model in args.models:
+            for checkpointing in args.checkpointing:
+                for n in args.seq_lens:
+                    for mode in args.modes:
+                        row = error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing, mode, exc)
+                        run.record(row, _label(row))
+        if model == args.mismatch_model and not args.no_mismatch:
+            meta["mismatch"] = {"model": model, "error": error_text(exc)}
 
     models = list(args.models)
     if not args.no_mismatch and args.mismatch_model not in models:
         models.append(args.mismatch_model)
-    with tempfile.TemporaryDirectory(prefix="psnrl-learner-") as tmp:
-        for model in models:
-            run.log(f"{model}: random {args.dtype} weights")
+    make = lambda model, dtype, *rest: model_configs.cached_random_checkpoint(model, DTYPES[dtype], *rest)  # noqa: E731
+    for model, path in random_checkpoints(run, args, models, "psnrl-learner-", failed, make):
+        if model == args.mismatch_model and not args.no_mismatch:
+            run.log(f"{model}: engine vs learner mismatch")
             try:
-                path = model_configs.cached_random_checkpoint(model, DTYPES[args.dtype], args.seed, args.ckpt_dir,
-                                                              args.device, Path(tmp))
+                meta["mismatch"] = measure_mismatch(path, model, args, args.spec)
             except Exception as exc:
-                if model in args.models:
-                    for checkpointing in args.checkpointing:
-                        for n in args.seq_lens:
-                            for mode in args.modes:
-                                record(error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing,
-                                                 mode, exc))
-                if model == args.mismatch_model and not args.no_mismatch:
-                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
-                continue
-            if model == args.mismatch_model and not args.no_mismatch:
-                run.log(f"{model}: engine vs learner mismatch")
-                try:
-                    meta["mismatch"] = measure_mismatch(path, model, args, args.spec)
-                except Exception as exc:
-                    meta["mismatch"] = {"model": model, "error": error_text(exc)}
-                    run.log(f"mismatch failed: {meta['mismatch']['error']}")
-                free_memory(args.device)
-            if model in args.models:
-                run_model(model, path, args, args.spec, record, run.log)
-            if not args.ckpt_dir:
-                shutil.rmtree(path, ignore_errors=True)
+                meta["mismatch"] = {"model": model, "error": error_text(exc)}
+                run.log(f"mismatch failed: {meta['mismatch']['error']}")
+            free_memory(args.device)
+        if model in args.models:
+            run_model(model, path, args, args.spec, run)
     rc = run.close()
     return 1 if rc or meta["mismatch"].get("error") else 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

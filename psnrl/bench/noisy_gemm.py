@@ -1,46 +1,26 @@
-"""Benchmark: the fused noisy linear against cuBLAS on the MLP shapes of Qwen2.5.
+"""Benchmark: the fused noisy linear against cuBLAS on the MLP shapes of Qwen2.5 (psnrl/bench/README.md).
 
-For each (shape, M) it times, in one run on one GPU:
-
-  cublas_us        torch.matmul(x, W^T), clean (cuBLAS)
-  clean_us         noisy_linear with every row clean (the dispatcher sends it to cuBLAS)
-  noisy_us         noisy_linear with every row on one noisy stream (the dispatcher's path:
-                   the fused kernel up to FUSED_MAX_ROWS rows, materialized above)
-  mixed_us         noisy_linear with half the rows clean and half on one noisy stream,
-                   interleaved (even rows noisy, odd rows clean, so every row block holds
-                   both streams: the harder case); at M = 1 the single row is noisy, so
-                   mixed_us is the noisy case there
-  fused_us         the fused kernel at every M (explicit tiles), all rows noisy: what the
-                   dispatcher's threshold is chosen from
-  materialized_us  W + sigma*E written into a scratch buffer (noise.fill_perturbed) and
-                   torch.matmul, timed together
-
-and for gate_up, whose weight is the gate [I, H] over the up [I, H], the gated activation
-SiLU(gate) * up of one noisy stream (the engine's MLP), two ways:
-
-  glu_unfused_us   gate and up by two noisy_linear calls, then F.silu(gate) * up
-  glu_fused_us     noisy_gate_up: both weights and the activation in one kernel
-
-and writes ``psnrl/bench/results/noisy_gemm-<device>.json`` plus a markdown summary beside it.
-
-Run it with ``psnrl bench noisy-gemm [options]`` or ``python -m psnrl.bench.noisy_gemm``; it needs a
-CUDA GPU. The table/JSON writers take plain row dicts, so they are tested on the CPU.
+For each (shape, M), in one run on one GPU: ``cublas_us`` (torch.matmul, clean), ``clean_us`` /
+``noisy_us`` / ``mixed_us`` (noisy_linear with every row clean / noisy / half and half,
+interleaved), ``fused_us`` (the fused kernel at every M, explicit tiles: what the dispatcher's
+threshold is chosen from), ``materialized_us`` (fill_perturbed into a scratch buffer, then
+torch.matmul) and, for gate_up, ``glu_unfused_us`` / ``glu_fused_us`` (SiLU(gate) * up of one noisy
+stream by two noisy_linear calls / by noisy_gate_up); COLUMNS_NOTE says more. Writes
+``noisy_gemm-<device>.json`` and ``.md``; ``psnrl bench noisy-gemm`` needs a CUDA GPU.
 """
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.report import (GEMM_CLEAN_RATIO, GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO, GEMM_LEARNER_MIN_M,
-                                GEMM_LEARNER_RATIO, GEMM_MIXED_RATIO)
-from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_extra_bytes,
-                                cuda_missing, error_row as _error_row, errors_section, gpu_timing_method,
-                                markdown_table, positive_int, positive_ints, ratio, round_or_none, run_meta, split_list)
+from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Bound, Column, EventTimer, add_out_dir,
+                                check_sigma, cuda_extra_bytes, cuda_missing, error_row as _error_row,
+                                gpu_timing_method, markdown_table, parse_checked, pick, positive_int, positive_ints,
+                                ratio, render_document, round_or_none, run_meta, split_list)
 
 NAME = "noisy_gemm"
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
@@ -59,14 +39,11 @@ DEFAULT_WARMUP = 10
 DEFAULT_ITERS = 100
 NOISE_SEED = 0x5EED_0001_2345_6789
 
-# Targets (checked in the markdown summary; the same numbers as psnrl bench all's summary).
-DECODE_MAX_M = GEMM_DECODE_MAX_M      # noisy/cuBLAS <= DECODE_RATIO at every M <= DECODE_MAX_M
-DECODE_RATIO = GEMM_DECODE_RATIO
-LEARNER_MIN_M = GEMM_LEARNER_MIN_M    # noisy/cuBLAS <= LEARNER_RATIO at every M >= LEARNER_MIN_M
-LEARNER_RATIO = GEMM_LEARNER_RATIO
-MIXED_RATIO = GEMM_MIXED_RATIO        # mixed no slower than noisy, with 5% allowed for timing noise
-CLEAN_RATIO = GEMM_CLEAN_RATIO        # the clean path is cuBLAS
-SCRATCH_MIN_M = 1024                  # from here on, at most one weight-sized scratch buffer
+DECODE_MAX_M, DECODE_RATIO = 256, 1.50    # noisy/cuBLAS at every M <= 256 (on the way to 1.10)
+LEARNER_MIN_M, LEARNER_RATIO = 4096, 1.30  # noisy/cuBLAS at every M >= 4096
+MIXED_RATIO = 1.05                         # mixed no slower than noisy, 5% for timing noise
+CLEAN_RATIO = 1.05                         # the clean path is cuBLAS
+SCRATCH_MIN_M = 1024                       # from here on, at most one weight-sized scratch buffer
 
 ROW_KEYS = ("shape", "M", "N", "K", "cublas_us", "clean_us", "noisy_us", "mixed_us", "fused_us",
             "materialized_us", "noisy_over_cublas", "mixed_over_noisy", "clean_over_cublas", "extra_bytes",
@@ -79,9 +56,18 @@ GLU_TIMED = ("glu_unfused", "glu_fused")  # gate_up only
 MIXED_NOTE = ("mixed = half the rows clean, half on one noisy stream, interleaved (even rows noisy, "
               "odd rows clean, so every row block holds both streams); at M = 1 the single row is "
               "noisy, so mixed equals the noisy case there.")
+COLUMNS_NOTE = (
+    "Columns: cuBLAS = torch.matmul clean; clean / noisy / mixed = noisy_linear (its dispatcher: cuBLAS for "
+    "all-clean calls, the fused kernel up to FUSED_MAX_ROWS rows, a materialized perturbed weight above) with all "
+    "rows clean / all rows on one noisy stream / mixed; fused = the fused kernel at every M; materialized = W + "
+    "sigma*E written into a scratch buffer (noise.fill_perturbed) and torch.matmul, timed together. {mixed} {extra} "
+    "GB/s counts weight + activation + output bytes; TFLOP/s is 2*M*N*K; both for the noisy kernel. SiLU·up "
+    "(gate_up rows): the gated activation of one noisy stream, unfused = gate and up by two noisy_linear calls then "
+    "F.silu(gate) * up, fused = noisy_gate_up (one kernel, no gate/up outputs in memory).")
 EXTRA_NOTE = ("extra bytes = peak CUDA memory allocated during one call minus what the call still "
               "holds afterwards (its output), from torch.cuda.reset_peak_memory_stats / "
               "max_memory_allocated.")
+COLUMNS_NOTE = COLUMNS_NOTE.format(mixed=MIXED_NOTE, extra=EXTRA_NOTE)
 
 
 # ---------------------------------------------------------------------------
@@ -247,42 +233,49 @@ def error_row(case: Case, error: BaseException) -> dict:
 # Targets and markdown
 # ---------------------------------------------------------------------------
 
+def _where(r: dict) -> str:
+    return f"{r.get('shape', '?')} M={r.get('M')}"
+
+
+def _rows_at(test: Callable[[int], bool]) -> Callable[[dict], bool]:
+    return lambda r: isinstance(r.get("M"), (int, float)) and test(r["M"])
+
+
+# The targets psnrl bench all's summary checks, then the ones only this bench's markdown does;
+# a failed row counts as a miss.
+TARGETS = (
+    Bound(f"noisy/cuBLAS <= {DECODE_RATIO:.2f} at M <= {DECODE_MAX_M}", "noisy_over_cublas", DECODE_RATIO,
+          _rows_at(lambda m: m <= DECODE_MAX_M), _where),
+    Bound(f"noisy/cuBLAS <= {LEARNER_RATIO:.2f} at M >= {LEARNER_MIN_M}", "noisy_over_cublas", LEARNER_RATIO,
+          _rows_at(lambda m: m >= LEARNER_MIN_M), _where),
+)
+ALL_TARGETS = TARGETS + (
+    Bound(f"mixed no slower than noisy (mixed/noisy <= {MIXED_RATIO:.2f}, {round((MIXED_RATIO - 1) * 100)}% "
+          "for timing noise)", "mixed_over_noisy", MIXED_RATIO, lambda r: True, _where),
+    Bound(f"clean path/cuBLAS <= {CLEAN_RATIO:.2f}", "clean_over_cublas", CLEAN_RATIO, lambda r: True, _where),
+    Bound(f"extra bytes = 0 at M <= {DECODE_MAX_M}", "extra_bytes", 0, _rows_at(lambda m: m <= DECODE_MAX_M), _where),
+    Bound(f"extra bytes <= one weight at M >= {SCRATCH_MIN_M}", "extra_bytes", "weight_bytes",
+          _rows_at(lambda m: m >= SCRATCH_MIN_M), _where),
+)
+
+
 def check_targets(rows: Sequence[dict]) -> list[dict]:
     """One entry per target: {"target", "checked", "misses": [(row, value, limit), ...]}."""
-    decode = {"target": f"noisy/cuBLAS <= {DECODE_RATIO:.2f} at M <= {DECODE_MAX_M}",
-              "key": "noisy_over_cublas", "limit": DECODE_RATIO,
-              "rows": [r for r in rows if r["M"] <= DECODE_MAX_M]}
-    learner = {"target": f"noisy/cuBLAS <= {LEARNER_RATIO:.2f} at M >= {LEARNER_MIN_M}",
-               "key": "noisy_over_cublas", "limit": LEARNER_RATIO,
-               "rows": [r for r in rows if r["M"] >= LEARNER_MIN_M]}
-    mixed = {"target": f"mixed no slower than noisy (mixed/noisy <= {MIXED_RATIO:.2f}, "
-                       f"{round((MIXED_RATIO - 1) * 100)}% for timing noise)",
-             "key": "mixed_over_noisy", "limit": MIXED_RATIO, "rows": list(rows)}
-    clean = {"target": f"clean path/cuBLAS <= {CLEAN_RATIO:.2f}", "key": "clean_over_cublas",
-             "limit": CLEAN_RATIO, "rows": list(rows)}
-    extra = {"target": f"extra bytes = 0 at M <= {DECODE_MAX_M}", "key": "extra_bytes", "limit": 0,
-             "rows": [r for r in rows if r["M"] <= DECODE_MAX_M]}
-    scratch = {"target": f"extra bytes <= one weight at M >= {SCRATCH_MIN_M}", "key": "extra_bytes",
-               "limit": "weight_bytes", "rows": [r for r in rows if r["M"] >= SCRATCH_MIN_M]}
     results = []
-    for spec in (decode, learner, mixed, clean, extra, scratch):
-        misses = []
-        for row in spec["rows"]:
-            value = row.get(spec["key"])
-            limit = row.get(spec["limit"]) if isinstance(spec["limit"], str) else spec["limit"]
-            if value is None or limit is None or value > limit:
-                misses.append((row, value, limit))
-        results.append({"target": spec["target"], "checked": len(spec["rows"]), "misses": misses})
+    for bound in ALL_TARGETS:
+        mine = [r for r in rows if bound.applies(r)]
+        checks = [(r, *bound.check(r)) for r in mine]
+        results.append({"target": bound.title, "checked": len(mine),
+                        "misses": [(r, value, limit) for r, value, limit, met in checks if not met]})
     return results
 
 
 def _describe_miss(row: dict, value, limit) -> str:
-    where = f"{row['shape']} M={row['M']}"
     if value is None:
-        return f"{where}: not measured" + (f" ({row['error']})" if row.get("error") else "")
+        return f"{_where(row)}: not measured" + (f" ({row['error']})" if row.get("error") else "")
     if isinstance(value, int):  # bytes; ratios are floats
-        return f"{where}: {value} B (limit {limit} B)"
-    return f"{where}: {value:.3f} (+{value - limit:.3f}, {100 * (value / limit - 1):.1f}% over)"
+        return f"{_where(row)}: {value} B (limit {limit} B)"
+    return f"{_where(row)}: {value:.3f} (+{value - limit:.3f}, {100 * (value / limit - 1):.1f}% over)"
 
 
 def _rows(count: int) -> str:
@@ -291,21 +284,18 @@ def _rows(count: int) -> str:
 
 def render_targets(rows: Sequence[dict]) -> list[str]:
     lines = []
-    total = 0
     for result in check_targets(rows):
-        misses = result["misses"]
-        total += len(misses)
-        if result["checked"] == 0:
+        misses, checked = result["misses"], result["checked"]
+        if checked == 0:
             lines.append(f"- {result['target']}: no rows measured")
         elif not misses:
-            lines.append(f"- {result['target']}: PASS ({_rows(result['checked'])})")
+            lines.append(f"- {result['target']}: PASS ({_rows(checked)})")
         else:
             listed = "; ".join(_describe_miss(*miss) for miss in misses)
-            lines.append(f"- {result['target']}: MISS {len(misses)} of {_rows(result['checked'])}: "
-                         f"{listed}")
-    lines.insert(0, "**Targets: all met.**" if total == 0 else
-                 f"**Targets: {total} miss{'es' if total != 1 else ''}.**")
-    return lines
+            lines.append(f"- {result['target']}: MISS {len(misses)} of {_rows(checked)}: {listed}")
+    total = sum(len(r["misses"]) for r in check_targets(rows))
+    return ["**Targets: all met.**" if total == 0 else f"**Targets: {total} miss{'es' if total != 1 else ''}.**",
+            *lines]
 
 
 COLUMNS = (
@@ -322,33 +312,14 @@ COLUMNS = (
 )
 
 
+def render_tables(rows: Sequence[dict], level: str = "##") -> list[str]:
+    return [markdown_table(COLUMNS, rows), ""]
+
+
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    parts = [
-        f"# noisy_gemm on {meta['device']}",
-        "",
-        f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}, "
-        f"sigma {meta['sigma']}.",
-        "",
-        f"Timing: {meta['method']}.",
-        "",
-        "Columns: cuBLAS = torch.matmul clean; clean / noisy / mixed = noisy_linear (its dispatcher: "
-        "cuBLAS for all-clean calls, the fused kernel up to FUSED_MAX_ROWS rows, a materialized "
-        "perturbed weight above) with all rows clean / all rows on one noisy stream / mixed; fused = "
-        "the fused kernel at every M; materialized = W + sigma*E written into a scratch buffer "
-        "(noise.fill_perturbed) and torch.matmul, timed together. "
-        f"{MIXED_NOTE} {EXTRA_NOTE} GB/s counts weight + activation + output bytes; TFLOP/s is "
-        "2*M*N*K; both for the noisy kernel. SiLU·up (gate_up rows): the gated activation of one "
-        "noisy stream, unfused = gate and up by two noisy_linear calls then F.silu(gate) * up, "
-        "fused = noisy_gate_up (one kernel, no gate/up outputs in memory).",
-        "",
-        markdown_table(COLUMNS, rows),
-        "",
-        "## Targets",
-        "",
-        *render_targets(rows),
-        "",
-    ]
-    return "\n".join(parts + errors_section(rows, lambda r: f"{r['shape']} M={r['M']}"))
+    return render_document(NAME, meta, rows, _where, setting=f"dtype {meta['dtype']}, sigma {meta['sigma']}",
+                           paragraphs=[f"Timing: {meta['method']}.", COLUMNS_NOTE],
+                           body=[*render_tables(rows), "## Targets", "", *render_targets(rows), ""])
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)
@@ -382,21 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace) -> None:
+    args.models = [resolve_model(m) for m in split_list(args.models)]
+    args.shapes = pick(args.shapes, SHAPES, "shape")
+    args.m = positive_ints(args.m, "--m")
+    check_sigma(args.sigma)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.models = [resolve_model(m) for m in split_list(args.models)]
-        args.shapes = split_list(args.shapes)
-        for shape in args.shapes:
-            if shape not in SHAPES:
-                raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
-        args.m = positive_ints(args.m, "--m")
-        if not math.isfinite(args.sigma) or args.sigma <= 0:
-            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(str(exc))
-    return args
+    return parse_checked(build_parser(), argv, _check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,16 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(cases, desc="noisy-gemm", unit="case")
     for case in bar:
         bar.set_postfix_str(f"{case.name} M={case.m}")
-        try:
-            row = time_case(case, dtype=DTYPES[args.dtype], sigma=args.sigma, device="cuda", timer=timer,
-                            extra_bytes=cuda_extra_bytes)
-        except Exception as exc:  # OOM, Triton resource errors, a failed sanity check: keep going
-            row = error_row(case, exc)
-        run.record(row, f"{case.name} M={case.m}")
+        run.attempt(lambda: time_case(case, dtype=DTYPES[args.dtype], sigma=args.sigma, device="cuda", timer=timer,
+                                      extra_bytes=cuda_extra_bytes),
+                    lambda exc: error_row(case, exc), f"{case.name} M={case.m}")
         torch.cuda.empty_cache()
     bar.close()
-    return run.close("\n".join([markdown_table(COLUMNS, run.rows), "", *render_targets(run.rows)]))
-
+    return run.close("\n".join([*render_tables(run.rows), *render_targets(run.rows)]))
 
 if __name__ == "__main__":
     raise SystemExit(main())

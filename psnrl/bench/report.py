@@ -1,30 +1,14 @@
 """The benchmark summary: result JSON dicts in, markdown tables, PNG charts and regressions out.
 
-``psnrl bench all`` (psnrl/bench/all.py) runs the GPU benches and then calls ``write_summary``; the
-functions here take plain dicts, so they are tested on the CPU (tests/test_bench_report.py).
-
-Result files (``psnrl/bench/results/<name>-<device slug>.json``), by kind:
-
-  noisy_gemm  rows: shape, M, N, K, cublas_us, clean_us, noisy_us, mixed_us, materialized_us,
-              noisy_over_cublas, extra_bytes, ...                     (psnrl/bench/noisy_gemm.py)
-  decode      rows: model, workload (fixed|nano-vllm), batch, prompt_len, output_len, mode
-              (clean|noisy|mixed|hf, or ours-clean|ours-noisy|ours-mixed), tok_s, hf_tok_s,
-              roofline_frac, step_ms, gbps, over_hf, over_clean
-  learner     rows: model, tokens, mode (plain|psn|naive), peak_bytes, step_ms (also saved_bytes,
-              over_plain_mem, over_plain_time, ...); "mismatch": {flat name: value}
-              (psnrl/bench/learner.py: engine vs learner log-probs of the same noisy policy)
-  step        rows: model, mode (plain|psn|psn-var2), phases_ms {rollout, reward, learner, sync},
-              step_ms, peak_bytes
-  lm_head     rows: tokens, vocab, hidden, impl, peak_bytes, ms       (lm_head_logprob-<device>.json;
-              psnrl/bench/lm_head_logprob.py's wide rows T, V, H, ours_ms, naive_ms, ours_peak_bytes,
-              naive_peak_bytes are read as one row per impl)
-
-Ratios between rows (noisy/cuBLAS, mode over plain, ours over HF) are the ones each bench
-stored in its rows (psnrl/bench/common.py's fill_ratios); the summary never recomputes them.
-Every file and field may be missing: a missing file is reported as such, a missing field
-prints as "—". Comparisons with a baseline (the files committed at HEAD, or a directory) flag
-a change worse than ``threshold`` (10%) as a regression: times and bytes that grew by more
-than 10%, tokens/s that fell by more than 10%.
+``psnrl bench all`` (psnrl/bench/all.py) runs the GPU benches, then calls ``write_summary``; the
+functions here take plain dicts, so they are tested on the CPU (tests/test_bench_report.py). Each
+bench's section is that bench's own tables (its ``render_tables``), its targets are the bench's
+``TARGETS`` and its ratios the ones the bench stored in its rows (common.fill_ratios): the summary
+never recomputes them. lm_head files (one row per shape: T, V, H, ours_ms, naive_ms, ...) are read
+as one row per (shape, impl): tokens, vocab, hidden, impl, ms, peak_bytes. Every file and field may
+be missing (a missing field prints as "—"). A change against a baseline (the files committed at
+HEAD, or a directory) worse than ``threshold`` (10%) is a regression: times and bytes that grew,
+tokens/s that fell, rows that measured before and fail now.
 """
 from __future__ import annotations
 
@@ -35,16 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from psnrl.bench.common import device_slug
+from psnrl.bench import decode, learner, noisy_gemm, step
+from psnrl.bench.common import Column, device_slug, markdown_table
 
 KINDS = ("noisy_gemm", "decode", "learner", "step", "lm_head")
-FILE_PREFIXES = {
-    "noisy_gemm": ("noisy_gemm",),
-    "decode": ("decode",),
-    "learner": ("learner",),
-    "step": ("step",),
-    "lm_head": ("lm_head_logprob", "lm_head", "lm-head"),
-}
+FILE_PREFIXES = {kind: (kind,) for kind in KINDS} | {"lm_head": ("lm_head_logprob", "lm_head", "lm-head")}
 TITLES = {
     "noisy_gemm": "Noisy GEMM vs cuBLAS",
     "decode": "Decode throughput: ours vs HF",
@@ -52,22 +31,14 @@ TITLES = {
     "step": "Training step by phase",
     "lm_head": "Fused lm_head log-prob",
 }
+BENCHES = {"noisy_gemm": noisy_gemm, "decode": decode, "learner": learner, "step": step}
 THRESHOLD = 0.10
 GIB = 1 << 30
 MIB = 1 << 20
-
-# Targets (psnrl/bench/README.md).
-GEMM_DECODE_MAX_M, GEMM_DECODE_RATIO = 256, 1.50   # noisy/cuBLAS at decode M (on the way to 1.10)
-GEMM_LEARNER_MIN_M, GEMM_LEARNER_RATIO = 4096, 1.30
-GEMM_MIXED_RATIO = 1.05                             # mixed/noisy: clean rows ride on the same W read
-GEMM_CLEAN_RATIO = 1.05                             # the clean path (cuBLAS) over cuBLAS itself
-LEARNER_MEMORY_RATIO, LEARNER_TIME_RATIO = 1.02, 1.15
-STEP_PSN_RATIO, STEP_VAR2_RATIO = 1.05, 1.10
-DECODE_NOISE_RATIO = 0.90                    # noisy and mixed tok/s over clean, at least
-DECODE_ROOFLINE_MODEL, DECODE_ROOFLINE = "Qwen2.5-7B", 0.70  # batch-1 decode, fraction of peak HBM
-DECODE_HF_BATCH, DECODE_HF_RATIO = 256, 20.0  # ours over transformers generate, at least
-
-PHASES = ("rollout", "reward", "learner", "sync")
+PHASES = step.PHASES
+LM_HEAD_COLUMNS = (Column("tokens", "tokens"), Column("vocab", "vocab"), Column("hidden", "hidden"),
+                   Column("impl", "impl", left=True), Column("ms", "ms", "{:.2f}"),
+                   Column("peak_bytes", "peak MiB", "mib"))
 
 
 # ---------------------------------------------------------------------------
@@ -96,52 +67,59 @@ def _parse(text: str, where: str, problems: list[str]) -> dict | None:
 
 
 def _lm_head_long(rows: list[dict]) -> list[dict]:
-    """psnrl/bench/lm_head_logprob.py writes one row per shape (T, V, H, ours_ms, naive_ms,
-    ours_peak_bytes, ...); the summary wants one per (shape, impl): tokens, vocab, hidden, impl, ms,
-    peak_bytes. Rows already in that form pass through."""
+    """The bench's rows (T, V, H, ours_ms, naive_ms, ours_peak_bytes, ...) one per (shape, impl);
+    rows already in that form pass through."""
     out = []
     for row in rows:
         if "impl" in row or "T" not in row:
             out.append(row)
             continue
-        impls = [k[:-len("_ms")] for k in row if k.endswith("_ms")] or ["ours", "naive"]
-        for impl in impls:
-            long = {"tokens": row.get("T"), "vocab": row.get("V"), "hidden": row.get("H"), "impl": impl,
-                    "ms": row.get(f"{impl}_ms"), "peak_bytes": row.get(f"{impl}_peak_bytes")}
-            if row.get("error"):
-                long["error"] = row["error"]
-            out.append(long)
+        for impl in [k[:-len("_ms")] for k in row if k.endswith("_ms")] or ["ours", "naive"]:
+            out.append({"tokens": row.get("T"), "vocab": row.get("V"), "hidden": row.get("H"), "impl": impl,
+                        "ms": row.get(f"{impl}_ms"), "peak_bytes": row.get(f"{impl}_peak_bytes"),
+                        **({"error": row["error"]} if row.get("error") else {})})
     return out
 
 
-NORMALIZE: dict[str, Callable[[list[dict]], list[dict]]] = {"lm_head": _lm_head_long}
+def decode_mode(mode) -> str:
+    """decode modes of older files: ours-clean -> clean, HF -> hf."""
+    mode = str(mode or "?")
+    return mode[len("ours-"):] if mode.startswith("ours-") else mode.lower() if mode.lower() == "hf" else mode
 
 
-def normalize(kind: str, doc: dict | None) -> dict | None:
-    """The document with its rows in the form the summary reads (see the module docstring)."""
-    if doc is None or kind not in NORMALIZE:
-        return doc
-    return dict(doc, rows=NORMALIZE[kind](doc.get("rows", [])))
+NORMALIZE: dict[str, Callable[[list[dict]], list[dict]]] = {
+    "lm_head": _lm_head_long,
+    "decode": lambda rows: [dict(r, mode=decode_mode(r.get("mode"))) for r in rows],
+}
 
 
-def load_results(results_dir: str | Path, slug: str, problems: list[str] | None = None) -> dict:
-    """{kind: document or None} from ``results_dir``; unreadable files are None (noted in ``problems``)."""
+def _load(read: Callable[[str], str | None], where: Callable[[str], str], slug: str,
+          problems: list[str] | None) -> dict:
+    """{kind: document or None}: the first of a kind's file names ``read`` finds."""
     problems = [] if problems is None else problems
     out: dict[str, dict | None] = {}
     for kind in KINDS:
         out[kind] = None
         for name in candidate_names(kind, slug):
-            path = Path(results_dir) / name
-            if path.is_file():
-                out[kind] = normalize(kind, _parse(path.read_text(encoding="utf-8"), name, problems))
+            text = read(name)
+            if text is not None:
+                doc = _parse(text, where(name), problems)
+                out[kind] = dict(doc, rows=NORMALIZE[kind](doc["rows"])) if doc and kind in NORMALIZE else doc
                 break
     return out
+
+
+def load_results(results_dir: str | Path, slug: str, problems: list[str] | None = None) -> dict:
+    """{kind: document or None} from ``results_dir``; unreadable files are None (noted in ``problems``)."""
+    def read(name: str) -> str | None:
+        path = Path(results_dir) / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    return _load(read, str, slug, problems)
 
 
 def load_git_results(results_dir: str | Path, slug: str, rev: str = "HEAD",
                      problems: list[str] | None = None) -> dict | None:
     """{kind: document or None} as committed at ``rev``; None when results_dir is not in a git checkout."""
-    problems = [] if problems is None else problems
     results_dir = Path(results_dir).resolve()
     try:
         top = subprocess.run(["git", "-C", str(results_dir), "rev-parse", "--show-toplevel"],
@@ -149,16 +127,14 @@ def load_git_results(results_dir: str | Path, slug: str, rev: str = "HEAD",
     except (OSError, subprocess.CalledProcessError):
         return None
     rel = results_dir.relative_to(Path(top).resolve()).as_posix()
-    out: dict[str, dict | None] = {}
-    for kind in KINDS:
-        out[kind] = None
-        for name in candidate_names(kind, slug):
-            spec = f"{rev}:{rel}/{name}" if rel != "." else f"{rev}:{name}"
-            done = subprocess.run(["git", "-C", top, "show", spec], capture_output=True, text=True)
-            if done.returncode == 0:
-                out[kind] = normalize(kind, _parse(done.stdout, f"{rev}:{rel}/{name}", problems))
-                break
-    return out
+
+    def spec(name: str) -> str:
+        return f"{rev}:{rel}/{name}" if rel != "." else f"{rev}:{name}"
+
+    def read(name: str) -> str | None:
+        done = subprocess.run(["git", "-C", top, "show", spec(name)], capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else None
+    return _load(read, lambda name: f"{rev}:{rel}/{name}", slug, problems)
 
 
 def result_slugs(results_dir: str | Path) -> set[str]:
@@ -166,10 +142,9 @@ def result_slugs(results_dir: str | Path) -> set[str]:
     slugs = set()
     prefixes = sorted({p for ps in FILE_PREFIXES.values() for p in ps}, key=len, reverse=True)
     for path in Path(results_dir).glob("*.json"):
-        for prefix in prefixes:
-            if path.name.startswith(prefix + "-"):
-                slugs.add(path.name[len(prefix) + 1:-len(".json")])
-                break
+        prefix = next((p for p in prefixes if path.name.startswith(p + "-")), None)
+        if prefix:
+            slugs.add(path.name[len(prefix) + 1:-len(".json")])
     return slugs
 
 
@@ -189,29 +164,10 @@ def fmt(value, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def fmt_bytes(value, unit: int = GIB, digits: int = 2) -> str:
-    v = _num(value)
-    return "—" if v is None else f"{v / unit:.{digits}f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(header) - 1)
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
     rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
     lines = ["| " + " | ".join(header) + " |", rule]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def decode_mode(mode) -> str:
-    """decode modes as psnrl/bench/decode.py writes them: ours-clean -> clean, HF -> hf."""
-    mode = str(mode or "?")
-    return mode[len("ours-"):] if mode.startswith("ours-") else mode.lower() if mode.lower() == "hf" else mode
-
-
-def _workload_tag(row: dict) -> str:
-    """" nano-vllm" for rows of a workload other than the default fixed one."""
-    workload = row.get("workload", "fixed")
-    return "" if workload == "fixed" else f" {workload}"
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def _rows(doc: dict | None) -> list[dict]:
@@ -220,6 +176,16 @@ def _rows(doc: dict | None) -> list[dict]:
 
 def _ok(row: dict) -> bool:
     return not row.get("error")
+
+
+def bench_table(kind: str, doc: dict) -> str:
+    """A bench's section of the summary: the bench's own tables of its rows."""
+    rows = _rows(doc)
+    if kind == "lm_head":
+        return markdown_table(LM_HEAD_COLUMNS, rows)
+    if kind == "learner":
+        return "\n".join(learner.render_tables(rows, "###", doc.get("mismatch"))).strip()
+    return "\n".join(BENCHES[kind].render_tables(rows, "###")).strip()
 
 
 # ---------------------------------------------------------------------------
@@ -242,58 +208,11 @@ class Target:
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
 
-def _decode_targets(rows: list[dict]) -> list[Target]:
-    """Issue targets of the decode bench: noise costs <= 10%, the 7B batch-1 roofline, ours vs HF."""
-    out: list[Target] = []
-    for r in rows:
-        mode, model, batch = decode_mode(r.get("mode")), r.get("model"), r.get("batch")
-        workload = r.get("workload", "fixed")
-        where = f"{model} {workload} batch {batch}"
-        if mode in ("noisy", "mixed"):
-            out.append(Target("decode", f"{mode}/clean tok/s >= {DECODE_NOISE_RATIO:.2f}", where,
-                              _num(r.get("over_clean")), DECODE_NOISE_RATIO, at_least=True))
-        if mode in ("clean", "noisy") and batch == 1 and model == DECODE_ROOFLINE_MODEL and workload == "fixed":
-            out.append(Target("decode", f"batch-1 {DECODE_ROOFLINE_MODEL} decode >= {DECODE_ROOFLINE:.0%} of "
-                              f"peak HBM bandwidth", f"{model} {mode}", _num(r.get("roofline_frac")),
-                              DECODE_ROOFLINE, at_least=True))
-        if mode in ("clean", "noisy") and batch == DECODE_HF_BATCH and workload == "fixed":
-            out.append(Target("decode", f"batch {DECODE_HF_BATCH}: ours/HF tok/s >= {DECODE_HF_RATIO:.0f}",
-                              f"{model} {mode}", _num(r.get("over_hf")), DECODE_HF_RATIO, at_least=True))
-    return out
-
-
 def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
-    out: list[Target] = []
-    for row in _rows(current.get("noisy_gemm")):
-        m = _num(row.get("M"))
-        if m is None:
-            continue
-        value = _num(row.get("noisy_over_cublas"))
-        where = f"{row.get('shape', '?')} M={int(m)}"
-        if m <= GEMM_DECODE_MAX_M:
-            out.append(Target("noisy_gemm", f"noisy/cuBLAS <= {GEMM_DECODE_RATIO:.2f} at M <= {GEMM_DECODE_MAX_M}",
-                              where, value, GEMM_DECODE_RATIO))
-        elif m >= GEMM_LEARNER_MIN_M:
-            out.append(Target("noisy_gemm", f"noisy/cuBLAS <= {GEMM_LEARNER_RATIO:.2f} at M >= {GEMM_LEARNER_MIN_M}",
-                              where, value, GEMM_LEARNER_RATIO))
-    out += _decode_targets([r for r in _rows(current.get("decode")) if _ok(r)])
-    for row in _rows(current.get("learner")):
-        if row.get("mode") != "psn" or not _ok(row):
-            continue
-        model, tokens, checkpointing = _learner_case(row)
-        where = f"{model} {tokens} tokens{', activation checkpointing' if checkpointing else ''}"
-        out.append(Target("learner", f"peak memory PSN/plain <= {LEARNER_MEMORY_RATIO:.2f}", where,
-                          _num(row.get("over_plain_mem")), LEARNER_MEMORY_RATIO))
-        out.append(Target("learner", f"step time PSN/plain <= {LEARNER_TIME_RATIO:.2f}", where,
-                          _num(row.get("over_plain_time")), LEARNER_TIME_RATIO))
-    for row in _rows(current.get("step")):
-        limit = {"psn": STEP_PSN_RATIO, "psn-var2": STEP_VAR2_RATIO}.get(row.get("mode"))
-        if limit is None or not _ok(row):
-            continue
-        label = "PSN" if row["mode"] == "psn" else "Var-II"
-        out.append(Target("step", f"step time {label}/plain <= {limit:.2f}", str(row.get("model")),
-                          _num(row.get("over_plain")), limit))
-    return out
+    """Each bench's ``TARGETS`` on its rows."""
+    return [Target(kind, b.title, b.where(r), _num(r.get(b.field)), float(b.limit), b.at_least)
+            for kind, module in BENCHES.items() for b in module.TARGETS
+            for r in _rows(current.get(kind)) if b.applies(r)]
 
 
 def render_targets(targets: Sequence[Target]) -> list[str]:
@@ -320,40 +239,30 @@ def render_targets(targets: Sequence[Target]) -> list[str]:
 LOWER, HIGHER = "lower", "higher"
 
 
-def _step_phase(phase: str) -> Callable[[dict], object]:
-    return lambda r: (r.get("phases_ms") or {}).get(phase) if isinstance(r.get("phases_ms"), dict) else None
-
-
-# kind -> how a row is named in the regression table (its key: the same fields)
+# kind -> how a row is named in the regression table; rows of the same name are compared
 ROW_LABELS: dict[str, Callable[[dict], str]] = {
     "noisy_gemm": lambda r: f"{r.get('shape')} M={r.get('M')}",
-    "decode": lambda r: (f"{r.get('model')}{_workload_tag(r)} batch {r.get('batch')} prompt "
-                         f"{r.get('prompt_len')} output {r.get('output_len')} {decode_mode(r.get('mode'))}"),
+    "decode": lambda r: (f"{r.get('model')}{'' if r.get('workload', 'fixed') == 'fixed' else ' ' + r['workload']} "
+                         f"batch {r.get('batch')} prompt {r.get('prompt_len')} output {r.get('output_len')} "
+                         f"{r.get('mode')}"),
     "learner": lambda r: (f"{r.get('model')} {r.get('tokens')} tokens"
                           f"{' act-ckpt' if r.get('activation_checkpointing') else ''} {r.get('mode')}"),
     "step": lambda r: f"{r.get('model')} {r.get('mode')}",
     "lm_head": lambda r: f"{r.get('tokens')} x {r.get('vocab')} (hidden {r.get('hidden')}) {r.get('impl')}",
 }
-
-# kind -> (row key, [(metric name, getter, better)])
-COMPARISONS: dict[str, tuple[Callable[[dict], tuple], list[tuple[str, Callable[[dict], object], str]]]] = {
-    "noisy_gemm": (lambda r: (r.get("shape"), r.get("M")),
-                   [("noisy_us", lambda r: r.get("noisy_us"), LOWER),
-                    ("noisy_over_cublas", lambda r: r.get("noisy_over_cublas"), LOWER)]),
-    "decode": (lambda r: (r.get("model"), r.get("workload", "fixed"), r.get("batch"), r.get("prompt_len"),
-                          r.get("output_len"), decode_mode(r.get("mode"))),
-               [("tok_s", lambda r: r.get("tok_s"), HIGHER)]),
-    "learner": (lambda r: (*_learner_case(r), r.get("mode")),
-                [("step_ms", lambda r: r.get("step_ms"), LOWER),
-                 ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
-    "step": (lambda r: (r.get("model"), r.get("mode")),
-             [("step_ms", lambda r: r.get("step_ms"), LOWER),
-              ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]
-             + [(f"{p}_ms", _step_phase(p), LOWER) for p in PHASES]),
-    "lm_head": (lambda r: (r.get("tokens"), r.get("vocab"), r.get("hidden"), r.get("impl")),
-                [("ms", lambda r: r.get("ms"), LOWER),
-                 ("peak_bytes", lambda r: r.get("peak_bytes"), LOWER)]),
+# kind -> [(metric, better)]; a step's "<phase>_ms" is read from its phases_ms
+COMPARISONS: dict[str, list[tuple[str, str]]] = {
+    "noisy_gemm": [("noisy_us", LOWER), ("noisy_over_cublas", LOWER)],
+    "decode": [("tok_s", HIGHER)],
+    "learner": [("step_ms", LOWER), ("peak_bytes", LOWER)],
+    "step": [("step_ms", LOWER), ("peak_bytes", LOWER), *[(f"{p}_ms", LOWER) for p in PHASES]],
+    "lm_head": [("ms", LOWER), ("peak_bytes", LOWER)],
 }
+
+
+def _metric(row: dict, name: str) -> object:
+    phases = row.get("phases_ms")
+    return row.get(name) if name in row or not isinstance(phases, dict) else phases.get(name[:-len("_ms")])
 
 
 @dataclass
@@ -394,21 +303,17 @@ def compare(current: Mapping[str, dict | None], baseline: Mapping[str, dict | No
     out: list[Change] = []
     if not baseline:
         return out
-    for kind, (key_fn, metrics) in COMPARISONS.items():
-        base_rows = {key_fn(r): r for r in _rows(baseline.get(kind)) if _ok(r)}
+    for kind, metrics in COMPARISONS.items():
+        label = ROW_LABELS[kind]
+        base_rows = {label(r): r for r in _rows(baseline.get(kind)) if _ok(r)}
         for row in _rows(current.get(kind)):
-            key = key_fn(row)
-            base = base_rows.get(key)
-            if base is None:
-                continue
-            for name, get, better in metrics:
-                b = _num(get(base))
-                if b is None or b <= 0:
-                    continue
-                c = _num(get(row)) if _ok(row) else None
-                if c is None and _ok(row):
-                    continue  # a field this run did not write: nothing to compare
-                out.append(Change(kind, ROW_LABELS[kind](row), name, b, c, better, threshold))
+            base = base_rows.get(label(row))
+            for name, better in metrics if base else ():
+                b = _num(_metric(base, name))
+                c = _num(_metric(row, name)) if _ok(row) else None
+                if b is None or b <= 0 or (c is None and _ok(row)):
+                    continue  # not measured before, or a field this run did not write
+                out.append(Change(kind, label(row), name, b, c, better, threshold))
     return out
 
 
@@ -436,77 +341,6 @@ def render_changes(changes: Sequence[Change], source: str | None, threshold: flo
 
 
 # ---------------------------------------------------------------------------
-# Sections: tables
-# ---------------------------------------------------------------------------
-
-def noisy_gemm_table(doc: dict) -> str:
-    rows = []
-    for r in _rows(doc):
-        over = r.get("noisy_over_cublas")
-        rows.append([str(r.get("shape", "?")), fmt(r.get("M"), "g"),
-                     fmt(r.get("cublas_us"), ".1f"), fmt(r.get("clean_us"), ".1f"), fmt(r.get("noisy_us"), ".1f"),
-                     fmt(r.get("mixed_us"), ".1f"), fmt(r.get("materialized_us"), ".1f"), fmt(over, ".3f"),
-                     fmt(r.get("extra_bytes"), ",.0f")])
-    return table(["shape", "M", "cuBLAS µs", "clean µs", "noisy µs", "mixed µs", "materialized µs",
-                  "noisy/cuBLAS", "extra B"], rows)
-
-
-def decode_table(doc: dict) -> str:
-    rows = []
-    for r in _rows(doc):
-        rows.append([str(r.get("model", "?")) + _workload_tag(r), fmt(r.get("batch"), "g"),
-                     fmt(r.get("prompt_len"), "g"), fmt(r.get("output_len"), "g"), decode_mode(r.get("mode")),
-                     fmt(r.get("tok_s"), ",.0f"), fmt(r.get("step_ms"), ".2f"), fmt(r.get("gbps"), ",.0f"),
-                     fmt(r.get("roofline_frac"), ".1%"), fmt(r.get("over_hf"), ".2f"),
-                     fmt(r.get("over_clean"), ".3f")])
-    return table(["model", "batch", "prompt", "output", "mode", "tok/s", "ms/step", "GB/s", "roofline",
-                  "over HF", "over clean"], rows, "lrrrlrrrrrr")
-
-
-def _learner_case(r: dict) -> tuple:
-    """Learner rows compared with each other (files from before the option: checkpointing off)."""
-    return r.get("model"), r.get("tokens"), bool(r.get("activation_checkpointing"))
-
-
-def learner_table(doc: dict) -> str:
-    rows = []
-    for r in _rows(doc):
-        rows.append([str(r.get("model", "?")), fmt(r.get("tokens"), "g"),
-                     "on" if r.get("activation_checkpointing") else "off", str(r.get("mode", "?")),
-                     fmt_bytes(r.get("peak_bytes")), fmt(r.get("step_ms"), ".1f"),
-                     fmt(r.get("over_plain_mem"), ".3f"), fmt(r.get("over_plain_time"), ".3f")])
-    text = table(["model", "tokens", "act. ckpt", "mode", "peak GiB", "step ms", "memory / plain", "time / plain"],
-                 rows, "lrllrrrr")
-    mismatch = doc.get("mismatch")
-    if isinstance(mismatch, dict) and mismatch:
-        text += "\n\nMismatch: " + ", ".join(f"{k} = {fmt(v, '.3g') if _num(v) is not None else v}"
-                                               for k, v in mismatch.items())
-    return text
-
-
-def step_table(doc: dict) -> str:
-    rows = []
-    for r in _rows(doc):
-        phases = r.get("phases_ms") if isinstance(r.get("phases_ms"), dict) else {}
-        over = r.get("over_plain")  # None for plain itself
-        rows.append([str(r.get("model", "?")), str(r.get("mode", "?")), fmt(r.get("step_ms"), ",.1f"),
-                     *[fmt(phases.get(ph), ",.1f") for ph in PHASES], fmt_bytes(r.get("peak_bytes")),
-                     fmt(over, ".3f")])
-    return table(["model", "mode", "step ms", *[f"{p} ms" for p in PHASES], "peak GiB", "time / plain"],
-                 rows, "llrrrrrrr")
-
-
-def lm_head_table(doc: dict) -> str:
-    rows = [[fmt(r.get("tokens"), "g"), fmt(r.get("vocab"), "g"), fmt(r.get("hidden"), "g"), str(r.get("impl", "?")),
-             fmt(r.get("ms"), ".2f"), fmt_bytes(r.get("peak_bytes"), MIB, 1)] for r in _rows(doc)]
-    return table(["tokens", "vocab", "hidden", "impl", "ms", "peak MiB"], rows, "rrrlrr")
-
-
-TABLES = {"noisy_gemm": noisy_gemm_table, "decode": decode_table, "learner": learner_table,
-          "step": step_table, "lm_head": lm_head_table}
-
-
-# ---------------------------------------------------------------------------
 # Charts (psnrl/trainer/charts.py)
 # ---------------------------------------------------------------------------
 
@@ -527,12 +361,12 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
     if series:
         ms = [p[0] for pts in series.values() for p in pts]
         lines = {name: _sorted_xy(pts) for name, pts in series.items()}
-        if min(ms) <= GEMM_DECODE_MAX_M:
-            lines[f"target {GEMM_DECODE_RATIO:.2f} (M <= {GEMM_DECODE_MAX_M})"] = (
-                [min(ms), min(max(ms), GEMM_DECODE_MAX_M)], [GEMM_DECODE_RATIO] * 2)
-        if max(ms) >= GEMM_LEARNER_MIN_M:
-            lines[f"target {GEMM_LEARNER_RATIO:.2f} (M >= {GEMM_LEARNER_MIN_M})"] = (
-                [max(min(ms), GEMM_LEARNER_MIN_M), max(ms)], [GEMM_LEARNER_RATIO] * 2)
+        lo, lo_ratio, hi, hi_ratio = (noisy_gemm.DECODE_MAX_M, noisy_gemm.DECODE_RATIO, noisy_gemm.LEARNER_MIN_M,
+                                      noisy_gemm.LEARNER_RATIO)
+        if min(ms) <= lo:
+            lines[f"target {lo_ratio:.2f} (M <= {lo})"] = ([min(ms), min(max(ms), lo)], [lo_ratio] * 2)
+        if max(ms) >= hi:
+            lines[f"target {hi_ratio:.2f} (M >= {hi})"] = ([max(min(ms), hi), max(ms)], [hi_ratio] * 2)
         specs.append(("noisy_gemm", "noisy_gemm_ratio.png", "line_chart",
                       dict(series=lines, title="noisy / cuBLAS time vs M", xlabel="M (rows)",
                            ylabel="noisy / cuBLAS", logx=True)))
@@ -545,7 +379,7 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
             x, y = _num(r.get("batch")), _num(r.get("tok_s"))
             if x is None or y is None:
                 continue
-            name = decode_mode(r.get("mode"))
+            name = str(r.get("mode"))
             name = ("HF" if name == "hf" else f"ours {name}")
             if len(lengths) > 1:
                 name += f" p{r.get('prompt_len')}/o{r.get('output_len')}"
@@ -647,7 +481,7 @@ def render_summary(current: Mapping[str, dict | None], *, device: str,
         for path in (figures or {}).get(kind, []):
             rel = Path(path).relative_to(figures_root).as_posix() if figures_root else Path(path).name
             parts += [f"![{Path(path).stem}]({rel})", ""]
-        parts += [TABLES[kind](doc), ""]
+        parts += [bench_table(kind, doc), ""]
         errors = [r for r in _rows(doc) if r.get("error")]
         if errors:
             parts += [f"{len(errors)} row(s) failed: " + "; ".join(str(r["error"])[:120] for r in errors[:5]), ""]

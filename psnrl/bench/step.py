@@ -1,50 +1,18 @@
 """Benchmark: whole training iterations by phase, plain GRPO vs PSN-GRPO vs PSN-GRPO with Var-II.
 
-For each model (random weights in the real Qwen2.5 shapes, psnrl/bench/model_configs.py) this runs
-the trainer itself, ``psnrl.trainer.loop.PSNTrainer``, built with ``psnrl.trainer.config.load_config``
-overrides, three times:
-
-  plain     noise.enabled=false (GRPO)
-  psn       PSN-GRPO, fixed sigma (noise.scheduler=fixed)
-  psn-var2  PSN-GRPO with the Var-II scheduler (noise.scheduler=var2, noise.embedder=hidden):
-            two clean probe rollouts per prompt ride in the rollout batch, then a no-grad
-            forward scores their self-certainty and another embeds them
-
-Each run trains ``--warmup`` untimed iterations (Triton compilation, allocator warm-up), then
-``--iters`` timed ones. A row reports the medians over the timed iterations of the step time
-(host wall time of ``PSNTrainer.step()``, the device synchronized before and after) and of the
-phases the loop measures itself (its ``time_*`` metrics): ``rollout`` (the engine, Var-II's
-probes included), ``sigma`` (Var-II's probe scoring; ~0 otherwise), ``reward``, ``learner``
-(forward, backward, optimizer over all micro-batches; the reference-policy forward of the KL
-term included) and ``sync`` (the weight sync: the loop is colocated, so only the stale prefix
-cache is dropped, ~0); ``other`` is the rest of the step (advantages, bookkeeping, the
-optimizer's device work still queued when the learner phase's clock stopped). ``peak_bytes`` is
-the CUDA peak allocated over the timed iterations; it includes the engine's KV cache, allocated
-once up front (``kv_cache_bytes``, sized by ``--gpu-memory-utilization``), so differences
-between modes are the activations' and the probes'. ``over_plain`` is step time / plain's;
-the targets are PSN <= 1.05x and Var-II <= 1.10x plain.
-
-The workload is the tiny arithmetic task (``data.train=tiny-arith``) with the plain prompt
-template, and the character tokenizer of psnrl/trainer/tiny.py saved into the random checkpoint
-(no download). The model's vocabulary (151936) is far larger than the tokenizer's (17): a
-sampled id the tokenizer does not know decodes to nothing (the tokenizers library skips it),
-so the random policy's responses decode to (nearly) empty text, every reward is 0 and the
-reward phase is cheap; the GPU phases do the full work. The loop has no ignore_eos option,
-but random weights put ~1/151936 of their mass on EOS, so responses run to ``--max-tokens``
-(``response_length`` in each row shows it).
-
-Writes ``psnrl/bench/results/step-<device>.json`` (rows: model, mode, phases_ms {rollout, reward,
-learner, sync, sigma, other}, step_ms, peak_bytes, ...; psnrl/bench/report.py reads it) and a
-markdown summary beside it. Run it with ``psnrl bench step [options]`` or ``python -m
-psnrl.bench.step``; it needs a CUDA GPU, except with ``--device cpu`` (a smoke run: ``--device cpu
---models tiny --dtype fp32 --prompts 2 --group-size 2 --max-tokens 8 --iters 2``, with CUDA
-hidden: the trainer uses a GPU whenever torch sees one).
+For each model (random weights in the real Qwen2.5 shapes) it runs the trainer itself,
+``PSNTrainer`` built with ``load_config`` overrides, once per mode (MODE_OVERRIDES): ``--warmup``
+untimed iterations, then ``--iters`` timed ones, medians reported. The workload is the tiny
+arithmetic task with the character tokenizer of psnrl/trainer/tiny.py saved into the checkpoint
+(ids it does not know decode to nothing, so rewards are 0 and cheap; random weights all but never
+emit EOS). Fields (``step_ms``, ``phases_ms``, ``peak_bytes``, ``kv_cache_bytes``, ``over_plain``) are
+described in psnrl/bench/README.md. Needs a CUDA GPU, except ``--device cpu`` (a smoke run:
+``--models tiny --dtype fp32 --prompts 2 --group-size 2 --max-tokens 8 --iters 2``, with CUDA hidden:
+the trainer uses a GPU whenever torch sees one).
 """
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import sys
 import tempfile
 import time
@@ -54,10 +22,11 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Column, add_model_runs, add_out_dir, cuda_missing,
-                                device_and_sync, error_row as _error_row, errors_section, fill_ratios, fmt_cell,
-                                free_memory, markdown_table, median, nonnegative_int, positive_int, round_or_none,
-                                run_meta, split_list)
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes,
+                                add_noise, add_out_dir, check_sigma, cuda_missing, device_and_sync,
+                                error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
+                                nonnegative_int, parse_checked, pick, positive_int, random_checkpoints,
+                                render_document, round_or_none, run_meta, split_list)
 
 NAME = "step"
 NO_CUDA_MESSAGE = ("psnrl bench step needs a CUDA GPU; none found "
@@ -77,10 +46,8 @@ MODE_OVERRIDES = {
 # psnrl/bench/report.py's phases (its tables and its stacked chart), then the ones only this bench shows.
 PHASES = ("rollout", "reward", "learner", "sync")
 EXTRA_PHASES = ("sigma",)
-TARGETS = {"psn": 1.05, "psn-var2": 1.10}  # step time / plain (psnrl/bench/README.md)
+LIMITS = {"psn": 1.05, "psn-var2": 1.10}  # step time / plain (psnrl/bench/README.md)
 DTYPES = DTYPE_NAMES
-DEFAULT_SIGMA = 0.004
-DEFAULT_TARGETS = "mlp"
 TASK = "tiny-arith"
 WIDEST_PROBLEM = "9+9="  # the tiny task's prompts (one-digit a+b=) all have this length
 
@@ -119,7 +86,7 @@ def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int
         "step_ms": round_or_none(median(step_each), 3),
         "peak_bytes": peak_bytes,
         "over_plain": None,
-        "target": TARGETS.get(mode),
+        "target": LIMITS.get(mode),
         "step_ms_each": [round(ms, 3) for ms in step_each],
         "kv_cache_bytes": kv_cache_bytes,
         "allocated_before_bytes": allocated_before_bytes,
@@ -132,7 +99,7 @@ def build_row(model: str, mode: str, records: Sequence[dict], *, peak_bytes: int
 
 
 def error_row(model: str, mode: str, error: BaseException, setup: dict) -> dict:
-    return _error_row(ROW_KEYS, error, model=model, mode=mode, target=TARGETS.get(mode), **setup)
+    return _error_row(ROW_KEYS, error, model=model, mode=mode, target=LIMITS.get(mode), **setup)
 
 
 def add_ratios(rows: Sequence[dict]) -> list[dict]:
@@ -142,7 +109,7 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
     for row in out:
         if row["mode"] == "plain":
             row["over_plain"] = None
-        target = TARGETS.get(row["mode"])
+        target = LIMITS.get(row["mode"])
         row["met"] = None if row["over_plain"] is None or target is None else bool(row["over_plain"] <= target)
     return out
 
@@ -164,7 +131,7 @@ def _phase(name: str) -> Column:
 
 PEAK = Column("peak_bytes", "peak GiB", "gib")
 COLUMNS = (
-    Column(lambda r: r["mode"] + (" (error)" if r.get("error") else ""), "mode", left=True),
+    Column(lambda r: str(r.get("mode")) + (" (error)" if r.get("error") else ""), "mode", left=True),
     Column("step_ms", "step ms", "{:,.1f}"),
     *[_phase(p) for p in ("rollout", "sigma", "reward", "learner", "sync", "other")],
     PEAK, Column("kv_cache_bytes", "KV GiB", "gib"),
@@ -173,33 +140,33 @@ COLUMNS = (
 )
 
 
-def render_model_table(rows: Sequence[dict]) -> str:
-    return markdown_table(COLUMNS, rows)
+TARGETS = tuple(Bound(f"step time {label}/plain <= {LIMITS[mode]:.2f}", "over_plain", LIMITS[mode],
+                      lambda r, mode=mode: r.get("mode") == mode and not r.get("error"),
+                      lambda r: str(r.get("model"))) for mode, label in (("psn", "PSN"), ("psn-var2", "Var-II")))
+
+
+def render_tables(rows: Sequence[dict], level: str = "##") -> list[str]:
+    """Per model its heading, its setup and its table."""
+    parts = []
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        mine = [r for r in rows if r.get("model") == model]
+        first = mine[0]
+        setup = (f"{first.get('prompts')} prompts x {first.get('group_size')} samples (+ 2 probes per prompt for "
+                 f"Var-II), prompt {first.get('prompt_tokens')} tokens, up to {first.get('max_tokens')} generated; "
+                 f"micro-batches of {first.get('micro_batch_tokens')} tokens.")
+        parts += [f"{level} {model}", "", *([setup, ""] if first.get("prompts") else []),
+                  markdown_table(COLUMNS, mine), ""]
+    return parts
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    parts = [
-        f"# step on {meta['device']}",
-        "",
-        f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
-        f"dtype {meta.get('dtype', '?')}; noise: sigma {meta.get('sigma')} on {meta.get('targets')}.",
-        "",
-        f"Method: {meta.get('method', '')}",
-        "",
-        "Times are ms per training iteration (medians over the timed iterations); `x plain` is "
-        "step time / plain GRPO's. Targets: PSN <= 1.05x plain, Var-II <= 1.10x plain.",
-        "",
-    ]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        first = mine[0]
-        parts += [f"## {model}", "",
-                  f"{first.get('prompts')} prompts x {first.get('group_size')} samples "
-                  f"(+ 2 probes per prompt for Var-II), prompt {first.get('prompt_tokens')} tokens, "
-                  f"up to {first.get('max_tokens')} generated; micro-batches of "
-                  f"{first.get('micro_batch_tokens')} tokens.", "",
-                  render_model_table(mine), ""]
-    return "\n".join(parts + errors_section(rows, lambda r: f"{r['model']} {r['mode']}"))
+    return render_document(
+        NAME, meta, rows, lambda r: f"{r['model']} {r['mode']}",
+        setting=f"dtype {meta.get('dtype', '?')}; noise: sigma {meta.get('sigma')} on {meta.get('targets')}",
+        paragraphs=[f"Method: {meta.get('method', '')}",
+                    "Times are ms per training iteration (medians over the timed iterations); `x plain` is step "
+                    "time / plain GRPO's. Targets: PSN <= 1.05x plain, Var-II <= 1.10x plain."],
+        body=render_tables(rows))
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
@@ -298,22 +265,19 @@ def run_model(run: BenchRun, a: argparse.Namespace, model: str, path: Path, work
     """Every mode of one model, a row each."""
     for mode in a.modes:
         run.log(f"{model} {mode}: {a.warmup} warmup + {a.iters} timed iterations")
-        try:
+
+        def measure(mode=mode) -> dict:
             records, memory = run_mode(a, path, mode, work / model / mode, sync)
-            row = build_row(model, mode, records, setup=setup_fields(a), **memory)
-        except Exception as exc:  # OOM, a kernel failure: keep going
-            row = error_row(model, mode, exc, setup_fields(a))
-        free_memory(a.device)  # after the except block, whose traceback held the trainer
-        record(run, row)
+            return build_row(model, mode, records, setup=setup_fields(a), **memory)
+        run.attempt(measure, lambda exc, mode=mode: error_row(model, mode, exc, setup_fields(a)),
+                    f"{model} {mode}", _detail)
+        free_memory(a.device)  # after the failed case's traceback, which held the trainer, is gone
 
 
-def record(run: BenchRun, row: dict) -> None:
+def _detail(row: dict) -> str:
     ph = row.get("phases_ms") or {}
-    run.record(row, f"{row['model']} {row['mode']}",
-               f"{fmt_cell(row['step_ms'], ',.1f')} ms/step (rollout {fmt_cell(ph.get('rollout'), ',.1f')}, "
-               f"sigma {fmt_cell(ph.get('sigma'), ',.1f')}, reward {fmt_cell(ph.get('reward'), ',.1f')}, "
-               f"learner {fmt_cell(ph.get('learner'), ',.1f')}, sync {fmt_cell(ph.get('sync'), ',.1f')}), peak "
-               f"{PEAK.cell(row)} GiB")
+    times = ", ".join(f"{p} {fmt_cell(ph.get(p), ',.1f')}" for p in ("rollout", "sigma", "reward", "learner", "sync"))
+    return f"{fmt_cell(row['step_ms'], ',.1f')} ms/step ({times}), peak {PEAK.cell(row)} GiB"
 
 
 # ---------------------------------------------------------------------------
@@ -328,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with Var-II, on random-weight Qwen2.5 checkpoints; writes step-<device>.json "
                     "and .md.")
     add_model_runs(parser, DEFAULT_MODELS)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), metavar="MODE",
-                        help=f"what to run: {', '.join(MODES)} (default all)")
+    add_modes(parser, MODES)
     parser.add_argument("--prompts", type=positive_int, default=16,
                         help="prompts per iteration, rollout.prompts_per_iter (default %(default)s)")
     parser.add_argument("--group-size", type=positive_int, default=8,
@@ -345,10 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the engine's share of the GPU, KV cache included; the learner lives in "
                              "the rest (default %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--sigma", type=float, default=DEFAULT_SIGMA,
-                        help="noise.sigma: the fixed sigma, Var-II's initial one (default %(default)s)")
-    parser.add_argument("--targets", default=DEFAULT_TARGETS,
-                        help="noise.targets: mlp, attn, lm_head or all (default %(default)s)")
+    add_noise(parser)  # noise.sigma (the fixed sigma, Var-II's initial one) and noise.targets
     parser.add_argument("--warmup", type=nonnegative_int, default=1,
                         help="untimed iterations first (default %(default)s)")
     parser.add_argument("--iters", type=positive_int, default=3,
@@ -360,47 +320,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace) -> None:
+    args.models = list(dict.fromkeys(model_configs.resolve(m) for m in split_list(args.models)))
+    args.modes = pick(args.modes, MODES, "mode")
+    if not args.models or not args.modes:
+        raise ValueError("give at least one model and one mode")
+    if args.group_size < 2:
+        raise ValueError("--group-size must be >= 2 (group advantages compare the samples of a prompt)")
+    if args.mini_batch_prompts is None:
+        args.mini_batch_prompts = args.prompts
+    if args.prompts % args.mini_batch_prompts:
+        raise ValueError(f"--prompts {args.prompts} must be a multiple of --mini-batch-prompts "
+                         f"{args.mini_batch_prompts}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    check_sigma(args.sigma)
+    from psnrl.engine.noise_spec import NoiseSpec
+    NoiseSpec(0, args.sigma, args.targets)  # validates the targets
+    args.prompt_tokens = prompt_tokens()
+    for model in args.models:
+        limit = model_configs.CONFIGS[model]["max_position_embeddings"]
+        if args.prompt_tokens + args.max_tokens > limit:
+            raise ValueError(f"prompt {args.prompt_tokens} + --max-tokens {args.max_tokens} tokens "
+                             f"exceeds {model}'s max_position_embeddings={limit}")
+    from psnrl.trainer.config import ConfigError, load_config
+    try:  # every override checked before any work ("tiny" stands in for the checkpoint)
+        for mode in args.modes:
+            load_config(None, config_overrides(args, Path("tiny"), mode,
+                                               Path(tempfile.gettempdir()) / "psnrl-step-check"))
+    except ConfigError as exc:
+        raise ValueError(f"config: {exc}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.models = list(dict.fromkeys(model_configs.resolve(m) for m in split_list(args.models)))
-        modes = split_list(args.modes)
-        for mode in modes:
-            if mode not in MODES:
-                raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        args.modes = [m for m in MODES if m in modes]
-        if not args.models or not args.modes:
-            raise ValueError("give at least one model and one mode")
-        if args.group_size < 2:
-            raise ValueError("--group-size must be >= 2 (group advantages compare the samples of a prompt)")
-        if args.mini_batch_prompts is None:
-            args.mini_batch_prompts = args.prompts
-        if args.prompts % args.mini_batch_prompts:
-            raise ValueError(f"--prompts {args.prompts} must be a multiple of --mini-batch-prompts "
-                             f"{args.mini_batch_prompts}")
-        if not 0 < args.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
-        if not math.isfinite(args.sigma) or args.sigma <= 0:
-            raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
-        from psnrl.engine.noise_spec import NoiseSpec
-        NoiseSpec(0, args.sigma, args.targets)  # validates the targets
-        args.prompt_tokens = prompt_tokens()
-        for model in args.models:
-            limit = model_configs.CONFIGS[model]["max_position_embeddings"]
-            if args.prompt_tokens + args.max_tokens > limit:
-                raise ValueError(f"prompt {args.prompt_tokens} + --max-tokens {args.max_tokens} tokens "
-                                 f"exceeds {model}'s max_position_embeddings={limit}")
-        from psnrl.trainer.config import ConfigError, load_config
-        try:  # every override checked before any work ("tiny" stands in for the checkpoint)
-            for mode in args.modes:
-                load_config(None, config_overrides(args, Path("tiny"), mode,
-                                                   Path(tempfile.gettempdir()) / "psnrl-step-check"))
-        except ConfigError as exc:
-            raise ValueError(f"config: {exc}") from None
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(str(exc))
-    return args
+    return parse_checked(build_parser(), argv, _check)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -432,23 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = (FILES.previous_rows(args.out_dir, device_name, lambda r: (r.get("model"), r.get("mode")) not in planned)
                 if args.merge else [])
     run = BenchRun(FILES, meta, args.out_dir, previous)
-    with tempfile.TemporaryDirectory(prefix="psnrl-step-") as tmp:
-        tmp = Path(tmp)
-        for model in args.models:
-            run.log(f"{model}: writing random {args.dtype} weights")
-            try:
-                path = checkpoint_dir(model, args.dtype, args.seed, args.ckpt_dir, args.device, tmp / "ckpt")
-            except Exception as exc:
-                for mode in args.modes:
-                    record(run, error_row(model, mode, exc, setup_fields(args)))
-                continue
-            run_model(run, args, model, path, tmp / "runs", sync)
-            if not args.ckpt_dir:
-                shutil.rmtree(path, ignore_errors=True)
-    rows = add_ratios(run.rows)
-    return run.close("\n".join(f"\n{model}\n\n{render_model_table([r for r in rows if r['model'] == model])}"
-                               for model in dict.fromkeys(r["model"] for r in rows)))
 
+    def failed(model: str, exc: BaseException) -> None:
+        for mode in args.modes:
+            run.record(error_row(model, mode, exc, setup_fields(args)), f"{model} {mode}")
+    with tempfile.TemporaryDirectory(prefix="psnrl-step-") as tmp:
+        for model, path in random_checkpoints(run, args, args.models, "psnrl-step-ckpt-", failed, checkpoint_dir):
+            run_model(run, args, model, path, Path(tmp), sync)
+    return run.close("\n".join(render_tables(add_ratios(run.rows))))
 
 if __name__ == "__main__":
     raise SystemExit(main())
