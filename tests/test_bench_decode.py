@@ -359,7 +359,8 @@ def test_cpu_smoke_run_end_to_end(tmp_path, monkeypatch, capsys):
         hf = by[("fixed", row["batch"], "hf")]["tok_s"]
         assert row["hf_tok_s"] == hf
         if row["mode"] != "hf":
-            assert row["over_hf"] == pytest.approx(row["tok_s"] / hf, rel=1e-3)
+            # stored rounded to 4 decimals: a small ratio (HF fast on a loaded CPU) is off by up to 5e-5
+            assert row["over_hf"] == pytest.approx(row["tok_s"] / hf, rel=1e-3, abs=5e-5)
     md = (out / "decode-cpu.md").read_text()
     assert "## tiny, prompt 4, output 3" in md and "| 12 |" in md and "Errors" not in md
     nano_table = md.split("## tiny, nano-vllm setting")[1]
