@@ -455,7 +455,7 @@ class DecodeGraphs:
     def fits(self, seqs, block_tables) -> bool:
         """A pure decode step of at most the largest bucket, within the tables' width."""
         return (0 < len(seqs) <= self.buckets[-1] and all(e.num_new == 1 for e in seqs)
-                and all(len(t) <= self.table_width for t in block_tables))
+                and max(map(len, block_tables)) <= self.table_width)
 
     @torch.inference_mode()
     def run(self, seqs, block_tables, specs) -> torch.Tensor | None:

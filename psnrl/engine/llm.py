@@ -345,7 +345,7 @@ class LLM:
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         self.runner.copy_blocks(step.copies)
         tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
-        decode = all(e.num_new == 1 for e in step.seqs)
+        decode = step.decode
         if timer is not None:
             timer.mark()
         with nvtx_range("decode_step" if decode else "prefill"):

@@ -48,6 +48,12 @@ class Step:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks to copy first
     finished: list[Sequence] = field(default_factory=list)  # ended while scheduling (cannot fit)
+    num_tokens: int = 0  # tokens the forward computes, all sequences together
+
+    @property
+    def decode(self) -> bool:
+        """A pure decode step: one new token per sequence."""
+        return bool(self.seqs) and self.num_tokens == len(self.seqs)
 
 
 class Scheduler:
@@ -141,6 +147,7 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             step.seqs.append(ScheduledSeq(seq, n))
             budget -= n
+        step.num_tokens = self.cfg.max_num_batched_tokens - budget  # each scheduled token took one
         return step
 
     def _schedule_decodes(self, step: Step, start: int, budget: int) -> tuple[int, int]:
