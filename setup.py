@@ -7,6 +7,7 @@ ext_modules = [
     Pybind11Extension(
         "psnrl.engine._block_manager",
         ["psnrl/engine/csrc/block_manager.cpp"],
+        depends=["psnrl/engine/csrc/block_manager.hpp", "psnrl/engine/csrc/block_hash.hpp"],
         cxx_std=17,
         extra_compile_args=["-O2"],
     ),

@@ -1,4 +1,4 @@
-"""The C++ KV-cache block manager (psnrl/engine/csrc/block_manager.cpp).
+"""The C++ KV-cache block manager (psnrl/engine/csrc/, its model in README.md there).
 
 Unit tests for each operation, then a randomized operation-sequence test that
 runs the manager against a pure-Python reference model (exact block tables, ref

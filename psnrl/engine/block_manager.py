@@ -1,6 +1,6 @@
 """KV-cache block manager of the paged-attention engine.
 
-The implementation is C++ (``psnrl/engine/csrc/block_manager.cpp``, built by ``pip
+The implementation is C++ (``psnrl/engine/csrc/``, its model in ``README.md`` there; built by ``pip
 install -e .`` into ``psnrl.engine._block_manager``); this module re-exports it and,
 for type checkers, declares its typed API. The runtime classes are the C++ ones
 (no Python layer on the hot path); ``help()`` on them shows the same docs.
