@@ -62,6 +62,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._finished_running = 0  # finished sequences still in ``running``, dropped at the next schedule
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -74,13 +75,13 @@ class Scheduler:
         self.running.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting) or len(self.running) > self._finished_running
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished and give its blocks back."""
+        """Mark finished and give its blocks back (O(1): ``running`` drops it at the next schedule)."""
         if seq.status is Status.RUNNING:
             self.blocks.free(seq.seq_id)
-            self.running.remove(seq)
+            self._finished_running += 1
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -89,6 +90,7 @@ class Scheduler:
     def abort_all(self) -> list[Sequence]:
         """Finish every waiting and running sequence with reason "abort" and free the blocks
         they hold, whatever state an interrupted step left them in."""
+        self._drop_finished()
         seqs = [*self.running, *self.waiting]
         self.running, self.waiting = [], deque()
         for seq in seqs:
@@ -106,7 +108,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _drop_finished(self) -> None:
+        if self._finished_running:
+            self.running = [seq for seq in self.running if seq.status is Status.RUNNING]
+            self._finished_running = 0
+
     def schedule(self) -> Step:
+        self._drop_finished()
         budget = self.cfg.max_num_batched_tokens
         step = Step()
         # 1. Running sequences: their new tokens need slots; preempt from the back when out of blocks.
