@@ -512,26 +512,19 @@ class EventTimer:
         return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
-def cuda_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak CUDA memory allocated during one call, above what was allocated before it (its
-    output included)."""
+def cuda_peak_bytes(fn: Callable[[], object], beyond_output: bool = False) -> int:
+    """Peak CUDA memory allocated during one call, above what was allocated before it: its output
+    included, or (``beyond_output``) less what the call still holds when it returns."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn()
     torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base if beyond_output else 0  # the output, as the allocator rounds it
     del out
-    return int(torch.cuda.max_memory_allocated() - base)
+    return int(torch.cuda.max_memory_allocated() - base - held)
 
 
 def cuda_extra_bytes(fn: Callable[[], object]) -> int:
     """Bytes a call allocates beyond what it still holds when it returns (its output)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    held = torch.cuda.memory_allocated() - base  # the output, as the allocator rounds it
-    del out
-    return int(peak - base - held)
+    return cuda_peak_bytes(fn, beyond_output=True)

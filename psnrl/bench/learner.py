@@ -332,7 +332,7 @@ def render_tables(rows: Sequence[dict], level: str = "##", mismatch: dict | None
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    return render_document(NAME, meta, rows, lambda r: f"{_case(r)}, {r['mode']}",
+    return render_document(NAME, meta, rows, _label,
                            setting=f"dtype {meta.get('dtype', '?')}; noise: {meta.get('noise', '')}",
                            paragraphs=[f"Method: {meta.get('method', '')}"],
                            body=render_tables(rows, mismatch=meta.get("mismatch")))
@@ -354,6 +354,15 @@ def _detail(row: dict) -> str:
     return f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB"
 
 
+def failed_model(run: BenchRun, args: argparse.Namespace, model: str, exc: BaseException) -> None:
+    """An error row for every case and mode of a model that could not be loaded or written."""
+    for checkpointing in args.checkpointing:
+        for n in args.seq_lens:
+            for mode in args.modes:
+                row = error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing, mode, exc)
+                run.record(row, _label(row))
+
+
 def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: BenchRun) -> None:
     from psnrl.engine.loader import load_model
     from psnrl.trainer.losses import LossConfig
@@ -365,11 +374,7 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: Bench
         net = load_model(path, dtype=args.torch_dtype, device=args.device)
         learner = _probed_learner_class()(net, LossConfig(), lr=args.lr, micro_batch_tokens=cases[0][1].tokens)
     except Exception as exc:
-        for checkpointing in args.checkpointing:
-            for seq_len, case in cases:
-                for mode in args.modes:
-                    row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing, mode, exc)
-                    run.record(row, _label(row))
+        failed_model(run, args, model, exc)
         free_memory(args.device)
         return
     try:
@@ -481,11 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def failed(model: str, exc: BaseException) -> None:
         if model in args.models:
-            for checkpointing in args.checkpointing:
-                for n in args.seq_lens:
-                    for mode in args.modes:
-                        row = error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing, mode, exc)
-                        run.record(row, _label(row))
+            failed_model(run, args, model, exc)
         if model == args.mismatch_model and not args.no_mismatch:
             meta["mismatch"] = {"model": model, "error": error_text(exc)}
 
