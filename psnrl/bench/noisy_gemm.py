@@ -283,8 +283,8 @@ def _rows(count: int) -> str:
 
 
 def render_targets(rows: Sequence[dict]) -> list[str]:
-    lines = []
-    for result in check_targets(rows):
+    lines, results = [], check_targets(rows)
+    for result in results:
         misses, checked = result["misses"], result["checked"]
         if checked == 0:
             lines.append(f"- {result['target']}: no rows measured")
@@ -293,7 +293,7 @@ def render_targets(rows: Sequence[dict]) -> list[str]:
         else:
             listed = "; ".join(_describe_miss(*miss) for miss in misses)
             lines.append(f"- {result['target']}: MISS {len(misses)} of {_rows(checked)}: {listed}")
-    total = sum(len(r["misses"]) for r in check_targets(rows))
+    total = sum(len(r["misses"]) for r in results)
     return ["**Targets: all met.**" if total == 0 else f"**Targets: {total} miss{'es' if total != 1 else ''}.**",
             *lines]
 
