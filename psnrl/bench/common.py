@@ -278,8 +278,9 @@ class BenchRun:
     interrupted run keeps what it measured. A measurement that is not a row (the learner's
     mismatch, say) goes into ``meta``, which the bench may update between writes."""
 
-    def __init__(self, files: BenchFiles, meta: dict, out_dir: str | os.PathLike, rows: Sequence[dict] = ()):
-        self.files, self.meta, self.out_dir = files, meta, out_dir
+    def __init__(self, files: BenchFiles, meta: dict, out_dir: str | os.PathLike, rows: Sequence[dict] = (),
+                 sync: Callable[[], None] = lambda: None):
+        self.files, self.meta, self.out_dir, self.sync = files, meta, out_dir, sync
         self.rows: list[dict] = list(rows)
 
     def log(self, message: str) -> None:
@@ -316,6 +317,20 @@ class BenchRun:
         return 1 if any(r.get("error") for r in self.rows) else 0
 
 
+def start_run(files: BenchFiles, args: argparse.Namespace, no_cuda: str, device: str | None = None,
+              previous: Callable[[str], list[dict]] | None = None, **meta) -> BenchRun | None:
+    """The start of a bench's ``main`` on ``device`` (default ``args.device``): None, after printing
+    ``no_cuda``, when that is CUDA and there is none; else its ``BenchRun``, with the device's
+    synchronize as ``sync``, metadata ``run_meta(<device name>, **meta)`` (the bench may add to it
+    before the first row) and, with ``--merge``, the rows ``previous(<device name>)`` gives."""
+    device = device or args.device
+    if cuda_missing(device, no_cuda):
+        return None
+    name, sync = device_and_sync(device)
+    rows = previous(name) if previous and getattr(args, "merge", False) else []
+    return BenchRun(files, run_meta(name, **meta), args.out_dir, rows, sync)
+
+
 def cuda_missing(device: str, message: str) -> bool:
     """True (after printing ``message``) when a bench asked for CUDA and there is none."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -333,6 +348,23 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None,
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
     return args
+
+
+def bench_cli(command: str, description: str, options: Callable[[argparse.ArgumentParser], None],
+              check: Callable[[argparse.Namespace], None] = lambda args: None, merge: bool = False
+              ) -> tuple[Callable[[], argparse.ArgumentParser], Callable[..., argparse.Namespace]]:
+    """``psnrl bench <command>``'s ``build_parser()`` and ``parse_args(argv)``: ``options`` adds the
+    bench's options, then come ``--out-dir`` (and ``--merge``); ``parse_args`` runs ``check`` on the
+    result (``parse_checked``)."""
+    def build_parser() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=f"psnrl bench {command}", description=description)
+        options(parser)
+        add_out_dir(parser, merge)
+        return parser
+
+    def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+        return parse_checked(build_parser(), argv, check)
+    return build_parser, parse_args
 
 
 def pick(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
@@ -480,26 +512,19 @@ class EventTimer:
         return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
-def cuda_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak CUDA memory allocated during one call, above what was allocated before it (its
-    output included)."""
+def cuda_peak_bytes(fn: Callable[[], object], beyond_output: bool = False) -> int:
+    """Peak CUDA memory allocated during one call, above what was allocated before it: its output
+    included, or (``beyond_output``) less what the call still holds when it returns."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn()
     torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base if beyond_output else 0  # the output, as the allocator rounds it
     del out
-    return int(torch.cuda.max_memory_allocated() - base)
+    return int(torch.cuda.max_memory_allocated() - base - held)
 
 
 def cuda_extra_bytes(fn: Callable[[], object]) -> int:
     """Bytes a call allocates beyond what it still holds when it returns (its output)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    held = torch.cuda.memory_allocated() - base  # the output, as the allocator rounds it
-    del out
-    return int(peak - base - held)
+    return cuda_peak_bytes(fn, beyond_output=True)

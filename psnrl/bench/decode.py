@@ -26,10 +26,9 @@ from psnrl.bench.decode_workloads import (FIXED, NANO_VLLM, NANO_VLLM_LENGTHS, N
                                           Workload, decode_bytes_per_step, fixed_workload, mean_decode_context,
                                           nano_vllm_workload, peak_gbps, sequence_noise, time_engine, time_hf)
 from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, add_model_runs, add_modes, add_noise,
-                                add_out_dir, check_sigma, cuda_missing, device_and_sync, error_row as _error_row,
-                                fmt_cell, free_memory, noise_text, nonnegative_int, parse_checked, pick,
-                                positive_int, positive_ints, random_checkpoints, ratio, render_document,
-                                round_or_none, run_meta, split_list)
+                                bench_cli, check_sigma, error_row as _error_row, fmt_cell, free_memory, noise_text,
+                                nonnegative_int, pick, positive_int, positive_ints, random_checkpoints, ratio,
+                                render_document, round_or_none, split_list, start_run)
 
 NAME = "decode"
 NO_CUDA_MESSAGE = ("psnrl bench decode needs a CUDA GPU; none found "
@@ -226,8 +225,8 @@ FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 class Runner:
     """Runs every workload and mode of one model and appends rows; writes results after each."""
 
-    def __init__(self, args: argparse.Namespace, run: BenchRun, sync: Callable[[], None]):
-        self.args, self.run, self.sync, self.log = args, run, sync, run.log
+    def __init__(self, args: argparse.Namespace, run: BenchRun):
+        self.args, self.run, self.sync, self.log = args, run, run.sync, run.log
 
     def record(self, row: dict) -> None:
         self.run.record(row, f"{row['model']} {row['workload']} batch {row['batch']} {row['mode']}",
@@ -335,12 +334,7 @@ class Runner:
 # Command line
 # ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench decode",
-        description="Decode throughput of the rollout engine (clean, noisy, mixed) and of "
-                    "transformers generate on random-weight Qwen2.5 checkpoints; writes "
-                    "decode-<device>.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     add_model_runs(parser, DEFAULT_MODELS)
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
@@ -379,8 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (default sdpa)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's peak memory bandwidth in GB/s (default: from PEAK_GBPS by name)")
-    add_out_dir(parser, merge=True)
-    return parser
 
 
 def _nano_vllm_model(name: str | None, models: list[str]) -> str | None:
@@ -425,8 +417,9 @@ def _check(args: argparse.Namespace) -> None:
     args.torch_dtype = model_configs.as_dtype(args.dtype)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_checked(build_parser(), argv, _check)
+build_parser, parse_args = bench_cli(
+    "decode", "Decode throughput of the rollout engine (clean, noisy, mixed) and of transformers generate on "
+              "random-weight Qwen2.5 checkpoints; writes decode-<device>.json and .md.", _options, _check, merge=True)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -461,23 +454,19 @@ def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if cuda_missing(args.device, NO_CUDA_MESSAGE):
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, previous=lambda device: previous_rows(args, device))
+    if run is None:
         return 2
-    device_name, sync = device_and_sync(args.device)
-    peak = args.peak_gbps if args.peak_gbps is not None else peak_gbps(device_name)
-    args.peak = peak
-    meta = run_meta(
-        device_name, dtype=args.dtype,
-        sampling="greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
-        noise=noise_text(args),
-        sigma=args.sigma, targets=args.targets, peak_gbps=peak,
+    args.peak = peak = args.peak_gbps if args.peak_gbps is not None else peak_gbps(run.meta["device"])
+    run.meta.update(
+        dtype=args.dtype, sampling="greedy" if args.greedy else "sampling at temperature 1, top_p 1, no top_k",
+        noise=noise_text(args), sigma=args.sigma, targets=args.targets, peak_gbps=peak,
         peak_source="--peak-gbps" if args.peak_gbps is not None else "PEAK_GBPS table" if peak is not None else None,
         method=method_description(args), hf_attn_implementation=args.hf_attn,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         group_size=args.group_size, probes=args.probes, nano_vllm_model=args.nano_vllm_model,
         warmup=args.warmup, repeats=args.repeats, seed=args.seed)
-    run = BenchRun(FILES, meta, args.out_dir, previous_rows(args, device_name) if args.merge else [])
-    runner = Runner(args, run, sync)
+    runner = Runner(args, run)
 
     def failed(model: str, exc: BaseException) -> None:
         for work in runner.workloads(model):

@@ -32,8 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (BenchFiles, BenchRun, Column, add_out_dir, cuda_missing, device_and_sync, error_row,
-                                errors_section, markdown_table, positive_int, positive_ints, run_meta)
+from psnrl.bench.common import (BenchFiles, Column, bench_cli, error_row, markdown_table, positive_int, positive_ints,
+                                render_document, start_run)
 
 NAME = "host"
 NO_CUDA_MESSAGE = "psnrl bench host --device cuda: no CUDA GPU found (the default --device cpu runs anywhere)"
@@ -175,6 +175,30 @@ def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]
     return records, ops
 
 
+def measure_batch(path: Path, args: argparse.Namespace, vocab: int, batch: int, sync) -> dict:
+    """The row of one batch: an engine on the stub model, its decode steps timed and their ops counted."""
+    from psnrl.engine.llm import LLM
+
+    blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
+    llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
+              max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2)
+    stub_model(llm, vocab)
+    records, ops = measure(llm, batch, args.steps, sync)
+    llm.close()
+    ms = sorted(1e3 * r["seconds"] for r in records)
+
+    def median_ms(part: str) -> float:
+        return round(statistics.median(1e3 * r[part] for r in records), 4)
+    engine = [1e3 * (r["seconds"] - r["forward"] - r["sampler"]) for r in records]
+    return {"batch": batch, "vocab": vocab, "host_ms": round(statistics.median(ms), 4),
+            "host_ms_p90": round(ms[int(0.9 * (len(ms) - 1))], 4),
+            "forward_ms": median_ms("forward"), "sampler_ms": median_ms("sampler"),
+            "engine_ms": round(statistics.median(engine), 4),
+            "ops_per_step": sum(ops.values()) if ops else None,
+            "sampler_ops": ops["sampler"] if ops else None, "engine_ops": ops["engine"] if ops else None,
+            "steps": len(ms), "target_ms": TARGET_MS.get(batch)}
+
+
 COLUMNS = (
     Column("batch", "batch"), Column("vocab", "vocab", "{:,}"), Column("host_ms", "host ms/step", "{:.3f}"),
     Column("host_ms_p90", "p90 ms", "{:.3f}"), Column("forward_ms", "forward ms", "{:.3f}"),
@@ -185,43 +209,35 @@ COLUMNS = (
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    parts = [f"# host on {meta['device']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}.", "",
-             f"Method: {meta['method']}", "", markdown_table(COLUMNS, rows), ""]
-    return "\n".join(parts + errors_section(rows, lambda r: f"batch {r['batch']}"))
+    return render_document(NAME, meta, rows, lambda r: f"batch {r['batch']}", paragraphs=[f"Method: {meta['method']}"],
+                           body=[markdown_table(COLUMNS, rows), ""])
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench host",
-        description="Host time and ops per decode step of the engine with a stub forward (runs on a CPU); "
-                    "writes host-<device>.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
     parser.add_argument("--steps", type=positive_int, default=64, help="decode steps timed per batch (default 64)")
     parser.add_argument("--vocab", type=positive_int, default=None,
                         help="columns of the stub's logits (default 151936 on cuda, 2048 on cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    add_out_dir(parser)
-    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    args.batches = sorted(positive_ints(args.batches, "--batches"))
+
+
+build_parser, parse_args = bench_cli(
+    "host", "Host time and ops per decode step of the engine with a stub forward (runs on a CPU); writes "
+            "host-<device>.json and .md.", _options, _check)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        batches = sorted(positive_ints(args.batches, "--batches"))
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(str(exc))
-    if cuda_missing(args.device, NO_CUDA_MESSAGE):
-        return 2
-    from psnrl.engine.llm import LLM
-
+    args = parse_args(argv)
     vocab = args.vocab or VOCAB[args.device]
-    device_name, sync = device_and_sync(args.device)
-    meta = run_meta(device_name, method=(
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, method=(
         f"a 2-layer Qwen2 whose forward and logits are a stub returning fixed [rows, {vocab}] logits, "
         f"decode steps through the decode-graph host path; batches of sequences with {PROMPT_LEN}-token "
         f"prompts sampled at temperature 1, each decoding exactly {args.steps} tokens; host ms = median "
@@ -229,34 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         f"replay's share (the stub), sampler ms = the sampler's, engine ms = the rest (scheduling, "
         f"inputs, stop checks, the per-sequence Python); ops = torch ops that do work (views excluded) "
         f"in one decode step: all, the sampler's and the engine's (the replay counts as one)."))
-    run = BenchRun(FILES, meta, args.out_dir)
+    if run is None:
+        return 2
     with tempfile.TemporaryDirectory(prefix="psnrl-host-") as tmp:
         cfg = {**model_configs.get_config("tiny"), "vocab_size": vocab}
         path = model_configs.write_random_checkpoint(cfg, Path(tmp) / "ckpt", dtype=torch.float32)
-        for batch in batches:
-            try:
-                blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
-                llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
-                          max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2)
-                stub_model(llm, vocab)
-                records, ops = measure(llm, batch, args.steps, sync)
-                llm.close()
-                ms = sorted(1e3 * r["seconds"] for r in records)
-
-                def median_ms(part: str) -> float:
-                    return round(statistics.median(1e3 * r[part] for r in records), 4)
-                engine = [1e3 * (r["seconds"] - r["forward"] - r["sampler"]) for r in records]
-                row = {"batch": batch, "vocab": vocab, "host_ms": round(statistics.median(ms), 4),
-                       "host_ms_p90": round(ms[int(0.9 * (len(ms) - 1))], 4),
-                       "forward_ms": median_ms("forward"), "sampler_ms": median_ms("sampler"),
-                       "engine_ms": round(statistics.median(engine), 4),
-                       "ops_per_step": sum(ops.values()) if ops else None,
-                       "sampler_ops": ops["sampler"] if ops else None, "engine_ops": ops["engine"] if ops else None,
-                       "steps": len(ms), "target_ms": TARGET_MS.get(batch)}
-            except Exception as exc:  # a failed batch is a row; the others still run
-                row = error_row(ROW_KEYS, exc, batch=batch, vocab=vocab)
-            run.record(row, f"batch {batch}", None if row.get("error") else
-                       f"engine {row['engine_ms']:.3f} ms/step, {row['engine_ops']} engine ops/step")
+        for batch in args.batches:
+            run.attempt(lambda: measure_batch(path, args, vocab, batch, run.sync),
+                        lambda exc: error_row(ROW_KEYS, exc, batch=batch, vocab=vocab), f"batch {batch}",
+                        lambda row: f"engine {row['engine_ms']:.3f} ms/step, {row['engine_ops']} engine ops/step")
     return run.close()
 
 

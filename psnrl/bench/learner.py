@@ -28,11 +28,10 @@ from psnrl.bench import model_configs
 from psnrl.bench.naive_psn import perturbed_copy
 from psnrl.bench.logprob_mismatch import measure_mismatch
 from psnrl.bench.saved_tensors import SavedTensorProbe, extra_saved_tensors
-from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes,
-                                add_noise, add_out_dir, check_sigma, cuda_missing, device_and_sync,
-                                error_row as _error_row, error_text, fill_ratios, fmt_cell, free_memory,
-                                markdown_table, noise_text, parse_checked, pick, positive_int, positive_ints,
-                                random_checkpoints, render_document, round_or_none, run_meta, split_list)
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes, add_noise,
+                                bench_cli, check_sigma, error_row as _error_row, error_text, fill_ratios, fmt_cell,
+                                free_memory, markdown_table, noise_text, pick, positive_int, positive_ints,
+                                random_checkpoints, render_document, round_or_none, split_list, start_run)
 
 NAME = "learner"
 NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
@@ -333,7 +332,7 @@ def render_tables(rows: Sequence[dict], level: str = "##", mismatch: dict | None
 
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    return render_document(NAME, meta, rows, lambda r: f"{_case(r)}, {r['mode']}",
+    return render_document(NAME, meta, rows, _label,
                            setting=f"dtype {meta.get('dtype', '?')}; noise: {meta.get('noise', '')}",
                            paragraphs=[f"Method: {meta.get('method', '')}"],
                            body=render_tables(rows, mismatch=meta.get("mismatch")))
@@ -355,6 +354,15 @@ def _detail(row: dict) -> str:
     return f"{row['step_ms']:,.1f} ms{peak}, saved {row['saved_bytes'] / 2**20:,.1f} MiB"
 
 
+def failed_model(run: BenchRun, args: argparse.Namespace, model: str, exc: BaseException) -> None:
+    """An error row for every case and mode of a model that could not be loaded or written."""
+    for checkpointing in args.checkpointing:
+        for n in args.seq_lens:
+            for mode in args.modes:
+                row = error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing, mode, exc)
+                run.record(row, _label(row))
+
+
 def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: BenchRun) -> None:
     from psnrl.engine.loader import load_model
     from psnrl.trainer.losses import LossConfig
@@ -366,11 +374,7 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: Bench
         net = load_model(path, dtype=args.torch_dtype, device=args.device)
         learner = _probed_learner_class()(net, LossConfig(), lr=args.lr, micro_batch_tokens=cases[0][1].tokens)
     except Exception as exc:
-        for checkpointing in args.checkpointing:
-            for seq_len, case in cases:
-                for mode in args.modes:
-                    row = error_row(model, case.tokens, args.seqs, seq_len, args.prompt_len, checkpointing, mode, exc)
-                    run.record(row, _label(row))
+        failed_model(run, args, model, exc)
         free_memory(args.device)
         return
     try:
@@ -395,12 +399,7 @@ def run_model(model: str, path: Path, args: argparse.Namespace, spec, run: Bench
         free_memory(args.device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench learner",
-        description="Peak memory and step time of a learner step (plain GRPO, PSN-GRPO with dual-stream "
-                    "log-probs, naive PSN with a materialized perturbed copy) on random-weight Qwen2.5 "
-                    "models, and the engine/learner log-prob mismatch; writes learner-<device>.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     add_model_runs(parser, DEFAULT_MODELS, "; add 7B when memory allows")
     parser.add_argument("--seq-lens", nargs="+", default=None, metavar="N",
                         help="tokens per sequence, one micro-batch each (default 512 1024 on cuda, 24 48 on cpu)")
@@ -428,8 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mismatch-prompt-len", type=positive_int, default=None, help="default 64 (cpu 8)")
     parser.add_argument("--mismatch-tokens", type=positive_int, default=None,
                         help="tokens sampled per prompt (default 256, cpu 16)")
-    add_out_dir(parser)
-    return parser
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -459,8 +456,10 @@ def _check(args: argparse.Namespace) -> None:
     args.checkpointing = CHECKPOINTING[args.activation_checkpointing]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_checked(build_parser(), argv, _check)
+build_parser, parse_args = bench_cli(
+    "learner", "Peak memory and step time of a learner step (plain GRPO, PSN-GRPO with dual-stream log-probs, naive "
+               "PSN with a materialized perturbed copy) on random-weight Qwen2.5 models, and the engine/learner "
+               "log-prob mismatch; writes learner-<device>.json and .md.", _options, _check)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -477,21 +476,17 @@ def method_description(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if cuda_missing(args.device, NO_CUDA_MESSAGE):
-        return 2
-    meta = run_meta(device_and_sync(args.device)[0], dtype=args.dtype, noise=noise_text(args), sigma=args.sigma,
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, dtype=args.dtype, noise=noise_text(args), sigma=args.sigma,
                     targets=args.targets, method=method_description(args),
                     targets_psn_over_plain={"peak_memory": MEMORY_TARGET, "step_time": TIME_TARGET},
                     warmup=args.warmup, iters=args.iters, seed=args.seed, mismatch={})
-    run = BenchRun(FILES, meta, args.out_dir)
+    if run is None:
+        return 2
+    meta = run.meta
 
     def failed(model: str, exc: BaseException) -> None:
         if model in args.models:
-            for checkpointing in args.checkpointing:
-                for n in args.seq_lens:
-                    for mode in args.modes:
-                        row = error_row(model, args.seqs * n, args.seqs, n, args.prompt_len, checkpointing, mode, exc)
-                        run.record(row, _label(row))
+            failed_model(run, args, model, exc)
         if model == args.mismatch_model and not args.no_mismatch:
             meta["mismatch"] = {"model": model, "error": error_text(exc)}
 

@@ -21,10 +21,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Column, EventTimer, add_out_dir, cuda_missing,
-                                cuda_peak_bytes,
-                                error_text, markdown_table, gpu_timing_method, positive_int, ratio,
-                                round_or_none, run_meta)
+from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, Column, EventTimer, bench_cli, cuda_peak_bytes, error_row,
+                                error_text, gpu_timing_method, markdown_table, positive_int, ratio, render_document,
+                                round_or_none, start_run)
 
 NAME = "lm_head_logprob"
 NO_CUDA_MESSAGE = "psnrl bench lm-head needs a CUDA GPU; none found"
@@ -95,7 +94,7 @@ def run_case(t: int, v: int, h: int, dtype: torch.dtype, timer: Callable[[Callab
 def build_row(t: int, v: int, h: int, times_ms: dict, peaks: dict, diffs: dict, *,
               grad_bytes: int = 0, errors: dict | None = None) -> dict:
     """The JSON row of a case; a method missing from ``times_ms``/``peaks`` shows as None."""
-    row = {"T": t, "V": v, "H": h}
+    row: dict = {"T": t, "V": v, "H": h}
     for name in METHODS:
         row[f"{name}_ms"] = round_or_none(times_ms.get(name), 3)
         row[f"{name}_peak_bytes"] = peaks.get(name)
@@ -120,30 +119,29 @@ COLUMNS = (
 )
 
 
+METHOD_NOTE = (f"Each call: forward + backward of sum(logprob) + {ENTROPY_WEIGHT} sum(entropy) wrt hidden and "
+               "weight. ours = psnrl.kernels.lm_head_logprob; naive = full logits, fp32 log_softmax, gather, "
+               "entropy, autograd. Peak = max_memory_allocated during one call minus memory_allocated before it, "
+               "the returned gradients included.")
+
+
+def _case(r: dict) -> str:
+    return f"T={r['T']} H={r['H']}"
+
+
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
-    errors = [f"- T={r['T']} H={r['H']} {name}: {msg}"
-              for r in rows for name, msg in r.get("errors", {}).items()]
-    parts = [f"# lm_head_logprob on {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, dtype {meta['dtype']}.", "",
-             f"Timing: {meta['method']}.", "",
-             f"Each call: forward + backward of sum(logprob) + {ENTROPY_WEIGHT} sum(entropy) wrt "
-             "hidden and weight. ours = psnrl.kernels.lm_head_logprob; naive = full logits, fp32 "
-             "log_softmax, gather, entropy, autograd. Peak = max_memory_allocated during one call "
-             "minus memory_allocated before it, the returned gradients included.", "",
-             markdown_table(COLUMNS, rows), ""]
-    if errors:
-        parts += ["## Errors", "", *errors, ""]
-    return "\n".join(parts)
+    # A failed case, and each method that failed in a case that ran (OOM of the naive path).
+    failed = [{"where": _case(r), "error": r["error"]} for r in rows if r.get("error")]
+    failed += [{"where": f"{_case(r)} {name}", "error": msg} for r in rows for name, msg in r.get("errors", {}).items()]
+    return render_document(NAME, meta, failed, lambda r: r["where"], setting=f"dtype {meta['dtype']}",
+                           paragraphs=[f"Timing: {meta['method']}.", METHOD_NOTE],
+                           body=[markdown_table(COLUMNS, rows), ""])
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench lm-head",
-        description="Peak memory and time of forward + backward of the fused lm_head log-prob "
-                    "against the materializing torch path; write lm_head_logprob-<device>.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(TOKENS))
     parser.add_argument("--vocab", type=positive_int, default=VOCAB)
     parser.add_argument("--hidden", type=positive_int, nargs="+", default=list(HIDDEN))
@@ -151,24 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=positive_int, default=2)
     parser.add_argument("--iters", type=positive_int, default=5,
                         help="timed calls; the median is reported (default %(default)s)")
-    add_out_dir(parser)
-    return parser
+
+
+build_parser, parse_args = bench_cli(
+    "lm-head", "Peak memory and time of forward + backward of the fused lm_head log-prob against the "
+               "materializing torch path; write lm_head_logprob-<device>.json and .md.", _options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if cuda_missing("cuda", NO_CUDA_MESSAGE):
+    args = parse_args(argv)
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, "cuda")
+    if run is None:
         return 2
     timer = EventTimer(args.warmup, args.iters)
-    meta = run_meta(torch.cuda.get_device_name(), dtype=args.dtype,
-                    method=gpu_timing_method(args.warmup, args.iters, False, timer.spin))
-    run = BenchRun(FILES, meta, args.out_dir)
+    run.meta.update(dtype=args.dtype, method=gpu_timing_method(args.warmup, args.iters, False, timer.spin))
     for h in args.hidden:
         for t in args.tokens:
-            row = run_case(t, args.vocab, h, DTYPES[args.dtype], timer)
-            run.record(row, f"T={t} H={h}", markdown_table(COLUMNS, [row]).splitlines()[-1])
-    run.close(markdown_table(COLUMNS, run.rows))
-    return 1 if any("ours" in r.get("errors", {}) for r in run.rows) else 0
+            run.attempt(lambda: run_case(t, args.vocab, h, DTYPES[args.dtype], timer),
+                        lambda exc: error_row(ROW_KEYS, exc, T=t, V=args.vocab, H=h), f"T={t} H={h}",
+                        lambda row: markdown_table(COLUMNS, [row]).splitlines()[-1])
+    rc = run.close(markdown_table(COLUMNS, run.rows))
+    return rc or int(any("ours" in r.get("errors", {}) for r in run.rows))
 
 
 if __name__ == "__main__":

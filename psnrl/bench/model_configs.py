@@ -34,112 +34,31 @@ from typing import Mapping
 
 import torch
 
-QWEN25_0_5B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
-    "hidden_act": "silu",
-    "hidden_size": 896,
-    "initializer_range": 0.02,
-    "intermediate_size": 4864,
-    "max_position_embeddings": 32768,
-    "max_window_layers": 24,
-    "model_type": "qwen2",
-    "num_attention_heads": 14,
-    "num_hidden_layers": 24,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 32768,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.1",
-    "use_cache": True,
-    "use_mrope": False,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
 
-QWEN25_1_5B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
-    "hidden_act": "silu",
-    "hidden_size": 1536,
-    "initializer_range": 0.02,
-    "intermediate_size": 8960,
-    "max_position_embeddings": 131072,
-    "max_window_layers": 28,
-    "model_type": "qwen2",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 131072,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.1",
-    "use_cache": True,
-    "use_mrope": False,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
+def _config(shared: Mapping, **fields) -> dict:
+    """A config.json dict: ``shared`` and ``fields``, the keys sorted as the published files have them."""
+    return copy.deepcopy(dict(sorted({**shared, **fields}.items())))
 
-QWEN25_7B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
-    "hidden_act": "silu",
-    "hidden_size": 3584,
-    "initializer_range": 0.02,
-    "intermediate_size": 18944,
-    "max_position_embeddings": 131072,
-    "max_window_layers": 28,
-    "model_type": "qwen2",
-    "num_attention_heads": 28,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.1",
-    "use_cache": True,
-    "use_mrope": False,
-    "use_sliding_window": False,
-    "vocab_size": 152064,
-}
 
+# What the config.json files of the three Qwen2.5 base models share.
+_QWEN25_SHARED = {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                  "eos_token_id": 151643, "hidden_act": "silu", "initializer_range": 0.02, "model_type": "qwen2",
+                  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "torch_dtype": "bfloat16",
+                  "transformers_version": "4.40.1", "use_cache": True, "use_mrope": False, "use_sliding_window": False}
+QWEN25_0_5B = _config(_QWEN25_SHARED, hidden_size=896, intermediate_size=4864, max_position_embeddings=32768,
+                      max_window_layers=24, num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2,
+                      sliding_window=32768, tie_word_embeddings=True, vocab_size=151936)
+QWEN25_1_5B = _config(_QWEN25_SHARED, hidden_size=1536, intermediate_size=8960, max_position_embeddings=131072,
+                      max_window_layers=28, num_attention_heads=12, num_hidden_layers=28, num_key_value_heads=2,
+                      sliding_window=131072, tie_word_embeddings=True, vocab_size=151936)
+QWEN25_7B = _config(_QWEN25_SHARED, hidden_size=3584, intermediate_size=18944, max_position_embeddings=131072,
+                    max_window_layers=28, num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
+                    sliding_window=131072, tie_word_embeddings=False, vocab_size=152064)
 # Qwen2-shaped, about 0.1M parameters: for CPU smoke tests of whole pipelines.
-TINY = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "hidden_act": "silu",
-    "hidden_size": 64,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "max_position_embeddings": 1024,
-    "max_window_layers": 2,
-    "model_type": "qwen2",
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "sliding_window": 1024,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 512,
-}
+TINY = _config({k: v for k, v in _QWEN25_SHARED.items() if k not in ("transformers_version", "use_mrope")},
+               bos_token_id=0, eos_token_id=1, hidden_size=64, intermediate_size=128, max_position_embeddings=1024,
+               max_window_layers=2, num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2,
+               sliding_window=1024, tie_word_embeddings=True, vocab_size=512)
 
 QWEN25 = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B")
 CONFIGS: dict[str, dict] = {

@@ -17,10 +17,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, BenchRun, Bound, Column, EventTimer, add_out_dir,
-                                check_sigma, cuda_extra_bytes, cuda_missing, error_row as _error_row,
-                                gpu_timing_method, markdown_table, parse_checked, pick, positive_int, positive_ints,
-                                ratio, render_document, round_or_none, run_meta, split_list)
+from psnrl.bench.common import (TORCH_DTYPES, BenchFiles, Bound, Column, EventTimer, bench_cli, check_sigma,
+                                cuda_extra_bytes, error_row as _error_row, gpu_timing_method, markdown_table, pick,
+                                positive_int, positive_ints, ratio, render_document, round_or_none, split_list,
+                                start_run)
 
 NAME = "noisy_gemm"
 NO_CUDA_MESSAGE = "psnrl bench noisy-gemm needs a CUDA GPU; none found"
@@ -283,8 +283,8 @@ def _rows(count: int) -> str:
 
 
 def render_targets(rows: Sequence[dict]) -> list[str]:
-    lines = []
-    for result in check_targets(rows):
+    lines, results = [], check_targets(rows)
+    for result in results:
         misses, checked = result["misses"], result["checked"]
         if checked == 0:
             lines.append(f"- {result['target']}: no rows measured")
@@ -293,7 +293,7 @@ def render_targets(rows: Sequence[dict]) -> list[str]:
         else:
             listed = "; ".join(_describe_miss(*miss) for miss in misses)
             lines.append(f"- {result['target']}: MISS {len(misses)} of {_rows(checked)}: {listed}")
-    total = sum(len(r["misses"]) for r in check_targets(rows))
+    total = sum(len(r["misses"]) for r in results)
     return ["**Targets: all met.**" if total == 0 else f"**Targets: {total} miss{'es' if total != 1 else ''}.**",
             *lines]
 
@@ -329,12 +329,7 @@ FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 # Command line
 # ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench noisy-gemm",
-        description="Time the fused noisy linear against cuBLAS, clean, mixed-stream and "
-                    "materialize-then-cuBLAS on the Qwen2.5 MLP shapes; write "
-                    "noisy_gemm-<device>.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
                         help=f"models (full name or size; commas or spaces): {', '.join(MODELS)}")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="SHAPE",
@@ -349,8 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timed calls per measurement; the median is reported (default %(default)s)")
     parser.add_argument("--flush-l2", action="store_true",
                         help="zero a 256 MiB buffer before every timed call (off by default)")
-    add_out_dir(parser)
-    return parser
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -360,22 +353,23 @@ def _check(args: argparse.Namespace) -> None:
     check_sigma(args.sigma)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_checked(build_parser(), argv, _check)
+build_parser, parse_args = bench_cli(
+    "noisy-gemm", "Time the fused noisy linear against cuBLAS, clean, mixed-stream and materialize-then-cuBLAS on the "
+                  "Qwen2.5 MLP shapes; write noisy_gemm-<device>.json and .md.", _options, _check)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if cuda_missing("cuda", NO_CUDA_MESSAGE):
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, "cuda")
+    if run is None:
         return 2
     from tqdm import tqdm
 
     cases = build_cases(args.models, args.shapes, args.m)
     timer = EventTimer(args.warmup, args.iters, args.flush_l2)
-    meta = run_meta(torch.cuda.get_device_name(), dtype=args.dtype, sigma=args.sigma,
+    run.meta.update(dtype=args.dtype, sigma=args.sigma,
                     method=gpu_timing_method(args.warmup, args.iters, args.flush_l2, timer.spin),
                     warmup=args.warmup, iters=args.iters, mixed_rows=MIXED_NOTE, extra_bytes_method=EXTRA_NOTE)
-    run = BenchRun(FILES, meta, args.out_dir)
     bar = tqdm(cases, desc="noisy-gemm", unit="case")
     for case in bar:
         bar.set_postfix_str(f"{case.name} M={case.m}")

@@ -349,6 +349,16 @@ def _sorted_xy(points: list[tuple[float, float]]) -> tuple[list[float], list[flo
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _bars(rows: Sequence[dict], category: Callable[[dict], str], series: str, unit: int) -> dict:
+    """A bar chart's categories and, per value of the rows' ``series`` field, each category's peak bytes
+    in ``unit`` (NaN where a series has no row)."""
+    cats = list(dict.fromkeys(category(r) for r in rows))
+    values = {name: [math.nan] * len(cats) for name in dict.fromkeys(str(r.get(series, "?")) for r in rows)}
+    for r in rows:
+        values[str(r.get(series, "?"))][cats.index(category(r))] = r["peak_bytes"] / unit
+    return {"categories": cats, "series": values}
+
+
 def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str, dict]]:
     """[(kind, file name, chart function name, keyword arguments)] for the data present."""
     specs = []
@@ -391,17 +401,10 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
                                ylabel="output tokens/s", logx=True, logy=True)))
     learner = [r for r in _rows(current.get("learner")) if _ok(r) and _num(r.get("peak_bytes")) is not None]
     if learner:
-        def cat(r: dict) -> str:
-            return (f"{r.get('model', '?')} {r.get('tokens', '?')} tok"
-                    f"{' ckpt' if r.get('activation_checkpointing') else ''}")
-        cats = list(dict.fromkeys(cat(r) for r in learner))
-        modes = list(dict.fromkeys(str(r.get("mode", "?")) for r in learner))
-        values = {m: [math.nan] * len(cats) for m in modes}
-        for r in learner:
-            values[str(r.get("mode", "?"))][cats.index(cat(r))] = r["peak_bytes"] / GIB
+        bars = _bars(learner, lambda r: (f"{r.get('model', '?')} {r.get('tokens', '?')} tok"
+                                         f"{' ckpt' if r.get('activation_checkpointing') else ''}"), "mode", GIB)
         specs.append(("learner", "learner_memory.png", "bar_chart",
-                      dict(categories=cats, series=values, title="learner peak memory: PSN vs plain vs naive",
-                           ylabel="peak GiB")))
+                      dict(**bars, title="learner peak memory: PSN vs plain vs naive", ylabel="peak GiB")))
     steps = [r for r in _rows(current.get("step")) if _ok(r) and isinstance(r.get("phases_ms"), dict)]
     if steps:
         cats = [f"{r.get('model', '?')} {r.get('mode', '?')}" for r in steps]
@@ -414,15 +417,9 @@ def chart_specs(current: Mapping[str, dict | None]) -> list[tuple[str, str, str,
                       dict(categories=cats, parts=parts, title="training step time by phase", ylabel="ms")))
     lm = [r for r in _rows(current.get("lm_head")) if _ok(r) and _num(r.get("peak_bytes")) is not None]
     if lm:
-        cats = list(dict.fromkeys(f"{r.get('tokens', '?')}x{r.get('vocab', '?')}" for r in lm))
-        impls = list(dict.fromkeys(str(r.get("impl", "?")) for r in lm))
-        values = {i: [math.nan] * len(cats) for i in impls}
-        for r in lm:
-            values[str(r.get("impl", "?"))][cats.index(f"{r.get('tokens', '?')}x{r.get('vocab', '?')}")] = \
-                r["peak_bytes"] / MIB
+        bars = _bars(lm, lambda r: f"{r.get('tokens', '?')}x{r.get('vocab', '?')}", "impl", MIB)
         specs.append(("lm_head", "lm_head_memory.png", "bar_chart",
-                      dict(categories=cats, series=values, title="lm_head log-prob peak memory (tokens x vocab)",
-                           ylabel="peak MiB")))
+                      dict(**bars, title="lm_head log-prob peak memory (tokens x vocab)", ylabel="peak MiB")))
     return specs
 
 

@@ -22,11 +22,10 @@ from typing import Callable, Sequence
 import torch
 
 from psnrl.bench import model_configs
-from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes,
-                                add_noise, add_out_dir, check_sigma, cuda_missing, device_and_sync,
-                                error_row as _error_row, fill_ratios, fmt_cell, free_memory, markdown_table, median,
-                                nonnegative_int, parse_checked, pick, positive_int, random_checkpoints,
-                                render_document, round_or_none, run_meta, split_list)
+from psnrl.bench.common import (DTYPE_NAMES, BenchFiles, BenchRun, Bound, Column, add_model_runs, add_modes, add_noise,
+                                bench_cli, check_sigma, error_row as _error_row, fill_ratios, fmt_cell, free_memory,
+                                markdown_table, median, nonnegative_int, pick, positive_int, random_checkpoints,
+                                render_document, round_or_none, split_list, start_run)
 
 NAME = "step"
 NO_CUDA_MESSAGE = ("psnrl bench step needs a CUDA GPU; none found "
@@ -284,13 +283,7 @@ def _detail(row: dict) -> str:
 # Command line
 # ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench step",
-        description="Whole PSN-GRPO training iterations split by phase (rollout, reward, learner, "
-                    "sync, Var-II probes) and peak GPU memory: plain GRPO vs PSN-GRPO vs PSN-GRPO "
-                    "with Var-II, on random-weight Qwen2.5 checkpoints; writes step-<device>.json "
-                    "and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     add_model_runs(parser, DEFAULT_MODELS)
     add_modes(parser, MODES)
     parser.add_argument("--prompts", type=positive_int, default=16,
@@ -316,8 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="weights and train.seed")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another config override for every run (repeatable), e.g. --set algo.kl_coef=0")
-    add_out_dir(parser, merge=True)
-    return parser
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -352,8 +343,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"config: {exc}") from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_checked(build_parser(), argv, _check)
+build_parser, parse_args = bench_cli(
+    "step", "Whole PSN-GRPO training iterations split by phase (rollout, reward, learner, sync, Var-II probes) and "
+            "peak GPU memory: plain GRPO vs PSN-GRPO vs PSN-GRPO with Var-II, on random-weight Qwen2.5 checkpoints; "
+            "writes step-<device>.json and .md.", _options, _check, merge=True)
 
 
 def method_description(args: argparse.Namespace) -> str:
@@ -371,27 +364,25 @@ def method_description(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if cuda_missing(args.device, NO_CUDA_MESSAGE):
-        return 2
     if args.device == "cpu" and torch.cuda.is_available():
         print(CPU_WITH_CUDA_MESSAGE, file=sys.stderr)
         return 2
-    device_name, sync = device_and_sync(args.device)
-    meta = run_meta(device_name, dtype=args.dtype, sigma=args.sigma, targets=args.targets,
+    planned = {(m, mode) for m in args.models for mode in args.modes}
+    run = start_run(FILES, args, NO_CUDA_MESSAGE, previous=lambda device: FILES.previous_rows(
+                        args.out_dir, device, lambda r: (r.get("model"), r.get("mode")) not in planned),
+                    dtype=args.dtype, sigma=args.sigma, targets=args.targets,
                     method=method_description(args), modes={mode: list(MODE_OVERRIDES[mode]) for mode in MODES},
                     extra_overrides=list(args.set), gpu_memory_utilization=args.gpu_memory_utilization,
                     warmup=args.warmup, iters=args.iters, seed=args.seed)
-    planned = {(m, mode) for m in args.models for mode in args.modes}
-    previous = (FILES.previous_rows(args.out_dir, device_name, lambda r: (r.get("model"), r.get("mode")) not in planned)
-                if args.merge else [])
-    run = BenchRun(FILES, meta, args.out_dir, previous)
+    if run is None:
+        return 2
 
     def failed(model: str, exc: BaseException) -> None:
         for mode in args.modes:
             run.record(error_row(model, mode, exc, setup_fields(args)), f"{model} {mode}")
     with tempfile.TemporaryDirectory(prefix="psnrl-step-") as tmp:
         for model, path in random_checkpoints(run, args, args.models, "psnrl-step-ckpt-", failed, checkpoint_dir):
-            run_model(run, args, model, path, Path(tmp), sync)
+            run_model(run, args, model, path, Path(tmp), run.sync)
     return run.close("\n".join(render_tables(add_ratios(run.rows))))
 
 if __name__ == "__main__":

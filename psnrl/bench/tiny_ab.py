@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from psnrl.bench.common import BenchFiles, BenchRun, add_out_dir, error_row, positive_int, run_meta
+from psnrl.bench.common import BenchFiles, BenchRun, bench_cli, error_row, positive_int, render_document, run_meta
 
 NAME = "tiny_ab"
 ARMS = {"psn": ["noise.enabled=true"], "plain": ["noise.enabled=false"]}
@@ -75,37 +75,26 @@ def _mean_sd(values: Sequence[float]) -> str:
 
 def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
     ok = [r for r in rows if not r.get("error")]
-    seeds = sorted({r["seed"] for r in ok})
     head = ["run", f"reward, first {meta['window']} it.", f"last {meta['window']} it.",
             *[f"pass@{k} before RL" for k in KS], *[f"pass@{k} after" for k in KS]]
-    lines = [f"# tiny A/B on {meta['device']}", "",
-             f"torch {meta['torch']}, transformers {meta['transformers']}; seeds {seeds}; mean ± standard "
-             f"deviation over the seeds. {meta['method']}", "",
-             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for arm in ARMS:
         mine = [r for r in ok if r["arm"] == arm]
         if mine:
             lines.append(f"| {ARM_TITLES[arm]} | " + " | ".join(_mean_sd([r[f] for r in mine]) for f in FIGURES) + " |")
     lines += ["", "Per seed:", "", "| run | seed | " + " | ".join(FIGURES) + " | seconds |",
               "|---|---:|" + "---:|" * (len(FIGURES) + 1)]
-    for r in ok:
-        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r[f]:.3f}" for f in FIGURES)
-                     + f" | {r['seconds']:.0f} |")
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        lines += ["", "## Errors", "", *[f"- seed {r['seed']}: {r['error']}" for r in errors]]
-    return "\n".join(lines) + "\n"
+    lines += [f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r[f]:.3f}" for f in FIGURES) + f" | {r['seconds']:.0f} |"
+              for r in ok]
+    return render_document("tiny A/B", meta, rows, lambda r: f"seed {r['seed']}", paragraphs=[meta["method"]],
+                           setting=f"seeds {sorted({r['seed'] for r in ok})}; mean ± standard deviation over the "
+                                   "seeds", body=[*lines, ""])
 
 
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="psnrl bench tiny-ab",
-        description="PSN-GRPO vs plain GRPO on the embedded tiny task over several seeds (CPU): reward at "
-                    "the start and the end of training, held-out pass@k before RL and after; writes "
-                    "tiny_ab-cpu.json and .md.")
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default 0 1 2)")
     parser.add_argument("--window", type=positive_int, default=30,
                         help="iterations averaged at the start and at the end (default %(default)s)")
@@ -113,22 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples per held-out problem, eval.n_samples (default %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another config override for every run (repeatable)")
-    add_out_dir(parser)
-    return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.eval_samples < max(KS):
+        raise ValueError(f"--eval-samples must be >= {max(KS)} (pass@{max(KS)} is reported), got {args.eval_samples}")
+
+
+build_parser, parse_args = bench_cli(
+    "tiny-ab", "PSN-GRPO vs plain GRPO on the embedded tiny task over several seeds (CPU): reward at the start "
+               "and the end of training, held-out pass@k before RL and after; writes tiny_ab-cpu.json and .md.",
+    _options, _check)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.eval_samples < max(KS):
-        parser.error(f"--eval-samples must be >= {max(KS)} (pass@{max(KS)} is reported), got {args.eval_samples}")
+    args = parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "0")  # the CPU torch paths, as psnrl train takes them
     changed = f" with {' '.join(args.set)}" if args.set else ""
-    meta = run_meta("cpu", window=args.window, seeds=args.seeds,
-                    method=f"Defaults of psnrl train (the embedded tiny task){changed}; held-out pass@k over the "
-                           f"tiny eval set with {args.eval_samples} samples per problem; the reward windows are the "
-                           f"first and last {args.window} training iterations.")
-    run = BenchRun(FILES, meta, args.out_dir)
+    run = BenchRun(FILES, run_meta("cpu", window=args.window, seeds=args.seeds, method=(
+        f"Defaults of psnrl train (the embedded tiny task){changed}; held-out pass@k over the tiny eval set with "
+        f"{args.eval_samples} samples per problem; the reward windows are the first and last {args.window} "
+        f"training iterations.")), args.out_dir)
     with tempfile.TemporaryDirectory(prefix="psnrl-tiny-ab-") as tmp:
         for seed in args.seeds:
             try:
