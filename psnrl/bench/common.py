@@ -444,9 +444,6 @@ def add_model_runs(parser: argparse.ArgumentParser, default_models: Sequence[str
                         help="keep the random checkpoints here and reuse them (default: a temp dir)")
 
 
-# ---------------------------------------------------------------------------
-# GPU timing and memory
-# ---------------------------------------------------------------------------
 
 def gpu_timing_method(warmup: int, iters: int, flush_l2: bool, spin: bool = True) -> str:
     queued = ("each call queued behind a GPU spin kernel (torch.cuda._sleep) so that host launch "

@@ -1,16 +1,6 @@
 """Benchmark: rollout decode throughput of the engine (clean, noisy, mixed) against HF generate.
 
-Random weights in the real Qwen2.5 shapes; every sequence generates exactly its output length
-(engine: ``ignore_eos``; HF: ``min_new_tokens = max_new_tokens``), sampled at temperature 1
-(``--greedy``: argmax). Workloads: ``fixed`` (groups of ``--group-size`` sequences share one random
-prompt, as the samples of a GRPO prompt do; every mode) and ``nano-vllm`` (256 random prompts,
-prompt and output lengths uniform in 100-1024; engine modes only, on ``--nano-vllm-model``). Modes:
-``clean``, ``noisy`` (one NoiseSpec for every sequence), ``mixed`` (per group ``--probes`` clean
-probes, the others noisy: the Var-II rollout) and ``hf`` (transformers generate, sdpa, no prefix
-sharing). The fields (``tok_s``, ``hf_tok_s``, ``step_ms``, ``gbps``, ``roofline_frac``, ``over_hf``,
-``over_clean``, ``over_noisy``) are described in psnrl/bench/README.md and in RATIO_NOTE /
-ROOFLINE_NOTE. Needs a CUDA GPU, except ``--device cpu`` (a smoke run: ``--device cpu --models tiny
---batches 1 2 --prompt-len 8 --output-len 8 --dtype fp32 --nano-vllm-model none``).
+Workloads, modes and fields: psnrl/bench/README.md (decode). Needs CUDA, except ``--device cpu``.
 """
 from __future__ import annotations
 
@@ -62,9 +52,6 @@ ROOFLINE_NOTE = ("GB/s = bytes one decode step must read (all weights, lm_head i
                  "time; the same bytes for every mode, so noise generated in the kernels adds none.")
 
 
-# ---------------------------------------------------------------------------
-# Rows
-# ---------------------------------------------------------------------------
 
 def _row_head(model: str, work: Workload, mode: str) -> dict:
     return {"model": model, "workload": work.name, "mode": mode, "batch": work.batch,
@@ -128,9 +115,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------
 
 def render_model_table(rows: Sequence[dict]) -> str:
     """One line per (batch, lengths) of one model, the modes side by side."""
@@ -218,9 +202,6 @@ TARGETS = (
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
-# ---------------------------------------------------------------------------
-# Running it
-# ---------------------------------------------------------------------------
 
 class Runner:
     """Runs every workload and mode of one model and appends rows; writes results after each."""
@@ -330,9 +311,6 @@ class Runner:
         return model.to(a.device).eval()
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
 
 def _options(parser: argparse.ArgumentParser) -> None:
     add_model_runs(parser, DEFAULT_MODELS)

@@ -37,9 +37,6 @@ PEAK_GBPS: tuple[tuple[str, float], ...] = (
     ("RTX 4090", 1008.0),
 )
 
-# ---------------------------------------------------------------------------
-# Roofline
-# ---------------------------------------------------------------------------
 
 def peak_gbps(device_name: str) -> float | None:
     """The device's peak memory bandwidth (GB/s) from PEAK_GBPS, or None if unknown."""
@@ -68,9 +65,6 @@ def mean_decode_context(prompt_len: int, output_len: int) -> float:
     return prompt_len + output_len / 2
 
 
-# ---------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------
 
 @dataclass
 class Timing:

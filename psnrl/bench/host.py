@@ -1,22 +1,6 @@
-"""Benchmark: the engine's host work per decode step, with the model stubbed out.
+"""Benchmark: the engine's host work per decode step, with the model stubbed out (runs anywhere).
 
-The model's forward and logits are replaced by a stub that returns fixed logits (``--vocab``
-columns: 151,936 on CUDA as Qwen2.5 has, 2,048 on a CPU by default); everything around it
-runs: scheduling and block bookkeeping, the decode graph's inputs (on a CPU the same host path
-runs with the graph uncaptured), sampling, stop checks and the per-sequence Python. For each
-batch (default 1, 64, 256 sequences sampled at temperature 1, each decoding exactly
-``--steps`` tokens after a 16-token prompt) it reports the median wall time of a pure decode
-step, split into three parts: the forward (the graph replay: the stub's copy of the logits),
-the sampler and the rest, the engine's own host work, each timed up to a device
-synchronization; and the torch ops each part dispatched (views excluded: on a GPU each op
-counted is a kernel launch or a copy; a graph replay counts as one). On a CPU the forward's
-and the sampler's time is compute a GPU does on its own (the fused sampler is one launch
-there); the engine's part is the host cost that stays. Targets (this engine's roadmap): engine
-ms <= 0.3 at batch 1 and <= 1.5 at batch 256 on a 2-core CPU, at most 10 launches per step
-outside the graph (on a CPU: engine ops + 1 for the sampler).
-
-Writes ``psnrl/bench/results/host-<device>.json`` and ``.md``. ``psnrl bench host [options]``
-runs anywhere (``--device cuda`` on a GPU machine).
+What runs and what is counted: psnrl/bench/README.md (host).
 """
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""Compile psnrl's Triton kernels for a GPU target on any machine and count their SASS.
-
-``psnrl bench kernel-sass`` needs no GPU: Triton ships ptxas and nvdisasm, so the
-kernels are compiled for Hopper (sm_90) here and their machine code is counted.
-It reports, per kernel configuration, registers, spilled bytes and instructions, and for
-the noise generator the static instructions per generated element (the budget
-that decides whether noise hides under the weight read; see psnrl/kernels/README.md).
-It also serves as a compile check: the interpreter accepts code that the GPU
-compiler rejects. ``compile_all_launches`` goes further: it calls the public
-wrappers on CPU tensors of Qwen2.5-1.5B's shapes (and 7B's attention heads), in
-bf16, fp16 and fp32, with a stand-in driver and every launch turned into a warmup,
-so that exactly the kernels the wrappers would launch on an H100 are compiled
-(and none runs).
+"""Compile psnrl's Triton kernels for sm_90 on any machine and count their SASS (registers, spills,
+instructions); ``compile_all_launches`` compiles what the wrappers launch. psnrl/bench/README.md.
 """
 from __future__ import annotations
 

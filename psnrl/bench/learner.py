@@ -1,17 +1,6 @@
-"""Benchmark: peak memory and time of a learner step, plain GRPO vs PSN-GRPO vs a naive PSN step,
-and the engine/learner log-prob mismatch of the same perturbed policy.
-
-For each model (random weights in the real Qwen2.5 shapes) and micro-batch (``--seqs`` sequences of
-each ``--seq-lens`` tokens, the first ``--prompt-len`` of them prompt; one micro-batch and one
-optimizer step per learner step) it runs ``Learner.update`` in three modes: ``plain`` (GRPO, clean
-rows), ``psn`` (every row on NoiseSpec(seed, sigma, targets); one dual-stream forward gives the
-clean and the perturbed log-probs) and ``naive`` (W + sigma E materialized for every targeted
-StreamLinear as a second model, its no-grad forward for the perturbed log-probs, then the clean
-step; the copy lives for the whole step). Each with activation checkpointing off and on
-(``--activation-checkpointing``). The fields (``step_ms``, ``peak_bytes``, ``saved_bytes``,
-``saved_tensors``, ``extra_saved_tensors``, ``over_plain_*``, ``mismatch``) are described in
-psnrl/bench/README.md and in each file's method line. Needs a CUDA GPU, except ``--device cpu
---models tiny`` (a smoke run of every mode, fp32 and tiny token counts).
+"""Benchmark: peak memory and time of a learner step, plain GRPO vs PSN-GRPO vs a naive PSN step
+(materialized W + sigma E), and the engine/learner log-prob mismatch; the modes and fields are
+described in psnrl/bench/README.md. Needs CUDA, except ``--device cpu --models tiny`` (a smoke run).
 """
 from __future__ import annotations
 
@@ -39,7 +28,6 @@ NO_CUDA_MESSAGE = ("psnrl bench learner needs a CUDA GPU; none found "
 
 MODES = ("plain", "psn", "naive")
 DEFAULT_MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B")
-DTYPES = DTYPE_NAMES
 NOISE_SEED = 0x5EED_0003
 MEMORY_TARGET, TIME_TARGET = 1.02, 1.15  # PSN / plain (psnrl/bench/README.md)
 
@@ -76,9 +64,6 @@ def _probed_learner_class():
     return ProbedLearner
 
 
-# ---------------------------------------------------------------------------
-# The rows of a step and the three modes
-# ---------------------------------------------------------------------------
 
 @dataclass
 class Case:
@@ -115,15 +100,12 @@ def step_fn(mode: str, learner, case: Case, spec, device: str) -> Callable[[], d
     # Stand-ins for the engine's log-probs (psn only reads them for its sampler gap statistic).
     dummy = [torch.zeros(k, device=device) for k in lengths]
 
-    def plain() -> dict:
-        learner.noisy_logprobs = "learner"
-        learner.update(_rollouts(case, None, dummy), n)
-        return {"weight_copy_bytes": 0}
-
-    def psn() -> dict:
-        learner.noisy_logprobs = "learner"
-        learner.update(_rollouts(case, spec, dummy), n)
-        return {"weight_copy_bytes": 0}
+    def clean_or_psn(noise) -> Callable[[], dict]:
+        def run() -> dict:
+            learner.noisy_logprobs = "learner"
+            learner.update(_rollouts(case, noise, dummy), n)
+            return {"weight_copy_bytes": 0}
+        return run
 
     def naive() -> dict:
         # The second model lives for the whole step, as a resident perturbed policy would.
@@ -137,7 +119,7 @@ def step_fn(mode: str, learner, case: Case, spec, device: str) -> Callable[[], d
         del noisy_model
         return {"weight_copy_bytes": copied}
 
-    return {"plain": plain, "psn": psn, "naive": naive}[mode]
+    return {"plain": clean_or_psn(None), "psn": clean_or_psn(spec), "naive": naive}[mode]
 
 
 @dataclass
@@ -191,18 +173,12 @@ def measure(step: Callable[[], dict], learner, device: str, warmup: int, iters: 
 
 
 def build_row(model: str, case: Case, seq_len: int, checkpointing: bool, mode: str, m: Measurement) -> dict:
-    return {
-        "model": model, "tokens": case.tokens, "activation_checkpointing": checkpointing, "mode": mode,
-        "peak_bytes": m.peak_bytes,
-        "step_ms": round_or_none(statistics.median(m.step_ms), 3),
-        "over_plain_mem": None, "over_plain_time": None,
-        "saved_bytes": m.saved_bytes, "over_plain_saved": None,
-        "weight_copy_bytes": m.weight_copy_bytes,
-        "held_bytes": m.held_bytes,
-        "seqs": len(case.seqs), "seq_len": seq_len, "prompt_len": case.prompt_lens[0],
-        "step_ms_all": [round(t, 3) for t in m.step_ms],
-        "saved_tensors": m.saved_tensors, "extra_saved_tensors": None,
-    }
+    return {"model": model, "tokens": case.tokens, "activation_checkpointing": checkpointing, "mode": mode,
+            "peak_bytes": m.peak_bytes, "step_ms": round_or_none(statistics.median(m.step_ms), 3),
+            "over_plain_mem": None, "over_plain_time": None, "saved_bytes": m.saved_bytes, "over_plain_saved": None,
+            "weight_copy_bytes": m.weight_copy_bytes, "held_bytes": m.held_bytes, "seqs": len(case.seqs),
+            "seq_len": seq_len, "prompt_len": case.prompt_lens[0], "step_ms_all": [round(t, 3) for t in m.step_ms],
+            "saved_tensors": m.saved_tensors, "extra_saved_tensors": None}
 
 
 def error_row(model: str, tokens: int, seqs: int, seq_len: int, prompt_len: int, checkpointing: bool, mode: str,
@@ -232,9 +208,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------
 
 def _on_off(checkpointing) -> str:
     return "on" if checkpointing else "off"
@@ -341,9 +314,6 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
-# ---------------------------------------------------------------------------
-# Running it
-# ---------------------------------------------------------------------------
 
 def _label(row: dict) -> str:
     return f"{_case(row)}, {row['mode']}"
@@ -411,7 +381,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", choices=sorted(CHECKPOINTING), default="both",
                         help="recompute each decoder layer in backward: off, on, or both, each its own rows "
                              "(default %(default)s)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                         help="weights and compute (default bf16 on cuda, fp32 on cpu)")
     add_noise(parser, NOISE_SEED)
     parser.add_argument("--seed", type=int, default=0, help="weights, tokens and sampling seed")
@@ -493,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     models = list(args.models)
     if not args.no_mismatch and args.mismatch_model not in models:
         models.append(args.mismatch_model)
-    make = lambda model, dtype, *rest: model_configs.cached_random_checkpoint(model, DTYPES[dtype], *rest)  # noqa: E731
+    make = lambda model, dtype, *rest: model_configs.cached_random_checkpoint(model, DTYPE_NAMES[dtype], *rest)  # noqa: E731
     for model, path in random_checkpoints(run, args, models, "psnrl-learner-", failed, make):
         if model == args.mismatch_model and not args.no_mismatch:
             run.log(f"{model}: engine vs learner mismatch")

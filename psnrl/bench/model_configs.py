@@ -1,26 +1,5 @@
-"""The model shapes the benchmarks run: real Hugging Face configs, and random checkpoints of them.
-
-``CONFIGS`` maps a name to the ``config.json`` contents of that checkpoint, as
-published on the Hugging Face Hub for the base models (Qwen/Qwen2.5-0.5B,
-Qwen/Qwen2.5-1.5B, Qwen/Qwen2.5-7B), plus ``"tiny"``: a 2-layer Qwen2 small
-enough for CPU smoke tests. Note that Qwen2.5-7B's vocabulary is 152064 rows
-(padded), not the 151936 of the two smaller models, and that 0.5B and 1.5B tie
-the lm_head to the input embedding while 7B does not.
-
-API (every ``model`` argument is a name, a size such as ``"7B"``, or a config dict)::
-
-    from psnrl.bench import model_configs as mc
-    mc.QWEN25                      # ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-7B")
-    mc.resolve("1.5b")             # "Qwen2.5-1.5B"; ValueError naming the choices otherwise
-    cfg = mc.get_config("0.5B")    # a fresh copy of the config.json dict
-    mc.param_shapes(cfg)           # {HF parameter name: shape}, lm_head.weight only when untied
-    mc.param_count("1.5B")         # 1_543_714_304 (tied lm_head counted once)
-    mc.kv_bytes_per_token("7B", torch.bfloat16)   # K + V bytes of one token over all layers
-    path = mc.write_random_checkpoint("0.5B", "/tmp/q05", dtype=torch.bfloat16, seed=0)
-    # -> a directory with config.json, generation_config.json and safetensors weights that
-    #    engine.llm.LLM(path) and transformers' AutoModelForCausalLM.from_pretrained(path) load.
-
-The random checkpoints have no tokenizer: pass prompts as token ids.
+"""The model shapes the benchmarks run: real Hugging Face configs (Qwen2.5 0.5B, 1.5B, 7B, and
+"tiny"), and random checkpoints of them without tokenizer; API: psnrl/bench/README.md.
 """
 from __future__ import annotations
 

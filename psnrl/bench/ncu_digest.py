@@ -1,35 +1,7 @@
-"""Digest Nsight Compute reports into a small JSON per kernel launch.
+"""Digest Nsight Compute reports into a small JSON per kernel launch (fields: psnrl/bench/README.md).
 
     python -m psnrl.bench.ncu_digest psnrl/bench/results/ncu/*.ncu-rep      # runs ncu --import on each
     python -m psnrl.bench.ncu_digest --csv details.csv                  # an already exported CSV
-
-For each ``X.ncu-rep`` it runs ``ncu --import X.ncu-rep --csv --page details --print-units base``
-and writes ``X.json``: one entry per profiled launch with
-
-  dram_throughput_pct        "DRAM Throughput" (GPU Speed Of Light), % of peak DRAM bandwidth
-  memory_throughput_pct      "Memory Throughput" (Speed Of Light), the busiest memory unit, %
-  sm_throughput_pct          "Compute (SM) Throughput", the busiest SM pipeline, %
-  l1_throughput_pct, l2_throughput_pct
-  achieved_occupancy_pct     "Achieved Occupancy" (Occupancy), % of the SM's warp slots
-  theoretical_occupancy_pct  "Theoretical Occupancy"
-  duration_us                "Duration" (ncu locks clocks to base by default: compare with care)
-  dram_gbps                  "Memory Throughput" of Memory Workload Analysis (bytes/s), in GB/s
-  l2_hit_rate_pct, mem_busy_pct, max_bandwidth_pct
-  rules                      ncu's rule findings: [{rule, type, description, estimated_speedup_pct}]
-  metrics                    every metric of the report: "Section / Metric" -> {unit, value}
-
-and, over all reports given, ``digest.json`` and ``digest.md`` beside the first one.
-
-ncu's details CSV has one row per (launch, section, metric):
-
-  "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",
-  "Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",
-  "Rule Name","Rule Type","Rule Description",...
-
-(older versions have "Kernel Time" and no launch-geometry or rule columns); values may carry
-thousands separators ("1,234.5") or be "n/a". Units depend on ``--print-units``: base gives
-nsecond / ns, byte/second, ...; auto gives usecond / us, Gbyte/second / GB/s, ... The parser
-takes any of them.
 """
 from __future__ import annotations
 
@@ -77,9 +49,6 @@ class DigestError(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------------------
-# CSV parsing
-# ---------------------------------------------------------------------------
 
 def csv_rows(text: str) -> list[dict[str, str]]:
     """The rows of ncu's CSV, skipping anything before its header (==PROF== lines, program output)."""
@@ -176,9 +145,6 @@ def digest_csv(text: str) -> list[dict]:
     return digest_rows(csv_rows(text))
 
 
-# ---------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------
 
 def export_csv(report: Path, ncu: str = "ncu") -> str:
     """``ncu --import report --csv --page details --print-units base`` as text."""

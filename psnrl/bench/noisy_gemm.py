@@ -1,12 +1,6 @@
-"""Benchmark: the fused noisy linear against cuBLAS on the MLP shapes of Qwen2.5 (psnrl/bench/README.md).
+"""Benchmark: the fused noisy linear against cuBLAS on the MLP shapes of Qwen2.5.
 
-For each (shape, M), in one run on one GPU: ``cublas_us`` (torch.matmul, clean), ``clean_us`` /
-``noisy_us`` / ``mixed_us`` (noisy_linear with every row clean / noisy / half and half,
-interleaved), ``fused_us`` (the fused kernel at every M, explicit tiles: what the dispatcher's
-threshold is chosen from), ``materialized_us`` (fill_perturbed into a scratch buffer, then
-torch.matmul) and, for gate_up, ``glu_unfused_us`` / ``glu_fused_us`` (SiLU(gate) * up of one noisy
-stream by two noisy_linear calls / by noisy_gate_up); COLUMNS_NOTE says more. Writes
-``noisy_gemm-<device>.json`` and ``.md``; ``psnrl bench noisy-gemm`` needs a CUDA GPU.
+Columns: psnrl/bench/README.md (noisy GEMM) and COLUMNS_NOTE. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -70,9 +64,6 @@ EXTRA_NOTE = ("extra bytes = peak CUDA memory allocated during one call minus wh
 COLUMNS_NOTE = COLUMNS_NOTE.format(mixed=MIXED_NOTE, extra=EXTRA_NOTE)
 
 
-# ---------------------------------------------------------------------------
-# Cases
-# ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Case:
@@ -128,9 +119,6 @@ def build_cases(models: Iterable[str] = tuple(MODELS), shapes: Iterable[str] = S
     return cases
 
 
-# ---------------------------------------------------------------------------
-# One case
-# ---------------------------------------------------------------------------
 
 def mixed_row_streams(m: int, device: torch.device | str) -> torch.Tensor:
     """Stream ids for the mixed case: even rows noisy (1), odd rows clean (0); M = 1 is noisy."""
@@ -229,9 +217,6 @@ def error_row(case: Case, error: BaseException) -> dict:
     return _error_row(ROW_KEYS, error, shape=case.name, M=case.m, N=case.n, K=case.k)
 
 
-# ---------------------------------------------------------------------------
-# Targets and markdown
-# ---------------------------------------------------------------------------
 
 def _where(r: dict) -> str:
     return f"{r.get('shape', '?')} M={r.get('M')}"
@@ -325,9 +310,6 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
 FILES = BenchFiles(NAME, META_KEYS, render_markdown)
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
 
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",

@@ -41,9 +41,6 @@ LM_HEAD_COLUMNS = (Column("tokens", "tokens"), Column("vocab", "vocab"), Column(
                    Column("peak_bytes", "peak MiB", "mib"))
 
 
-# ---------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------
 
 def candidate_names(kind: str, slug: str) -> list[str]:
     return [f"{prefix}-{slug}.json" for prefix in FILE_PREFIXES[kind]]
@@ -148,9 +145,6 @@ def result_slugs(results_dir: str | Path) -> set[str]:
     return slugs
 
 
-# ---------------------------------------------------------------------------
-# Formatting helpers
-# ---------------------------------------------------------------------------
 
 def _num(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -188,9 +182,6 @@ def bench_table(kind: str, doc: dict) -> str:
     return "\n".join(BENCHES[kind].render_tables(rows, "###")).strip()
 
 
-# ---------------------------------------------------------------------------
-# Targets
-# ---------------------------------------------------------------------------
 
 @dataclass
 class Target:
@@ -232,9 +223,6 @@ def render_targets(targets: Sequence[Target]) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------
-# Regressions
-# ---------------------------------------------------------------------------
 
 LOWER, HIGHER = "lower", "higher"
 
@@ -340,9 +328,6 @@ def render_changes(changes: Sequence[Change], source: str | None, threshold: flo
     return lines
 
 
-# ---------------------------------------------------------------------------
-# Charts (psnrl/trainer/charts.py)
-# ---------------------------------------------------------------------------
 
 def _sorted_xy(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     points = sorted(points)
@@ -441,9 +426,6 @@ def make_charts(current: Mapping[str, dict | None], fig_dir: str | Path) -> tupl
     return made, problems
 
 
-# ---------------------------------------------------------------------------
-# The summary
-# ---------------------------------------------------------------------------
 
 def render_summary(current: Mapping[str, dict | None], *, device: str,
                    baseline: Mapping[str, dict | None] | None = None, baseline_source: str | None = None,

@@ -1,14 +1,6 @@
 """Benchmark: whole training iterations by phase, plain GRPO vs PSN-GRPO vs PSN-GRPO with Var-II.
 
-For each model (random weights in the real Qwen2.5 shapes) it runs the trainer itself,
-``PSNTrainer`` built with ``load_config`` overrides, once per mode (MODE_OVERRIDES): ``--warmup``
-untimed iterations, then ``--iters`` timed ones, medians reported. The workload is the tiny
-arithmetic task with the character tokenizer of psnrl/trainer/tiny.py saved into the checkpoint
-(ids it does not know decode to nothing, so rewards are 0 and cheap; random weights all but never
-emit EOS). Fields (``step_ms``, ``phases_ms``, ``peak_bytes``, ``kv_cache_bytes``, ``over_plain``) are
-described in psnrl/bench/README.md. Needs a CUDA GPU, except ``--device cpu`` (a smoke run:
-``--models tiny --dtype fp32 --prompts 2 --group-size 2 --max-tokens 8 --iters 2``, with CUDA hidden:
-the trainer uses a GPU whenever torch sees one).
+The trainer itself per mode (MODE_OVERRIDES); workload and fields: psnrl/bench/README.md (step).
 """
 from __future__ import annotations
 
@@ -54,9 +46,6 @@ ROW_KEYS = ("model", "mode", "phases_ms", "step_ms", "peak_bytes", "over_plain")
 META_KEYS = ("device", "torch", "triton", "transformers")
 
 
-# ---------------------------------------------------------------------------
-# Rows
-# ---------------------------------------------------------------------------
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
@@ -113,9 +102,6 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------
 
 def _verdict(r: dict) -> str | None:
     target = r.get("target")
@@ -171,9 +157,6 @@ def render_markdown(meta: dict, rows: Sequence[dict]) -> str:
 FILES = BenchFiles(NAME, META_KEYS, render_markdown, add_ratios)
 
 
-# ---------------------------------------------------------------------------
-# Running it
-# ---------------------------------------------------------------------------
 
 def prompt_tokens() -> int:
     """Tokens of the tiny task's prompts in the plain template under the character tokenizer."""
@@ -279,9 +262,6 @@ def _detail(row: dict) -> str:
     return f"{fmt_cell(row['step_ms'], ',.1f')} ms/step ({times}), peak {PEAK.cell(row)} GiB"
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
 
 def _options(parser: argparse.ArgumentParser) -> None:
     add_model_runs(parser, DEFAULT_MODELS)
