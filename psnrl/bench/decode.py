@@ -52,7 +52,6 @@ ROOFLINE_NOTE = ("GB/s = bytes one decode step must read (all weights, lm_head i
                  "time; the same bytes for every mode, so noise generated in the kernels adds none.")
 
 
-
 def _row_head(model: str, work: Workload, mode: str) -> dict:
     return {"model": model, "workload": work.name, "mode": mode, "batch": work.batch,
             "prompt_len": work.prompt_len, "output_len": work.output_len}
@@ -66,21 +65,15 @@ def build_row(model: str, work: Workload, mode: str, timings: Sequence[Timing],
     steps = [ms for t in timings for ms in t.decode_ms]
     step_ms = statistics.median(steps) if steps else None
     gbps = bytes_per_step / (step_ms * 1e-3) / 1e9 if step_ms and bytes_per_step else None
-    return {
-        **_row_head(model, work, mode),
-        "tok_s": round_or_none(tok_s, 2),
-        "hf_tok_s": None,
-        "roofline_frac": round_or_none(gbps / peak if gbps and peak else None, 4),
-        "step_ms": round_or_none(step_ms, 4),
-        **{key: round_or_none(_median_of(timings, key), 4) for key in ("forward_ms", "sample_ms", "host_ms")},
-        "gbps": round_or_none(gbps, 4),
-        "over_hf": None, "over_clean": None, "over_noisy": None,
-        "prefill_s": round_or_none(statistics.median(t.prefill_s for t in timings), 4),
-        "total_s": round_or_none(statistics.median(t.total_s for t in timings), 4),
-        "decode_steps": len(steps) // max(len(timings), 1),
-        "bytes_per_step": bytes_per_step,
-        "repeats": len(timings),
-    }
+    return {**_row_head(model, work, mode), "tok_s": round_or_none(tok_s, 2), "hf_tok_s": None,
+            "roofline_frac": round_or_none(gbps / peak if gbps and peak else None, 4),
+            "step_ms": round_or_none(step_ms, 4),
+            **{key: round_or_none(_median_of(timings, key), 4) for key in ("forward_ms", "sample_ms", "host_ms")},
+            "gbps": round_or_none(gbps, 4), "over_hf": None, "over_clean": None, "over_noisy": None,
+            "prefill_s": round_or_none(statistics.median(t.prefill_s for t in timings), 4),
+            "total_s": round_or_none(statistics.median(t.total_s for t in timings), 4),
+            "decode_steps": len(steps) // max(len(timings), 1), "bytes_per_step": bytes_per_step,
+            "repeats": len(timings)}
 
 
 def _median_of(timings: Sequence[Timing], key: str) -> float | None:
@@ -96,6 +89,11 @@ def _group_key(row: dict) -> tuple:
     return row["model"], row.get("workload", FIXED), row["batch"], row["prompt_len"], row["output_len"]
 
 
+# (field, base mode, modes that get it): tok_s over the base mode's of the same workload
+RATIOS = (("over_hf", "hf", ENGINE_MODES), ("over_clean", "clean", ("noisy", "mixed")),
+          ("over_noisy", "noisy", ("mixed",)))
+
+
 def add_ratios(rows: Sequence[dict]) -> list[dict]:
     """Fill hf_tok_s, over_hf, over_clean and over_noisy from the rows of the same workload."""
     speed = {(_group_key(r), r["mode"]): r.get("tok_s") for r in rows}
@@ -103,17 +101,11 @@ def add_ratios(rows: Sequence[dict]) -> list[dict]:
     for row in rows:
         row = dict(row)
         k, mode = _group_key(row), row["mode"]
-        tps = row.get("tok_s")
         row["hf_tok_s"] = speed.get((k, "hf"))
-        row["over_hf"] = (round_or_none(ratio(tps, row["hf_tok_s"]), 4)
-                          if mode in ENGINE_MODES else None)
-        row["over_clean"] = (round_or_none(ratio(tps, speed.get((k, "clean"))), 4)
-                             if mode in ("noisy", "mixed") else None)
-        row["over_noisy"] = (round_or_none(ratio(tps, speed.get((k, "noisy"))), 4)
-                             if mode == "mixed" else None)
+        for key, base, modes in RATIOS:
+            row[key] = round_or_none(ratio(row.get("tok_s"), speed.get((k, base))), 4) if mode in modes else None
         out.append(row)
     return out
-
 
 
 def render_model_table(rows: Sequence[dict]) -> str:
@@ -122,15 +114,14 @@ def render_model_table(rows: Sequence[dict]) -> str:
     cols += [(f"{m} tok/s", m, "tok_s") for m in MODES]
     cols += [(f"{m} ms/step", m, "step_ms") for m in MODES]
     cols += [(f"clean {part} ms", "clean", f"{part}_ms") for part in ("forward", "sample", "host")]
-    cols += [("clean/HF", "clean", "over_hf"), ("noisy/HF", "noisy", "over_hf"),
-             ("noisy/clean", "noisy", "over_clean"), ("mixed/clean", "mixed", "over_clean"),
-             ("mixed/noisy", "mixed", "over_noisy"),
-             ("clean GB/s", "clean", "gbps"), ("noisy GB/s", "noisy", "gbps"),
-             ("clean roofline", "clean", "roofline_frac"), ("noisy roofline", "noisy", "roofline_frac"),
-             ("HF GB/s", "hf", "gbps")]
+    cols += [(f"{m}/{base}", m.lower(), key) for m, base, key in (
+        ("clean", "HF", "over_hf"), ("noisy", "HF", "over_hf"), ("noisy", "clean", "over_clean"),
+        ("mixed", "clean", "over_clean"), ("mixed", "noisy", "over_noisy"))]
+    cols += [(f"{m} {what}", m.lower(), key) for m, what, key in (
+        ("clean", "GB/s", "gbps"), ("noisy", "GB/s", "gbps"), ("clean", "roofline", "roofline_frac"),
+        ("noisy", "roofline", "roofline_frac"), ("HF", "GB/s", "gbps"))]
     formats = {"tok_s": ",.0f", "step_ms": ".2f", "forward_ms": ".2f", "sample_ms": ".2f", "host_ms": ".2f",
-               "over_hf": ".2f", "over_clean": ".3f",
-               "over_noisy": ".3f", "gbps": ",.1f", "roofline_frac": ".1%"}
+               "over_hf": ".2f", "over_clean": ".3f", "over_noisy": ".3f", "gbps": ",.1f", "roofline_frac": ".1%"}
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         groups.setdefault((row.get("batch"), row.get("prompt_len"), row.get("output_len")), {})[row.get("mode")] = row
