@@ -1,14 +1,7 @@
-"""The benchmark summary: result JSON dicts in, markdown tables, PNG charts and regressions out.
-
-``psnrl bench all`` (psnrl/bench/all.py) runs the GPU benches, then calls ``write_summary``; the
-functions here take plain dicts, so they are tested on the CPU (tests/test_bench_report.py). Each
-bench's section is that bench's own tables (its ``render_tables``), its targets are the bench's
-``TARGETS`` and its ratios the ones the bench stored in its rows (common.fill_ratios): the summary
-never recomputes them. lm_head files (one row per shape: T, V, H, ours_ms, naive_ms, ...) are read
-as one row per (shape, impl): tokens, vocab, hidden, impl, ms, peak_bytes. Every file and field may
-be missing (a missing field prints as "—"). A change against a baseline (the files committed at
-HEAD, or a directory) worse than ``threshold`` (10%) is a regression: times and bytes that grew,
-tokens/s that fell, rows that measured before and fail now.
+"""The benchmark summary (``psnrl bench all``): result JSON dicts in, markdown tables, PNG charts and
+regressions out; plain dicts, so tested on the CPU. Each bench's section, targets and ratios are the
+bench's own (never recomputed); lm_head rows are read one per (shape, impl); missing files and fields
+print as "—"; a change over ``threshold`` (10%) against a baseline is a regression (psnrl/bench/README.md).
 """
 from __future__ import annotations
 
@@ -194,9 +187,7 @@ class Target:
 
     @property
     def ok(self) -> bool:
-        if self.value is None:
-            return False
-        return self.value >= self.limit if self.at_least else self.value <= self.limit
+        return self.value is not None and (self.value >= self.limit if self.at_least else self.value <= self.limit)
 
 
 def check_targets(current: Mapping[str, dict | None]) -> list[Target]:
@@ -266,23 +257,19 @@ class Change:
     @property
     def change(self) -> float | None:
         """Relative change, current / baseline - 1 (None when no longer measured)."""
-        if self.current is None:
-            return None
-        return self.current / self.baseline - 1
+        return None if self.current is None else self.current / self.baseline - 1
+
+    def _beyond(self, worse: bool) -> bool:
+        c = self.change
+        return c is not None and (c > self.threshold if (self.better == LOWER) == worse else c < -self.threshold)
 
     @property
     def regression(self) -> bool:
-        if self.current is None:
-            return True  # measured before, an error now
-        c = self.change
-        return c > self.threshold if self.better == LOWER else c < -self.threshold
+        return self.current is None or self._beyond(True)  # measured before, an error now
 
     @property
     def improvement(self) -> bool:
-        if self.current is None:
-            return False
-        c = self.change
-        return c < -self.threshold if self.better == LOWER else c > self.threshold
+        return self._beyond(False)
 
 
 def compare(current: Mapping[str, dict | None], baseline: Mapping[str, dict | None] | None,
