@@ -15,8 +15,8 @@
 #                    checkpointing off and on, plain / psn / naive, the engine mismatch);
 #             step:  psnrl bench step --models 0.5B --iters 2 (plain, psn, psn-var2 in one process)
 #   decode    tests: the gpu-marked engine, sampler and CUDA-graph tests;
-#             host:  psnrl bench host --device cuda (stub forward, V = 151,936: the engine's host
-#                    time and ops per decode step, sampler and engine apart);
+#             host:  psnrl bench host --device cuda (the model stubbed, V = 151,936: the engine's
+#                    time and launches per decode step, forward / sampler / engine apart);
 #             decode: psnrl bench decode --models 1.5B --batches 1 64 256 --output-len 256 (clean and HF,
 #                    each step split into forward / sampler / host ms) and the nano-vllm workload
 #                    on 0.5B
