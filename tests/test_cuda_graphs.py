@@ -12,9 +12,9 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from psnrl.engine import cuda_graphs as cg
+from tiny_checkpoints import save_tiny_qwen2
 from psnrl.engine.cuda_graphs import (DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
                                 tile_level)
 from psnrl.engine.llm import LLM, EngineConfig
@@ -35,13 +35,8 @@ SPEC_MLP = NoiseSpec(seed=11, sigma=0.08, targets="mlp")
 SPEC_ZERO = NoiseSpec(seed=3, sigma=0.0, targets="all")  # sigma 0: the clean policy
 
 
-def save_tiny(path, vocab=256, hidden=32, inter=48, layers=2, heads=4, kv_heads=2, max_pos=1024, seed=0):
-    torch.manual_seed(seed)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-                                      eos_token_id=vocab - 1)).eval()
-    hf.save_pretrained(path)
+def save_tiny(path, **sizes):
+    save_tiny_qwen2(path, **sizes)
     return path
 
 

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_checkpoints import save_tiny_qwen2
 
 from psnrl.engine import llm as llm_module
 from psnrl.engine.llm import LLM
@@ -28,12 +28,8 @@ def torch_paths(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, eos_token_id=255))
     path = tmp_path_factory.mktemp("tiny-qwen2-failures")
-    hf.save_pretrained(path)
+    save_tiny_qwen2(path, vocab=256, hidden=32, inter=64, max_pos=64)
     return path
 
 

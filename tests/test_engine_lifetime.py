@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_checkpoints import save_tiny_qwen2
 
 from psnrl.engine.llm import LLM
 from psnrl.engine.noise_spec import NoiseSpec
@@ -20,12 +20,8 @@ NOISE = [None, NoiseSpec(seed=3, sigma=0.05), None]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, eos_token_id=511))
     path = tmp_path_factory.mktemp("tiny-qwen2-lifetime")
-    hf.save_pretrained(path)
+    save_tiny_qwen2(path, vocab=512, hidden=64, inter=96, max_pos=64)
     return path
 
 

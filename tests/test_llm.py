@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
+
+from tiny_checkpoints import save_tiny_qwen2
 
 from psnrl.engine.llm import LLM, noise_cache_salt
 from psnrl.engine.noise_spec import NoiseSpec
@@ -18,13 +20,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, eos_token_id=511)).eval()
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    hf.save_pretrained(path)
-    return hf, path
+    return save_tiny_qwen2(path, vocab=512, hidden=64, inter=96, max_pos=64), path
 
 
 def hf_greedy(hf, prompt, n):
