@@ -218,15 +218,13 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         ids = [sid[i] if sid[i] in targeted else 0 for i in order] + [0] * (bucket - n)
         if any(ids):
             group_ids[group] = ids
-    # A row samples when this step computes its last token; out_rows lists their graph rows
-    # in the step's order.
-    if local:
+    # The graph rows of the sampling entries, in the step's order.
+    out_rows = [i for i, e in enumerate(seqs) if e.samples]
+    if local:  # rows were reordered by noise stream
         row_of = [0] * n
         for row, i in enumerate(order):
             row_of[i] = row
-        out_rows = [row_of[i] for i, seq in enumerate(step_seqs) if seq.num_computed + 1 == len(seq.tokens)]
-    else:
-        out_rows = [i for i, c in enumerate(ctx) if c == len(ordered[i].tokens)]
+        out_rows = [row_of[i] for i in out_rows]
     return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows)
 
 

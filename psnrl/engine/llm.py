@@ -28,7 +28,8 @@ from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.loader import load_model
 from psnrl.engine.model_runner import ModelRunner
 from psnrl.engine.noise_spec import NoiseSpec
-from psnrl.engine.sampling import SamplingParams, Sampler, check_stop, mask_stop_tokens, pad_stop_ids
+from psnrl.engine.sampling import (SamplingParams, Sampler, check_stop, mask_stop_tokens, pad_stop_ids,
+                                   stop_by_tokens)
 from psnrl.engine.sampling_slots import SamplingSlots
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig
 from psnrl.engine.sequence import Sequence
@@ -353,11 +354,12 @@ class LLM:
         if timer is not None:
             timer.mark()
         sampling: list[Sequence] = []
-        for seq, num_new in step.seqs:
-            seq.num_computed += num_new
+        for entry in step.seqs:
+            seq, samples = entry.seq, entry.samples
+            seq.num_computed += entry.num_new
             # The forward wrote these tokens' KV: their full blocks may now be shared.
             self.blocks.mark_computed(seq.seq_id, seq.num_computed)
-            if seq.num_computed == len(seq.tokens):  # the step reached its last token: it samples
+            if samples:
                 sampling.append(seq)
         rows = list(range(len(sampling)))
         for row in range(len(rows)):
@@ -419,17 +421,11 @@ class LLM:
         return children
 
     def _stop_reason(self, seq: Sequence) -> str | None:
-        params = seq.params
-        if params.stop and self.tokenizer is not None:
+        if seq.params.stop and self.tokenizer is not None:
             return self._stop_reason_text(seq)
-        # No text to watch: the token rules of check_stop, on the sequence's precomputed stop ids.
-        n = len(seq.tokens) - seq.prompt_len
-        if n >= params.min_tokens:
-            if seq.tokens[-1] in seq.stop_ids:
-                return "stop"
-            if n >= params.max_tokens:
-                return "length"
-        return "length" if len(seq.tokens) >= self.max_model_len else None
+        # No text to watch: the token rules alone, on the sequence's precomputed stop ids.
+        reason = stop_by_tokens(len(seq.tokens) - seq.prompt_len, seq.tokens[-1], seq.params, seq.stop_ids)
+        return reason or ("length" if len(seq.tokens) >= self.max_model_len else None)
 
     def _stop_reason_text(self, seq: Sequence) -> str | None:
         # Text is decoded every step only for requests with stop strings; the others are

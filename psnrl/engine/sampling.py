@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, NamedTuple, Protocol, Sequence
+from typing import Any, Container, Iterable, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -459,13 +459,11 @@ def check_stop(token_ids_so_far: TokenIds, new_text_so_far: str, params: Samplin
     Otherwise (False, None, None).
     """
     n = len(token_ids_so_far)
-    if n < params.min_tokens or n == 0:
+    if n == 0:
         return StopCheck(False, None, None)
-    last = token_ids_so_far[-1]
-    if not params.ignore_eos and last in _as_ids(eos_token_id):
-        return StopCheck(True, "stop", None)
-    if last in params.stop_token_ids:
-        return StopCheck(True, "stop", None)
+    by_token = stop_by_tokens(n, token_ids_so_far[-1], params, params.all_stop_token_ids(eos_token_id))
+    if by_token == "stop" or n < params.min_tokens:
+        return StopCheck(by_token is not None, by_token, None)
     best: tuple[int, int] | None = None
     for s in params.stop:
         start = 0
@@ -476,6 +474,17 @@ def check_stop(token_ids_so_far: TokenIds, new_text_so_far: str, params: Samplin
             best = (i, i + len(s))
     if best is not None:
         return StopCheck(True, "stop", best[1] if params.include_stop_str_in_output else best[0])
-    if n >= params.max_tokens:
-        return StopCheck(True, "length", None)
-    return StopCheck(False, None, None)
+    return StopCheck(by_token is not None, by_token, None)
+
+
+def stop_by_tokens(num_generated: int, last: int, params: SamplingParams,
+                   stop_ids: Container[int]) -> Literal["stop", "length"] | None:
+    """The token rules of ``check_stop`` (0, 1-2 and 4) after ``num_generated`` >= 1 tokens, the
+    latest ``last``: "stop" for a stop id (``params.all_stop_token_ids(eos)``), "length" at
+    max_tokens, None before min_tokens or otherwise. ``check_stop`` puts the stop strings between
+    "stop" and "length"; the engine calls this alone for requests without them."""
+    if num_generated < params.min_tokens:
+        return None
+    if last in stop_ids:
+        return "stop"
+    return "length" if num_generated >= params.max_tokens else None
