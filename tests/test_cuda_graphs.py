@@ -4,7 +4,9 @@ CPU: the pure-Python parts (buckets, tile capacities, the decode plan), the wiri
 of ``enforce_eager``, and the static-buffer forward without capture
 (``DecodeGraphs(capture=False)``: padding, row reordering, fixed-size noise tables,
 fixed split count, the padded K/V store), which must give the eager logits.
-GPU (``gpu``): captured graphs against eager decode, logits and greedy tokens.
+GPU (``gpu``): captured graphs against eager decode, logits and greedy tokens; sampler
+graphs (psnrl/engine/sample_graphs.py) against the eager sampler. On a CPU the sampler
+graphs run uncaptured inside ``LLM.generate`` (the ``use_graphs`` tests).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from psnrl.engine.loader import load_model
 from psnrl.engine.model_runner import ModelRunner
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.sampling_slots import SamplingSlots
 from psnrl.engine.scheduler import ScheduledSeq
 from psnrl.engine.sequence import Sequence
 from psnrl.kernels.attention_reference import paged_attention_reference
@@ -157,6 +160,8 @@ def test_enforce_eager_is_honored_and_a_cpu_never_captures(tiny, monkeypatch):
     made = []
 
     class Recorder:
+        buckets, device = [1, 2, 4, 8], torch.device("cpu")  # what the sampler graphs read
+
         def __init__(self, *args, **kwargs):
             made.append(args)
 
@@ -174,6 +179,7 @@ def test_enforce_eager_is_honored_and_a_cpu_never_captures(tiny, monkeypatch):
     eager_count = len(made)
     built = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=6, max_model_len=32)
     assert isinstance(built.runner.graphs, Recorder) and len(made) == eager_count + 1
+    assert built.runner.sample_graphs is not None and built.runner.sample_graphs.owner is built.runner.graphs
     assert made[-1][3:] == (6, 32)
 
 
@@ -389,11 +395,13 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
     prompts = prompts_for(5, seed=3)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (6, 2, 4, 5, 3)]
     params[0] = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2)
+    # Sampled rows too: truncated, and barring its stop tokens for the first steps.
+    params[3] = SamplingParams(temperature=0.9, top_p=0.8, top_k=30, max_tokens=5, seed=4)
+    params[4] = SamplingParams(temperature=1.0, min_tokens=2, max_tokens=3, seed=5, stop_token_ids=[9, 17, 40])
     noise = [SPEC_ALL, None, SPEC_MLP, SPEC_ALL, None]
     ref = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
     llm = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
-    llm.runner.graphs = DecodeGraphs(llm.model, llm.runner.kv_caches, 4, 8, 64, capture=False,
-                                     verbose=False)
+    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, 4, 8, 64, capture=False, verbose=False))
     a = ref.generate(prompts, params, noise, use_tqdm=False)
     b = llm.generate(prompts, params, noise, use_tqdm=False)
     for ra, rb in zip(a, b):
@@ -402,6 +410,39 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
             torch.testing.assert_close(torch.tensor(cb.logprobs), torch.tensor(ca.logprobs), atol=1e-5, rtol=1e-5)
     assert llm.runner.graphs.num_replays > 0
     assert {key[0] for key in llm.runner.graphs.graphs} >= {8, 4}  # the batch shrank through buckets
+    # The graph steps sampled through sampler graphs, with and without stop tokens barred and truncation.
+    sampler_keys = set(llm.runner.sample_graphs.graphs)
+    assert {masked for _, masked, _ in sampler_keys} == {True, False}
+    assert {truncates for _, _, truncates in sampler_keys} == {True, False}
+
+
+def test_sampler_graphs_are_recorded_again_when_the_slot_tables_move(tiny, monkeypatch):
+    """More live sequences than slots, or more stop tokens than a slot row holds, reallocates
+    the tables the sampler graphs read: they are dropped and recorded again, and the draws stay
+    those of eager sampling."""
+    prompts = prompts_for(6, seed=8)
+    params = [SamplingParams(temperature=1.0, max_tokens=4 + 6 * (i < 2), seed=i, ignore_eos=True) for i in range(6)]
+    params[5] = SamplingParams(temperature=1.0, max_tokens=4, seed=5, min_tokens=3,
+                               stop_token_ids=list(range(20, 29)))  # 9 ids: wider than the tables' 4
+    ref = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
+    llm = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
+    llm.slots = llm.runner.slots = SamplingSlots(llm.device, 256, capacity=2)
+    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, 4, 8, 64, capture=False, verbose=False))
+    graphs = llm.runner.sample_graphs
+    dropped = []  # how many sampler graphs each drop found
+    close = graphs.close_graphs
+    monkeypatch.setattr(graphs, "close_graphs", lambda: dropped.append(len(graphs.graphs)) or close())
+    outputs = []
+    for engine in (ref, llm):
+        engine.add_requests(prompts[:2], params[:2])
+        done = [engine.step() for _ in range(3)]  # a prefill, then decode steps through the graphs
+        engine.add_requests(prompts[2:], params[2:])  # 4 more live sequences: the tables grow
+        while engine.has_unfinished_requests():
+            done.append(engine.step())
+        outputs.append({r.request_id: r.outputs[0].token_ids for out in done for r in out.finished})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+    assert llm.slots.capacity == 8 and llm.slots.stops.shape[1] >= 9
+    assert max(dropped) > 0 and graphs.graphs  # graphs recorded before the growth, and after it
 
 
 # ---------------------------------------------------------------------------
@@ -501,3 +542,29 @@ def test_gpu_llm_greedy_tokens_identical_with_and_without_graphs(gpu_model, mode
     out = llm.generate(prompts, params, noise, use_tqdm=False)
     assert all(len(c.token_ids) == p.max_tokens for r, p in zip(out, params) for c in r.outputs)
     assert not llm.runner.graphs.disabled
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_graphs_draw_exactly_what_the_eager_sampler_draws(gpu_model):
+    llm = LLM(gpu_model, dtype="float32", block_size=16, max_num_seqs=16, max_model_len=512,
+              num_kv_blocks=GPU_KV_BLOCKS)
+    params = [SamplingParams(temperature=(1.0, 0.7, 0.0)[i % 3], top_p=(1.0, 0.9)[i % 2],
+                             top_k=50 if i % 4 == 0 else -1, min_tokens=i % 5, stop_token_ids=[3, 5],
+                             max_tokens=12, seed=i) for i in range(11)]
+    runner, checked = llm.runner, []
+    sample = runner.sample
+
+    def sample_both_ways(logits, slots, steps):
+        graphed = logits is runner._graph_logits
+        packed = sample(logits, slots, steps)
+        if graphed:  # the same kernel on the same inputs, eagerly
+            eager = runner.draw(logits.clone(), runner.slots.rows(slots, steps))
+            assert torch.equal(packed, eager)
+            checked.append(len(slots))
+        return packed
+    runner.sample = sample_both_ways
+    llm.generate(prompts_for(11, seed=9, vocab=GPU_VOCAB, longest=30), params, use_tqdm=False)
+    graphs = runner.sample_graphs
+    assert len(checked) > 5 and not graphs.disabled
+    assert graphs.graphs and all(g is not None for g in graphs.graphs.values())
+    assert {masked for _, masked, _ in graphs.graphs} == {True, False}

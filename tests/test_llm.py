@@ -285,7 +285,8 @@ def test_time_steps_splits_a_step_into_forward_and_sampler(checkpoint):
 
 def test_the_fused_sampler_takes_the_engines_inputs_and_draws_the_same_tokens(checkpoint, monkeypatch):
     """The engine feeds psnrl/kernels/sampler.py (run here by Triton's interpreter) what it feeds
-    the torch sampler: the same tokens, log-probs within 1e-5, for greedy, sampled and truncated rows."""
+    the torch sampler: the same tokens, log-probs within 1e-5, for greedy, sampled and truncated rows,
+    and rows whose stop tokens are barred."""
     from psnrl.kernels import sampler as kernel
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -295,7 +296,8 @@ def test_the_fused_sampler_takes_the_engines_inputs_and_draws_the_same_tokens(ch
     _, path = checkpoint
     params = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
               SamplingParams(n=2, temperature=1.0, max_tokens=4, ignore_eos=True, seed=5),
-              SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=6)]
+              SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_tokens=4, ignore_eos=True, seed=6,
+                             min_tokens=3, stop_token_ids=[1, 2, 3])]
     runs = []
     for fused in (False, True):
         llm = make(path)

@@ -275,9 +275,22 @@ def test_engine_seeds_requests_reproducibly():
     seeded = SamplingParams(n=3, seed=99)
     assert a.sample_seeds(seeded) == c.sample_seeds(seeded) == [S.derive_sample_seed(99, j) for j in range(3)]
     assert S.Sampler(seed=1).request_seed(seeded) == 99
-    out = a(torch.zeros(2, 10), torch.ones(2), torch.ones(2), torch.full((2,), -1),
-            torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64))
+    rows = S.RowState(torch.ones(2), torch.ones(2), torch.full((2,), -1), torch.tensor([1, 2]),
+                      torch.zeros(2, dtype=torch.int64), truncates=False)
+    out = a(torch.zeros(2, 10), rows)
     assert out.tokens.dtype == torch.int64 and out.logprobs.dtype == torch.float32
+    packed = S.pack(out)
+    assert packed.dtype == torch.float64 and packed[:, 0].tolist() == out.tokens.tolist()
+
+
+def test_the_sampler_bars_stop_tokens_of_the_rows_below_min_tokens():
+    logits = torch.zeros(3, 8)
+    logits[:, 2] = 10.0  # the stop token is everyone's favourite
+    rows = S.RowState(torch.zeros(3), torch.ones(3), torch.full((3,), -1), torch.arange(3),
+                      torch.tensor([0, 4, 1]), truncates=False, stop_ids=torch.tensor([[2, -1], [2, -1], [2, 6]]),
+                      min_tokens=torch.tensor([1, 4, 5]))
+    out = S.Sampler()(logits, rows)
+    assert out.tokens.tolist() == [0, 2, 0] and logits[:, 2].eq(10.0).all()  # barred on a copy
 
 
 # ----------------------------------------------------------------------------- bad rows, masking

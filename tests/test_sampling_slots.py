@@ -44,3 +44,41 @@ def test_released_slots_are_reused_with_their_new_constants():
     slots.acquire(33, SamplingParams())
     slots.reset()
     assert sorted(slots.acquire(i, SamplingParams()) for i in range(2)) == [0, 1] and slots.capacity == 2
+
+
+def test_stop_tokens_and_min_tokens_are_gathered_only_while_some_row_bars_them():
+    slots = SamplingSlots(CPU, vocab=100, capacity=4, stop_width=2)
+    plain = slots.acquire(1, SamplingParams(), stop_ids=(2,))  # no min_tokens: its stops are not kept
+    barred = slots.acquire(2, SamplingParams(min_tokens=3, stop_token_ids=[7]), stop_ids=(7, 2))
+    assert slots.generation == 1  # built once, no reallocation yet
+    assert slots.masks_stops([plain, barred], [0, 2]) and not slots.masks_stops([plain, barred], [0, 3])
+    assert not slots.masks_stops([plain], [0])
+    r = slots.rows([barred, plain], [2, 5])
+    assert r.stop_ids is not None and r.stop_ids.tolist() == [[7, 2], [-1, -1]]
+    assert r.min_tokens.tolist() == [3, 0] and r.mask_stops.tolist() == [True, False]
+    assert slots.rows([barred, plain], [3, 5]).stop_ids is None  # nobody bars them: nothing gathered
+
+
+def test_tables_that_move_bump_the_generation_and_keep_every_row():
+    slots = SamplingSlots(CPU, vocab=100, capacity=1, stop_width=2)
+    a = slots.acquire(5, SamplingParams(min_tokens=1), stop_ids=(1, 2))
+    slots.flush()
+    g = slots.generation
+    b = slots.acquire(6, SamplingParams(min_tokens=2), stop_ids=(3, 4, 5))  # wider, and a new slot
+    assert slots.generation == g + 2 and slots.capacity == 2 and slots.stops.shape[1] == 4
+    r = slots.rows([a, b], [0, 0])
+    assert r.seeds.tolist() == [5, 6] and r.stop_ids.tolist() == [[1, 2, -1, -1], [3, 4, 5, -1]]
+
+
+def test_release_and_reset_forget_truncation_and_min_tokens():
+    slots = SamplingSlots(CPU, vocab=100, capacity=2)
+    t = slots.acquire(1, SamplingParams(top_p=0.5))
+    m = slots.acquire(2, SamplingParams(min_tokens=4), stop_ids=(3,))
+    slots.release(t)
+    slots.release(m)
+    again = slots.acquire(3, SamplingParams())
+    assert not slots.truncates([again]) and not slots.masks_stops([again], [0])
+    slots.acquire(4, SamplingParams(top_k=5, min_tokens=1), stop_ids=(0,))
+    slots.reset()
+    fresh = [slots.acquire(i, SamplingParams()) for i in range(2)]
+    assert not slots.truncates(fresh) and not slots.masks_stops(fresh, [0, 0])

@@ -291,7 +291,8 @@ class Runner:
         blocks += math.ceil(0.02 * blocks) + 4  # above the admission watermark (1%)
         return LLM(path, dtype=DTYPES[a.dtype], device=a.device, max_model_len=max_len,
                    max_num_seqs=max_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                   block_size=a.block_size, num_kv_blocks=blocks, seed=a.seed, time_steps=True)
+                   block_size=a.block_size, num_kv_blocks=blocks, seed=a.seed, time_steps=True,
+                   overlap=not a.no_overlap)
 
     def hf_model(self, path: Path):
         from transformers import AutoModelForCausalLM
@@ -339,6 +340,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=8192,
                         help="the engine's token budget per step (default %(default)s)")
     parser.add_argument("--block-size", type=positive_int, default=16, help="KV block size (default 16)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="run the engine one step at a time (EngineConfig.overlap=False), to compare")
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (default sdpa)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's peak memory bandwidth in GB/s (default: from PEAK_GBPS by name)")
@@ -401,9 +404,11 @@ def method_description(args: argparse.Namespace) -> str:
             f"and output lengths uniform in {lo}-{hi}, engine only; tokens/s = all "
             f"generated tokens / wall time of one generate call (prefill included); step = median "
             f"host wall time of the pure decode steps (each ends in a device-to-host copy of the "
-            f"sampled tokens, so device work is included; HF: between consecutive stopping-criteria "
-            f"calls); {args.warmup} untimed warmup run(s) and {args.repeats} timed run(s) per row, "
-            f"medians reported; the engine's prefix cache is cleared before every run.")
+            f"sampled tokens, so device work is included; with the engine's overlap "
+            f"{'off' if args.no_overlap else 'on'}, the time between consecutive steps' returns; HF: "
+            f"between consecutive stopping-criteria calls); {args.warmup} untimed warmup run(s) and "
+            f"{args.repeats} timed run(s) per row, medians reported; the engine's prefix cache is cleared "
+            f"before every run.")
 
 
 def previous_rows(args: argparse.Namespace, device_name: str) -> list[dict]:
@@ -432,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         noise=noise_text(args), sigma=args.sigma, targets=args.targets, peak_gbps=peak,
         peak_source="--peak-gbps" if args.peak_gbps is not None else "PEAK_GBPS table" if peak is not None else None,
         method=method_description(args), hf_attn_implementation=args.hf_attn,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, overlap=not args.no_overlap,
         group_size=args.group_size, probes=args.probes, nano_vllm_model=args.nano_vllm_model,
         warmup=args.warmup, repeats=args.repeats, seed=args.seed)
     runner = Runner(args, run)

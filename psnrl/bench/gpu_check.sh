@@ -19,7 +19,7 @@
 #                    time and launches per decode step, forward / sampler / engine apart);
 #             decode: psnrl bench decode --models 1.5B --batches 1 64 256 --output-len 256 (clean and HF,
 #                    each step split into forward / sampler / host ms) and the nano-vllm workload
-#                    on 0.5B
+#                    on 0.5B; then the clean rows again with --no-overlap (one step at a time)
 # Tests run under pytest -n 8 when pytest-xdist is there. Each step runs under its own `timeout`
 # (seconds: INSTALL_S, TESTS_S, BENCH_S, NCU_S, STEP_S); a step that fails or runs out of time is
 # logged and the next one still runs. Everything it wrote (logs, the benches' <name>-<device>.json
@@ -32,7 +32,7 @@ CHECK="${1:-}"
 case "$CHECK" in
     kernels) TIMES=(60 100 120 80) ;;  # install, tests, bench, ncu
     learner) TIMES=(45 110 100 90) ;;  # install, tests, learner bench, step bench
-    decode) TIMES=(45 90 150 60) ;;  # install, tests, decode bench, host bench
+    decode) TIMES=(45 90 150 50) ;;  # install, tests, decode bench, host bench and the one-at-a-time decode
     *) echo "usage: gpu_check.sh {kernels|learner|decode} [OUT_DIR]" >&2; exit 2 ;;
 esac
 DEST="${2:-${OUT:-$ROOT/psnrl/bench/results/gpu-check}}"
@@ -88,10 +88,12 @@ learner)
     ;;
 decode)
     step tests "$TESTS_S" "$PYTHON" -m pytest -q -m gpu "${XDIST[@]}" tests/test_llm.py tests/test_sampling.py \
-        tests/test_sampler_kernel.py tests/test_cuda_graphs.py tests/test_engine_lifetime.py
+        tests/test_sampler_kernel.py tests/test_cuda_graphs.py tests/test_engine_lifetime.py tests/test_overlap.py
     step host "$STEP_S" "${BENCH[@]}" host --device cuda --out-dir "$WORK/results"
     step decode "$BENCH_S" "${BENCH[@]}" decode --models 1.5B --batches 1 64 256 --modes clean hf --output-len 256 \
         --nano-vllm-model 0.5B --out-dir "$WORK/results"
+    step decode-one-at-a-time "$STEP_S" "${BENCH[@]}" decode --models 1.5B --batches 1 64 256 --modes clean \
+        --output-len 256 --no-overlap --out-dir "$WORK/results/no-overlap"
     ;;
 esac
 

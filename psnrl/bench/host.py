@@ -27,7 +27,7 @@ VOCAB = {"cuda": 151936, "cpu": 2048}
 TARGET_MS = {1: 0.3, 256: 1.5}
 TARGET_OPS = 10
 ROW_KEYS = ("batch", "vocab", "host_ms", "host_ms_p90", "forward_ms", "sampler_ms", "engine_ms", "ops_per_step",
-            "sampler_ops", "engine_ops", "steps", "target_ms")
+            "engine_ops", "steps", "target_ms")
 META_KEYS = ("device", "torch", "triton", "transformers")
 
 
@@ -66,49 +66,40 @@ def stub_model(llm, vocab: int) -> None:
     model.forward = lambda input_ids, *args, **kwargs: hidden[:input_ids.shape[0]]
     model.logits = lambda h, noise=None: logits[:h.shape[0]]
     if llm.runner.graphs is None:
-        llm.runner.graphs = DecodeGraphs(model, llm.runner.kv_caches, llm.config.block_size,
-                                         llm.config.max_num_seqs, llm.max_model_len, capture=False,
-                                         verbose=False)
+        llm.runner.use_graphs(DecodeGraphs(model, llm.runner.kv_caches, llm.config.block_size,
+                                           llm.config.max_num_seqs, llm.max_model_len, capture=False,
+                                           verbose=False))
 
 
 class StepProbe(TorchDispatchMode):
     """Splits each step into the parts a GPU runs on its own, the forward (the decode graph's
-    replay) and the sampler, and the rest, the engine's host work: the wall seconds of each
-    part (device synchronized at its end) and, while active as a dispatch mode, the ops each
-    dispatched. A replay counts as one launch whatever it runs (uncaptured on a CPU)."""
+    replay) and the sampler (the sampler graph's), and the rest, the engine's host work: the
+    wall seconds of each part (device synchronized at its end) and, while active as a dispatch
+    mode, the ops the engine dispatched. A replay counts as one launch whatever it runs
+    (uncaptured on a CPU)."""
 
     PARTS = ("forward", "sampler", "engine")
 
-    def __init__(self, llm, sync):
+    def __init__(self, sync):
         super().__init__()
         self.sync = sync
         self.part = "engine"
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
         self.ops = dict.fromkeys(self.PARTS, 0)
-        inner, probe = llm.sampler, self
-
-        class Sampler:
-            def __call__(self, *args, **kwargs):
-                with probe.timing("sampler"):
-                    return inner(*args, **kwargs)
-
-            def sample_seeds(self, params):
-                return inner.sample_seeds(params)
-        llm.sampler = Sampler()
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
         self.ops = dict.fromkeys(self.PARTS, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.part != "forward":
-            self.ops[self.part] += does_work(func)
+        if self.part == "engine":
+            self.ops["engine"] += does_work(func)
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
     def timing(self, part: str):
         t0, self.part = time.perf_counter(), part
-        self.ops["forward"] += part == "forward"
+        self.ops[part] += 1  # the replay's launch
         try:
             yield
         finally:
@@ -118,19 +109,24 @@ class StepProbe(TorchDispatchMode):
 
     @contextlib.contextmanager
     def on_graph_replays(self):
-        """Decode graphs replay under ``timing("forward")`` while this is entered."""
+        """Decode and sampler graphs replay under ``timing`` while this is entered."""
         from psnrl.engine.cuda_graphs import DecodeGraph
+        from psnrl.engine.sample_graphs import SampleGraphs
 
-        replay, probe = DecodeGraph.replay, self
+        decode, sample, probe = DecodeGraph.replay, SampleGraphs.replay, self
 
-        def timed(graph):
+        def forward(graph):
             with probe.timing("forward"):
-                replay(graph)
-        DecodeGraph.replay = timed  # type: ignore[method-assign]
+                decode(graph)
+
+        def sampler(graphs, key):
+            with probe.timing("sampler"):
+                sample(graphs, key)
+        DecodeGraph.replay, SampleGraphs.replay = forward, sampler  # type: ignore[method-assign]
         try:
             yield
         finally:
-            DecodeGraph.replay = replay  # type: ignore[method-assign]
+            DecodeGraph.replay, SampleGraphs.replay = decode, sample  # type: ignore[method-assign]
 
 
 def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]:
@@ -138,7 +134,7 @@ def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]
     ops of each part on one mid-run step (counting slows every op down: that step is not timed)."""
     from psnrl.engine.sampling import SamplingParams
 
-    probe = StepProbe(llm, sync)
+    probe = StepProbe(sync)
     records: list[dict] = []
     ops = None
     prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
@@ -165,7 +161,7 @@ def measure_batch(path: Path, args: argparse.Namespace, vocab: int, batch: int, 
 
     blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
     llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
-              max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2)
+              max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2, overlap=not args.no_overlap)
     stub_model(llm, vocab)
     records, ops = measure(llm, batch, args.steps, sync)
     llm.close()
@@ -179,7 +175,7 @@ def measure_batch(path: Path, args: argparse.Namespace, vocab: int, batch: int, 
             "forward_ms": median_ms("forward"), "sampler_ms": median_ms("sampler"),
             "engine_ms": round(statistics.median(engine), 4),
             "ops_per_step": sum(ops.values()) if ops else None,
-            "sampler_ops": ops["sampler"] if ops else None, "engine_ops": ops["engine"] if ops else None,
+            "engine_ops": ops["engine"] if ops else None,
             "steps": len(ms), "target_ms": TARGET_MS.get(batch)}
 
 
@@ -188,7 +184,7 @@ COLUMNS = (
     Column("host_ms_p90", "p90 ms", "{:.3f}"), Column("forward_ms", "forward ms", "{:.3f}"),
     Column("sampler_ms", "sampler ms", "{:.3f}"), Column("engine_ms", "engine ms", "{:.3f}"),
     Column("target_ms", "target ms", "<= {:.1f}"), Column("ops_per_step", "ops/step"),
-    Column("sampler_ops", "sampler ops"), Column("engine_ops", "engine ops"), Column("steps", "steps"),
+    Column("engine_ops", "engine ops"), Column("steps", "steps"),
 )
 
 
@@ -207,6 +203,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=positive_int, default=None,
                         help="columns of the stub's logits (default 151936 on cuda, 2048 on cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="run the engine one step at a time (EngineConfig.overlap=False), to compare")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -223,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     vocab = args.vocab or VOCAB[args.device]
     run = start_run(FILES, args, NO_CUDA_MESSAGE, method=(
         f"a 2-layer Qwen2 whose forward and logits are a stub returning fixed [rows, {vocab}] logits, "
-        f"decode steps through the decode-graph host path; batches of sequences with {PROMPT_LEN}-token "
+        f"decode steps through the decode-graph host path, the engine's overlap "
+        f"{'off' if args.no_overlap else 'on'}; batches of sequences with {PROMPT_LEN}-token "
         f"prompts sampled at temperature 1, each decoding exactly {args.steps} tokens; host ms = median "
         f"(and p90) wall time of the pure decode steps, device synchronized; forward ms = the graph "
-        f"replay's share (the stub), sampler ms = the sampler's, engine ms = the rest (scheduling, "
+        f"replay's share (the stub), sampler ms = the sampler graph's, engine ms = the rest (scheduling, "
         f"inputs, stop checks, the per-sequence Python); ops = torch ops that do work (views excluded) "
-        f"in one decode step: all, the sampler's and the engine's (the replay counts as one)."))
+        f"in one decode step outside the graphs, each replay counting as one: all, and the engine's."))
     if run is None:
         return 2
     with tempfile.TemporaryDirectory(prefix="psnrl-host-") as tmp:

@@ -60,8 +60,9 @@ What an eager decode step does on the host, and how the graph avoids it
 
 * Logits: eager mode gathers the sampling rows (``torch.tensor(last_rows)``, and
   ``BatchNoise.select`` builds another BatchNoise for the lm_head). Graph: lm_head
-  runs on every row inside the graph; the sampling rows, in the step's order, are
-  gathered after the replay through a device index that came with the inputs.
+  runs on every row inside the graph, and the graph writes the sampling rows to the
+  shared output in the step's order through a device index that came with the
+  inputs. The sampler graphs (psnrl/engine/sample_graphs.py) sample them there.
 
 Graphs are captured lazily, at the first step that needs one, with that step's
 real data: a warm-up run (compiles the Triton kernels, computes the step and
@@ -167,6 +168,7 @@ class DecodePlan:
     streams: list[NoiseStream]  # local stream s (1-based) is streams[s - 1]
     group_ids: dict[str, list[int]]  # per noisy group: the stream of each of the bucket's rows
     out_rows: list[int]  # graph rows of the sampling entries, in the step's order
+    token_rows: list[int] | None = None  # per graph row, the sample row its input token is (overlap)
 
     @property
     def num_rows(self) -> int:
@@ -178,11 +180,12 @@ class DecodePlan:
 
 
 def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[NoiseSpec | None],
-                bucket: int, block_size: int) -> DecodePlan:
+                bucket: int, block_size: int, token_rows: Sequence[int] | None = None) -> DecodePlan:
     """Lay out a pure decode step (every entry has one new token) in ``bucket`` rows.
 
     Rows are ordered by noise stream (clean first, stable), the order that keeps the
-    noisy kernel's work tiles fewest.
+    noisy kernel's work tiles fewest. ``token_rows``: per entry, the row of the previous
+    step's samples that is its input token (the tokens are still on the device).
     """
     n = len(seqs)
     if not 1 <= n <= bucket:
@@ -219,13 +222,14 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         if any(ids):
             group_ids[group] = ids
     # The graph rows of the sampling entries, in the step's order.
-    out_rows = [i for i, e in enumerate(seqs) if e.samples]
+    out_rows = [i for i, (seq, n) in enumerate(seqs) if seq.num_computed + n == len(seq.tokens)]  # e.samples
     if local:  # rows were reordered by noise stream
         row_of = [0] * n
         for row, i in enumerate(order):
             row_of[i] = row
         out_rows = [row_of[i] for i in out_rows]
-    return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows)
+    rows = [token_rows[i] for i in order] if token_rows is not None else None
+    return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows, rows)
 
 
 class _GraphRows(NoiseRows):
@@ -286,7 +290,7 @@ class DecodeGraph:
             self._slices[name] = (size, length)
             size += length
 
-        for name in ("tokens", "positions", "slots", "context_lens", "out_rows"):
+        for name in ("tokens", "positions", "slots", "context_lens", "out_rows", "token_rows"):
             add(name, bucket)
         add("seeds", 2 * (bucket + 1))
         add("sigmas", bucket + 1)
@@ -310,7 +314,7 @@ class DecodeGraph:
 
         v = self._view
         self.tokens, self.positions, self.slots = v("tokens"), v("positions"), v("slots")
-        self.context_lens, self.out_rows = v("context_lens"), v("out_rows")
+        self.context_lens, self.out_rows, self.token_rows = v("context_lens"), v("out_rows"), v("token_rows")
         self.meta = AttentionMetadata(
             cu_seqlens_q=torch.arange(bucket + 1, dtype=torch.int32, device=dev),
             context_lens=self.context_lens, block_tables=self.tables, slot_mapping=self.slots,
@@ -343,6 +347,7 @@ class DecodeGraph:
         self._put("slots", plan.slots, pad=-1)
         self._put("context_lens", plan.context_lens)
         self._put("out_rows", plan.out_rows)
+        self._put("token_rows", plan.token_rows if plan.token_rows is not None else [], pad=-1)
         if plan.streams != self._streams:  # they change with the step's noise specs only
             self._put("seeds", noise_mod.seed_table([0] + [s.seed for s in plan.streams], "cpu").numpy())
             sig_off, sig_len = self._slices["sigmas"]
@@ -374,9 +379,14 @@ class DecodeGraph:
     def forward(self) -> None:
         """The recorded computation: the model on the static buffers, logits into the shared output."""
         o = self.owner
-        hidden = o.model(self.tokens.long(), self.positions.long(), self.meta, o.kv_caches, self.noise)
+        tokens = self.tokens.long()
+        if o.samples is not None:  # rows with a token row take the token sampled there last step
+            sampled = o.samples[self.token_rows.clamp(min=0).long(), 0].long()
+            tokens = torch.where(self.token_rows >= 0, sampled, tokens)
+        hidden = o.model(tokens, self.positions.long(), self.meta, o.kv_caches, self.noise)
         assert o.out is not None  # allocated before the first graph is built
-        o.out[:self.bucket].copy_(o.model.logits(hidden, self.noise))
+        # In the step's order (padding rows repeat row 0): the sampler reads the first rows.
+        torch.index_select(o.model.logits(hidden, self.noise), 0, self.out_rows, out=o.out[:self.bucket])
 
     def capture(self) -> None:
         o = self.owner
@@ -421,6 +431,9 @@ class DecodeGraphs:
         self.pool: Any = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None
         self.disabled = False  # a capture failed: eager from then on
+        # The sampler graphs' packed output ([rows, 2] float64), where a step of the overlap finds
+        # its input tokens (ModelRunner.use_graphs sets it before any capture); None: never read.
+        self.samples: torch.Tensor | None = None
         self.num_replays = 0
         cfg = model.config
         self._kv_heads = cfg.num_kv_heads
@@ -456,13 +469,19 @@ class DecodeGraphs:
                 and max(map(len, block_tables)) <= self.table_width)
 
     @torch.inference_mode()
-    def run(self, seqs, block_tables, specs) -> torch.Tensor | None:
-        """Logits (fp32) [sampling entries, vocab] of a decode step, or None if it is not one."""
+    def run(self, seqs, block_tables, specs, from_samples=None) -> torch.Tensor | None:
+        """Logits (fp32) [sampling entries, vocab] of a decode step, or None if it is not one.
+        ``from_samples`` (``model_runner.FromSamples``): the input tokens are the previous step's
+        samples, which a graph reads only from ``samples``."""
         if self.disabled or not self.fits(seqs, block_tables):
+            return None
+        if from_samples is not None and (self.samples is None or
+                                         from_samples.samples.data_ptr() != self.samples.data_ptr()):
             return None
         bucket = bucket_for(len(seqs), self.buckets)
         assert bucket is not None  # fits() checked it
-        plan = plan_decode(seqs, block_tables, specs, bucket, self.block_size)
+        plan = plan_decode(seqs, block_tables, specs, bucket, self.block_size,
+                           from_samples.rows if from_samples is not None else None)
         tiles: dict[tuple[str, int], tuple[list, list]] = {}
         for g, ids in plan.group_ids.items():
             for bm in self.block_ms(bucket, g):
@@ -485,10 +504,7 @@ class DecodeGraphs:
             graph.fill(plan, tiles)
         graph.replay()
         self.num_replays += 1
-        rows = len(plan.out_rows)
-        if plan.out_rows == list(range(rows)):  # graph rows in the step's order: no gather
-            return self.out[:rows]
-        return self.out[:bucket].index_select(0, graph.out_rows[:rows])
+        return self.out[:len(plan.out_rows)]
 
     def close(self) -> None:
         """Drop every graph, the graphs' memory pool and the shared output buffer; the object

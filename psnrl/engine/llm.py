@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 
 from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.loader import load_model
-from psnrl.engine.model_runner import ModelRunner
+from psnrl.engine.model_runner import FromSamples, ModelRunner, Samples
 from psnrl.engine.noise_spec import NoiseSpec
-from psnrl.engine.sampling import (SamplingParams, Sampler, check_stop, mask_stop_tokens, pad_stop_ids,
-                                   stop_by_tokens)
+from psnrl.engine.sampling import RowState, SamplingParams, Sampler, check_stop, pack, stop_by_tokens
 from psnrl.engine.sampling_slots import SamplingSlots
-from psnrl.engine.scheduler import Scheduler, SchedulerConfig
-from psnrl.engine.sequence import Sequence
+from psnrl.engine.scheduler import Scheduler, SchedulerConfig, Step
+from psnrl.engine.sequence import Sequence, Status
 from psnrl.kernels.splitk_workspace import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
@@ -65,6 +64,9 @@ class EngineConfig:
     # True: each StepOutput carries the device time of its forward and of its sampler (CUDA
     # events; a CPU: the wall clock), which the decode bench splits a step's time with.
     time_steps: bool = False
+    # True: while a graph decode step runs on the device, the next one is scheduled and launched,
+    # its input tokens read on the device (see LLM.step); the host's work hides behind the GPU's.
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -142,17 +144,20 @@ class LLM:
                 f"(gpu_memory_utilization={cfg.gpu_memory_utilization}, num_kv_blocks)")
         self.num_kv_blocks = num_blocks
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.watermark)
+        self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
+        # Room for every sequence a full batch runs, so graphs rarely see the tables move.
+        self.slots = SamplingSlots(self.device, mcfg.vocab_size, capacity=2 * cfg.max_num_seqs)
         self.runner = ModelRunner(self.model, self.model.allocate_kv_cache(num_blocks, cfg.block_size),
-                                  cfg.block_size, use_cuda_graphs=not cfg.enforce_eager,
+                                  cfg.block_size, slots=self.slots, draw=self._draw,
+                                  use_cuda_graphs=not cfg.enforce_eager,
                                   max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
                                    self.blocks)
-        self.sampler = Sampler(cfg.seed, cfg.logprobs_mode)
-        self.slots = SamplingSlots(self.device, mcfg.vocab_size)
         self.eos_token_id = _eos_ids(Path(model), self.tokenizer)
         self._ids = itertools.count()
         self._pending: dict[int, tuple[RequestOutput, int]] = {}  # request id -> (its output, samples)
         self._specs: list[NoiseSpec] = []  # the noise streams of the queued requests (sequences index it)
+        self._ahead: _Launched | None = None  # a step launched before the previous one's samples were read
         # The model, tokenizer and caches live as long as the engine: keep them out of the
         # collector's full passes, which otherwise stall decode steps for a long time.
         gc.collect()
@@ -186,6 +191,7 @@ class LLM:
         if self.closed:
             return
         self.closed = True
+        self._ahead = None
         self.runner.close()
         del self.runner.model, self.model, self.slots  # the engine runs nothing after close
         release_workspace(self.device)
@@ -261,13 +267,20 @@ class LLM:
     def step(self) -> StepOutput:
         """Run one engine step: schedule, one forward over every scheduled sequence, sample.
 
-        On any exception, Ctrl-C included, every queued request is dropped and its blocks freed
-        (a step interrupted half way leaves nothing consistent to continue from).
+        With ``EngineConfig.overlap``, a pure decode step that replayed CUDA graphs is followed,
+        before its samples are read, by the launch of the next decode step of the same sequences,
+        whose input tokens the graphs read from the first step's samples on the device: the
+        host's work for step t + 1 (scheduling, inputs) and for step t's samples (stop checks)
+        runs while the GPU computes. A step() then returns the step before the one it launched;
+        a sequence that stops at step t has computed one token more, which is dropped (its KV
+        is never published). Steps where a sequence reaches max_tokens, where requests wait or a
+        sequence would need a block that is not free run one at a time. On any exception, Ctrl-C
+        included, every queued request is dropped and its blocks freed (a step interrupted half
+        way leaves nothing consistent to continue from).
         """
         self._check_open()
-        timer = _StepTimer(self.device) if self.config.time_steps else None
         try:
-            finished, num_seqs, decode = self._step(self._specs, timer)
+            finished, num_seqs, decode, timer = self._step(self._specs)
         except BaseException:
             self._abandon()
             raise
@@ -292,6 +305,7 @@ class LLM:
         """Drop every queued request and free the blocks of its sequences (forks the scheduler
         had not seen yet included). The prefix cache keeps only KV that completed steps wrote
         (``_step`` publishes after its forward)."""
+        self._ahead = None  # what it computes on the device is never read
         self.scheduler.abort_all()
         for seq_id in self.blocks.sequence_ids():
             self.blocks.free(seq_id)
@@ -327,6 +341,7 @@ class LLM:
         seq = Sequence(seq_id=next(self._ids), request_id=rid, index=0, prompt_len=len(tokens),
                        tokens=list(tokens), params=params, seed=seeds[0], noise=noise_index,
                        stop_ids=frozenset(params.all_stop_token_ids(self.eos_token_id)),
+                       max_len=min(len(tokens) + params.max_tokens, self.max_model_len),
                        cache_salt=noise_cache_salt(spec), child_seeds=seeds[1:])
         self.scheduler.add(seq)
         self._pending[rid] = (out, params.n)
@@ -334,33 +349,42 @@ class LLM:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _step(self, specs: list[NoiseSpec], timer: _StepTimer | None = None) -> tuple[list[Sequence], int, bool]:
-        """Run one scheduled step: (the sequences that finished in it, how many sequences the
-        forward ran, whether it was a pure decode step)."""
+    def _step(self, specs: list[NoiseSpec]) -> tuple[list[Sequence], int, bool, _StepTimer | None]:
+        """Complete one step, launching it first unless it was launched ahead, and launch the
+        next ahead where the overlap can: (the sequences that finished, how many sequences the
+        forward ran, whether it was a pure decode step, its timer)."""
+        launched = self._ahead or self._launch(specs)
+        self._ahead = None
+        live = self._can_launch_ahead(launched)
+        if live is not None:
+            self._ahead = self._launch_ahead(live, launched, specs)
+        finished = self._complete(launched)
+        if finished and self._ahead is not None and all(seq.finished for seq in self._ahead.sampling):
+            self._ahead = None  # every sequence in it has stopped: nobody reads what it computes
+        return finished, len(launched.step.seqs), launched.step.decode, launched.timer
+
+    def _launch(self, specs: list[NoiseSpec]) -> _Launched:
+        """Schedule a step, run its forward and sampler, and queue its samples' copy to the host."""
+        timer = _StepTimer(self.device) if self.config.time_steps else None
         with nvtx_range("scheduler"):
             step = self.scheduler.schedule()
-        finished = list(step.finished)
         if not step.seqs:
-            if finished:
-                return finished, 0, False
+            if step.finished:
+                return _Launched(step, [], [], None, timer)
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         self.runner.copy_blocks(step.copies)
         tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
-        decode = step.decode
         if timer is not None:
             timer.mark()
-        with nvtx_range("decode_step" if decode else "prefill"):
+        with nvtx_range("decode_step" if step.decode else "prefill"):
             logits = self.runner.run(step.seqs, tables, specs)
         if timer is not None:
             timer.mark()
-        sampling: list[Sequence] = []
-        for entry in step.seqs:
-            seq, samples = entry.seq, entry.samples
-            seq.num_computed += entry.num_new
-            # The forward wrote these tokens' KV: their full blocks may now be shared.
-            self.blocks.mark_computed(seq.seq_id, seq.num_computed)
-            if samples:
-                sampling.append(seq)
+        for seq, num_new in step.seqs:
+            seq.num_computed += num_new
+        # The forward wrote these tokens' KV: their full blocks may now be shared.
+        self.blocks.mark_computed_all([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
+        sampling = [seq for seq, _ in step.seqs if seq.num_computed == len(seq.tokens)]
         rows = list(range(len(sampling)))
         for row in range(len(rows)):
             if sampling[row].child_seeds:  # forks sample from their parent's row
@@ -368,45 +392,116 @@ class LLM:
                     sampling.append(child)
                     rows.append(row)
         if not sampling:
-            return finished, len(step.seqs), decode
-        slots, generated, masked = [], [], False
-        for seq in sampling:
-            if seq.slot < 0:  # its first sample: its constants go to the device once
-                seq.slot = self.slots.acquire(seq.seed, seq.params)
-            slots.append(seq.slot)
-            n = len(seq.tokens) - seq.prompt_len
-            generated.append(n)
-            masked = masked or n < seq.params.min_tokens  # stop tokens still barred
-        rows_state = self.slots.rows(slots, generated)
+            return _Launched(step, [], [], None, timer)
         if len(rows) > logits.shape[0]:  # forks sample from their parent's row
             logits = logits[torch.tensor(rows, device=logits.device)]
-        elif masked:
-            logits = logits.clone()  # masked in place below; the runner may reuse its buffer
-        if masked:
-            stop_ids = pad_stop_ids([s.params.all_stop_token_ids(self.eos_token_id) for s in sampling], logits.device)
-            mask_stop_tokens(logits, stop_ids, rows_state.steps,
-                             torch.tensor([s.params.min_tokens for s in sampling], device=logits.device))
+        return self._sample(step, sampling, logits, timer)
+
+    def _can_launch_ahead(self, prev: _Launched) -> list[Sequence] | None:
+        """The overlap's rule: the step after ``prev`` is the decode step of exactly prev's live
+        sequences (returned), none of which reaches its length limit with prev's token, that fits
+        the decode graphs and the free blocks; and prev's samples are on the device where the
+        graphs read them. None where it is not."""
+        if not (self.config.overlap and prev.samples is not None and prev.on_graph and prev.step.decode):
+            return None
+        live = [seq for seq in prev.sampling if seq.status is not Status.FINISHED]
+        if not live or len(live) != self.scheduler.num_running or len(live) > self.config.max_num_batched_tokens:
+            return None
+        if self.scheduler.waiting and len(live) < self.config.max_num_seqs:
+            return None  # the schedule would admit a waiting sequence
+        graphs = self.runner.graphs
+        if graphs is None or graphs.disabled or len(live) > graphs.buckets[-1]:
+            return None
+        if any(len(seq.tokens) + 1 >= seq.max_len for seq in live):  # prev's token ends one: it must be read
+            return None
+        return live if self.blocks.can_append_all([seq.seq_id for seq in live]) else None
+
+    def _launch_ahead(self, live: list[Sequence], prev: _Launched, specs: list[NoiseSpec]) -> _Launched:
+        """Launch the decode step of ``live``, the sequences still running after ``prev``, before
+        reading prev's samples: each holds a placeholder for its token from prev, which the forward
+        reads on the device."""
+        timer = _StepTimer(self.device) if self.config.time_steps else None
+        for seq in live:
+            seq.tokens.append(UNREAD_TOKEN)
+        with nvtx_range("scheduler"):
+            step = self.scheduler.schedule()
+        if not step.decode or step.finished or len(step.seqs) != self.scheduler.num_running:
+            raise RuntimeError("the step scheduled ahead is not the decode step of the running sequences")
+        self.runner.copy_blocks(step.copies)
+        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
+        if timer is not None:
+            timer.mark()
+        assert prev.device_samples is not None  # _can_launch_ahead checked it
+        from_samples = FromSamples([seq.sample_row for seq, _ in step.seqs], prev.device_samples)
+        with nvtx_range("decode_step"):
+            logits = self.runner.run(step.seqs, tables, specs, from_samples)
+        if timer is not None:
+            timer.mark()
+        for seq, _ in step.seqs:
+            seq.num_computed += 1  # published once prev's tokens are known (_complete)
+        launched = self._sample(step, [seq for seq, _ in step.seqs], logits, timer)
+        launched.horizons = [seq.num_computed for seq, _ in step.seqs]
+        return launched
+
+    def _sample(self, step: Step, sampling: list[Sequence], logits: torch.Tensor,
+                timer: _StepTimer | None) -> _Launched:
+        """Sample a step's rows and queue the copy of the samples to the host."""
+        slots, generated = [], []
+        for row, seq in enumerate(sampling):
+            if seq.slot < 0:  # its first sample: its constants go to the device once
+                seq.slot = self.slots.acquire(seq.seed, seq.params, seq.stop_ids)
+            slots.append(seq.slot)
+            generated.append(len(seq.tokens) - seq.prompt_len)
+            seq.sample_row = row
         if timer is not None:
             timer.mark()
         with nvtx_range("sample"):
-            r = rows_state
-            result = self.sampler(logits, r.temperatures, r.top_p, r.top_k, r.seeds, r.steps, r.truncates)
+            packed = self.runner.sample(logits, slots, generated)
         if timer is not None:
             timer.mark()
-        # One copy to the host: tokens (exact in float64) and log-probs; a bad row has token -1.
-        tokens, logprobs = torch.stack((result.tokens.double(), result.logprobs.double())).tolist()
-        for seq, token, lp in zip(sampling, tokens, logprobs):
-            if token < 0:
-                self._finish(seq, "error: non-finite logits")
-                finished.append(seq)
+        return _Launched(step, sampling, generated, self.runner.read_back(packed), timer,
+                         on_graph=self.runner.sampled_by_graph, device_samples=packed)
+
+    def _complete(self, launched: _Launched) -> list[Sequence]:
+        """Read a launched step's samples and apply them: tokens, log-probs, stop checks."""
+        finished = list(launched.step.finished)
+        if launched.samples is None:
+            return finished
+        rows = launched.samples.wait()  # one copy to the host: tokens (exact in float64) and log-probs
+        if launched.horizons is not None:  # launched ahead; its input tokens are known now: publish its KV
+            live = [(seq.seq_id, n) for (seq, _), n in zip(launched.step.seqs, launched.horizons)
+                    if seq.status is not Status.FINISHED]
+            self.blocks.mark_computed_all([i for i, _ in live], [n for _, n in live])
+        unread_ids, unread_tokens = [], []
+        stops: list[tuple[Sequence, str]] = []
+        for seq, n, (token, lp) in zip(launched.sampling, launched.generated, rows):
+            if seq.status is Status.FINISHED:  # it stopped at the step before (overlap): not its token
                 continue
-            seq.tokens.append(int(token))
+            pos = seq.prompt_len + n
+            if token < 0:  # a bad row
+                del seq.tokens[pos:]  # with the placeholder of a step launched ahead
+                stops.append((seq, "error: non-finite logits"))
+                continue
+            if pos < len(seq.tokens):  # the placeholder of a step launched ahead
+                seq.tokens[pos] = int(token)
+                unread_ids.append(seq.seq_id)
+                unread_tokens.append(int(token))
+            else:
+                seq.tokens.append(int(token))
             seq.logprobs.append(lp)
             reason = self._stop_reason(seq)
             if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
-        return finished, len(step.seqs), decode
+                stops.append((seq, reason))
+        if unread_ids:  # before any of them finishes (and leaves the block manager)
+            self.blocks.set_last_tokens(unread_ids, unread_tokens)
+        for seq, reason in stops:
+            self._finish(seq, reason)
+            finished.append(seq)
+        return finished
+
+    def _draw(self, logits: torch.Tensor, rows: RowState) -> torch.Tensor:
+        """The sampler's draw, packed for one copy back ([B, 2] float64: token, log-prob)."""
+        return pack(self.sampler(logits, rows))
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """After its prompt is computed, a request's first sequence spawns its other samples."""
@@ -468,6 +563,27 @@ class LLM:
                                  f"got {tuple(tensor.shape)}")
             params[name].copy_(tensor)
         self.reset_prefix_cache()
+
+
+# The token of a sequence whose step was launched before the previous step's samples were read
+# (the overlap): its value is on the device until ``_complete`` sets it.
+UNREAD_TOKEN = -1
+
+
+@dataclass
+class _Launched:
+    """A step whose forward and sampler are queued on the device; its samples not read yet."""
+
+    step: Step
+    sampling: list[Sequence]  # the sequences it samples for, in the order of its sample rows
+    generated: list[int]  # each one's tokens generated before this one (the sampler's step)
+    samples: Samples | None  # their copy to the host; None: nothing sampled
+    timer: _StepTimer | None
+    on_graph: bool = False  # sampled by a sampler graph, whose output a graph step can read
+    device_samples: torch.Tensor | None = None  # the packed samples on the device
+    # Launched ahead (the overlap): each sequence's computed horizon, published (mark_computed)
+    # only once its input tokens are read, as no block may be shared under a placeholder's hash.
+    horizons: list[int] | None = None
 
 
 class _StepTimer:

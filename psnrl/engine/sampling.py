@@ -264,6 +264,27 @@ class SampleOutput:
     bad_rows: torch.Tensor
 
 
+@dataclass
+class RowState:
+    """One step's per-row sampling inputs, on the device (the engine gathers them from its
+    SamplingSlots)."""
+
+    temperatures: torch.Tensor  # fp32 [B]
+    top_p: torch.Tensor  # fp32 [B]
+    top_k: torch.Tensor  # int64 [B]
+    seeds: torch.Tensor  # int64 [B]
+    steps: torch.Tensor  # int64 [B]: index of the token being generated
+    truncates: bool  # some row has top-k or top-p (known on the host: no device read)
+    # Set when some row still bars its stop tokens (step < min_tokens), else None:
+    stop_ids: torch.Tensor | None = None  # int64 [B, S], each row's stop tokens padded with -1
+    min_tokens: torch.Tensor | None = None  # int64 [B]
+
+    @property
+    def mask_stops(self) -> torch.Tensor | None:
+        """bool [B]: the rows whose stop tokens are barred this step."""
+        return None if self.min_tokens is None else self.steps < self.min_tokens
+
+
 def filter_threshold(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per-row threshold [B] such that top-k then top-p keeps exactly {v : z_v >= thr}.
 
@@ -404,19 +425,29 @@ class Sampler:
         s = self.request_seed(params)
         return [derive_sample_seed(s, j) for j in range(params.n)]
 
-    def __call__(self, logits: torch.Tensor, temperatures: torch.Tensor, top_p: torch.Tensor,
-                 top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                 truncates: bool | None = None) -> SampleOutput:
-        """On a GPU one fused kernel (psnrl/kernels/sampler.py: the same draws, no [B, V]
-        temporaries, no host sync); elsewhere ``sample``, its torch reference."""
+    def __call__(self, logits: torch.Tensor, rows: RowState) -> SampleOutput:
+        """One token per row of ``logits`` with the rows' inputs ``rows``, stop tokens barred
+        where ``rows`` says so. On a GPU one fused kernel (psnrl/kernels/sampler.py: the same
+        draws, no [B, V] temporaries, no host sync); elsewhere ``mask_stop_tokens`` then
+        ``sample``, its torch reference."""
         if self.fused if self.fused is not None else logits.is_cuda:
             from psnrl.kernels.sampler import sample_rows
 
-            tokens, logprobs, bad = sample_rows(logits, seeds, steps, temperatures, top_p, top_k,
+            tokens, logprobs, bad = sample_rows(logits, rows.seeds, rows.steps, rows.temperatures, rows.top_p,
+                                                rows.top_k, stop_ids=rows.stop_ids, mask_stops=rows.mask_stops,
                                                 logprobs_mode=self.logprobs_mode)
             return SampleOutput(tokens, logprobs, bad)
-        return sample(logits, temperatures, top_p, top_k, seeds, steps, logprobs_mode=self.logprobs_mode,
-                      truncates=truncates)
+        if rows.stop_ids is not None and rows.min_tokens is not None:
+            # On a copy: the logits may be a buffer the runner reuses.
+            logits = mask_stop_tokens(logits.clone(), rows.stop_ids, rows.steps, rows.min_tokens)
+        return sample(logits, rows.temperatures, rows.top_p, rows.top_k, rows.seeds, rows.steps,
+                      logprobs_mode=self.logprobs_mode, truncates=rows.truncates)
+
+
+def pack(out: SampleOutput) -> torch.Tensor:
+    """float64 [B, 2]: each row's token (exact: ids are far below 2**53; -1 on a bad row) and
+    log-prob, so a step reads its samples back in one copy."""
+    return torch.stack((out.tokens.double(), out.logprobs.double()), dim=1)
 
 
 # ----------------------------------------------------------------------------- stopping

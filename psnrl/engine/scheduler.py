@@ -74,6 +74,11 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
+    @property
+    def num_running(self) -> int:
+        """Running sequences that have not finished."""
+        return len(self.running) - self._finished_running
+
     def has_work(self) -> bool:
         return bool(self.waiting) or len(self.running) > self._finished_running
 
@@ -168,8 +173,11 @@ class Scheduler:
         done, copies = self.blocks.append_last_tokens([seq.seq_id for seq in seqs], [seq.tokens[-1] for seq in seqs],
                                                       [len(seq.tokens) for seq in seqs])
         step.copies += copies
+        # The KV these tokens get is published (mark_computed) only once the step has run.
+        if done <= budget and new.count(1) == len(new):  # the usual decode step: one token each
+            step.seqs += map(ScheduledSeq, seqs[:done], itertools.repeat(1, done))
+            return start + done, budget - done
         for seq, n in zip(seqs[:done], new):
-            # The KV these tokens get is published (mark_computed) only once the step has run.
             step.seqs.append(ScheduledSeq(seq, min(n, budget)))
             budget -= n
         return start + done, max(budget, 0)

@@ -38,6 +38,10 @@ class Sequence:
     child_seeds: list[int] = field(default_factory=list)
     slot: int = -1  # its row of the engine's SamplingSlots, from its first sample on
     stop_ids: frozenset[int] = frozenset()  # tokens that finish it: params.all_stop_token_ids(eos)
+    # The length it ends at: prompt + max_tokens, at most the engine's max_model_len (0: not known,
+    # and the engine's overlap never runs it ahead).
+    max_len: int = 0
+    sample_row: int = -1  # its row in the samples of the last step that sampled it
 
     @property
     def num_tokens(self) -> int:

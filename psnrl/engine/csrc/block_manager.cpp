@@ -117,6 +117,13 @@ PYBIND11_MODULE(_block_manager, m) {
              "tokens gets last_tokens[i], one holding lengths[i] nothing; stops before the first "
              "in neither state or needing a block when none is free (left unchanged). Returns "
              "(how many were handled, their copy-on-writes in order).")
+        .def("set_last_tokens", &BlockManager::set_last_tokens, py::arg("seq_ids"), py::arg("tokens"),
+             "The last token of sequence i becomes tokens[i] (it was reserved before its value was "
+             "known); ValueError if that token is already computed.")
+        .def("can_append_all", &BlockManager::can_append_all, py::arg("seq_ids"),
+             "Whether append_token would find a block for every one of these sequences at once.")
+        .def("mark_computed_all", &BlockManager::mark_computed_all, py::arg("seq_ids"), py::arg("num_tokens"),
+             "mark_computed for each sequence, in one call.")
         .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
         .def("block_tables", &BlockManager::block_tables, py::arg("seq_ids"),
              "The block tables of these sequences, in one call.")

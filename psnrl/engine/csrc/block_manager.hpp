@@ -188,21 +188,38 @@ class BlockManager {
         const int32_t b = seq.table.back();
         res.block_id = b;
         res.slot = static_cast<int64_t>(b) * block_size_ + off;
-        if (off == block_size_ - 1) {  // the block just became full
-            const size_t nb = seq.table.size();
-            std::optional<uint64_t> parent = seq.salt;  // the root block chains from the salt
-            bool stale = blocks_[b].stale;
-            if (nb > 1) {
-                const Block& pb = blocks_[seq.table[nb - 2]];
-                parent = pb.hash;
-                stale = stale || pb.stale;
-            }
-            const int64_t* toks = seq.tokens.data() + (nb - 1) * block_size_;
-            uint64_t h = hash_tokens(parent, toks, block_size_, scratch_);
-            set_full(b, h, parent, nb == 1 && seq.salt.has_value(), toks);
-            blocks_[b].stale = stale;
-        }
+        if (off == block_size_ - 1) seal_last_block(seq);  // the block just became full
         return res;
+    }
+
+    // The last token of each sequence becomes tokens[i]: a step reserved it before its value was
+    // known (the engine's overlap: the token is still being sampled on the device). Only a token
+    // past the computed horizon can change, so no published block holds it.
+    void set_last_tokens(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& tokens) {
+        if (tokens.size() != seq_ids.size())
+            throw std::invalid_argument("set_last_tokens: seq_ids and tokens differ in length");
+        for (size_t i = 0; i < seq_ids.size(); ++i) {
+            Sequence& seq = get(seq_ids[i]);
+            const int64_t len = static_cast<int64_t>(seq.tokens.size());
+            if (seq.computed >= len)
+                throw std::invalid_argument("set_last_tokens: the last token of sequence " +
+                                            std::to_string(seq_ids[i]) + " is already computed");
+            seq.tokens.back() = tokens[i];
+            if (len % block_size_ == 0) seal_last_block(seq);  // hashed with the old value
+        }
+    }
+
+    // Whether append_token would find a block for every one of these sequences at once.
+    bool can_append_all(const std::vector<int64_t>& seq_ids) const {
+        int64_t need = 0;
+        for (int64_t id : seq_ids) need += append_need(get(id));
+        return need <= free_count_;
+    }
+
+    void mark_computed_all(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& num_tokens) {
+        if (num_tokens.size() != seq_ids.size())
+            throw std::invalid_argument("mark_computed_all: seq_ids and num_tokens differ in length");
+        for (size_t i = 0; i < seq_ids.size(); ++i) mark_computed(seq_ids[i], num_tokens[i]);
     }
 
     // A decode step's reservations in one call: sequence i, holding lengths[i] - 1 tokens, gets
@@ -513,6 +530,23 @@ class BlockManager {
         }
         plan.required = plan.num_blocks - static_cast<int64_t>(plan.hits.size()) + free_hits;
         return plan;
+    }
+
+    // The sequence's last block is full: hash it (chained from the block before, or the salt).
+    void seal_last_block(Sequence& seq) {
+        const size_t nb = seq.table.size();
+        const int32_t b = seq.table.back();
+        std::optional<uint64_t> parent = seq.salt;  // the root block chains from the salt
+        bool stale = blocks_[b].stale;
+        if (nb > 1) {
+            const Block& pb = blocks_[seq.table[nb - 2]];
+            parent = pb.hash;
+            stale = stale || pb.stale;
+        }
+        const int64_t* toks = seq.tokens.data() + (nb - 1) * block_size_;
+        uint64_t h = hash_tokens(parent, toks, block_size_, scratch_);
+        set_full(b, h, parent, nb == 1 && seq.salt.has_value(), toks);
+        blocks_[b].stale = stale;
     }
 
     int64_t append_need(const Sequence& seq) const {
