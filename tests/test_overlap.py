@@ -17,7 +17,7 @@ import torch
 from psnrl.engine.cuda_graphs import DecodeGraphs
 from psnrl.engine.llm import LLM, UNREAD_TOKEN
 from psnrl.engine.noise_spec import NoiseSpec
-from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.sampling import SamplingParams, derive_sample_seed
 from tiny_checkpoints import save_tiny_qwen2
 
 MAX_LEN = 96
@@ -146,6 +146,36 @@ def test_a_failure_in_a_step_launched_ahead_leaves_the_engine_ready(tiny, monkey
     # The prompts' first blocks are cached now, so their prefill runs other kernels: log-probs agree
     # to rounding (as a second call one step at a time does).
     assert_same_but_batching(expected, outcome(llm.generate(prompts, params, use_tqdm=False)))
+
+
+class PoisonedSampler:
+    """The engine's sampler, with NaN logits for the rows of one seed at one step (whatever the
+    batch): that sequence ends with an error while a step runs ahead of it."""
+
+    def __init__(self, inner, seed: int, step: int):
+        self.inner, self.seed, self.step = inner, seed, step
+
+    def __call__(self, logits, rows):
+        hit = (rows.seeds == self.seed) & (rows.steps == self.step)
+        return self.inner(logits.masked_fill(hit[:, None], float("nan")), rows)
+
+    def sample_seeds(self, params):
+        return self.inner.sample_seeds(params)
+
+
+def test_a_sequence_with_bad_logits_ends_with_an_error_while_a_step_runs_ahead(tiny):
+    prompts = prompts_for(4, seed=8)
+    params = [SamplingParams(temperature=1.0, max_tokens=12, seed=40 + i, ignore_eos=True) for i in range(4)]
+    results = []
+    for overlap in (False, True):
+        llm = engine(tiny, overlap=overlap)
+        llm.sampler = PoisonedSampler(llm.sampler, seed=derive_sample_seed(42, 0), step=5)
+        results.append(outcome(llm.generate(prompts, params, use_tqdm=False)))
+        assert (llm.launched_ahead > 0) == overlap
+    assert results[0] == results[1]
+    bad = results[1][2][0]
+    assert bad[2] == "error: non-finite logits" and len(bad[0]) == 5 and UNREAD_TOKEN not in bad[0]
+    assert all(r[0][2] == "length" for i, r in enumerate(results[1]) if i != 2)
 
 
 def test_time_steps_times_steps_launched_ahead(tiny):

@@ -86,6 +86,7 @@ a CPU, and a debugging aid on a GPU).
 from __future__ import annotations
 
 import itertools
+import operator
 import sys
 import time
 import warnings
@@ -190,19 +191,21 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
     n = len(seqs)
     if not 1 <= n <= bucket:
         raise ValueError(f"a decode plan needs 1..{bucket} sequences, got {n}")
-    if any(e.num_new != 1 for e in seqs):
-        raise ValueError(f"a decode plan takes one new token per sequence, got {[e.num_new for e in seqs]}")
-    step_seqs = [e.seq for e in seqs]
+    num_new = list(map(operator.itemgetter(1), seqs))
+    if num_new.count(1) != n:
+        raise ValueError(f"a decode plan takes one new token per sequence, got {num_new}")
+    step_seqs = list(map(operator.itemgetter(0), seqs))
     noise = [seq.noise for seq in step_seqs]
-    bad = [i for i in set(noise) if not -1 <= i < len(specs)]
+    kinds = set(noise)
+    bad = [i for i in kinds if not -1 <= i < len(specs)]
     if bad:
         raise ValueError(f"sequence noise index {bad[0]} is outside [-1, {len(specs) - 1}]")
-    noisy_specs = sorted(i for i in set(noise) if i >= 0 and specs[i] is not None and specs[i].sigma > 0)
+    noisy_specs = sorted(i for i in kinds if i >= 0 and specs[i] is not None and specs[i].sigma > 0)
     local = {s: i + 1 for i, s in enumerate(noisy_specs)}
     sid = [local.get(i, 0) for i in noise] if local else [0] * n
     order = sorted(range(n), key=sid.__getitem__) if local else list(range(n))
-    ordered = [step_seqs[i] for i in order]
-    tables = [block_tables[i] for i in order]
+    ordered = [step_seqs[i] for i in order] if local else step_seqs
+    tables = [block_tables[i] for i in order] if local else list(block_tables)
     positions = [seq.num_computed for seq in ordered]
     tokens = [seq.tokens[p] for seq, p in zip(ordered, positions)]
     try:
@@ -222,7 +225,7 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         if any(ids):
             group_ids[group] = ids
     # The graph rows of the sampling entries, in the step's order.
-    out_rows = [i for i, (seq, n) in enumerate(seqs) if seq.num_computed + n == len(seq.tokens)]  # e.samples
+    out_rows = [i for i, seq in enumerate(step_seqs) if seq.num_computed + 1 == len(seq.tokens)]  # e.samples
     if local:  # rows were reordered by noise stream
         row_of = [0] * n
         for row, i in enumerate(order):
@@ -381,7 +384,8 @@ class DecodeGraph:
         o = self.owner
         tokens = self.tokens.long()
         if o.samples is not None:  # rows with a token row take the token sampled there last step
-            sampled = o.samples[self.token_rows.clamp(min=0).long(), 0].long()
+            # (a bad row's -1 becomes 0: that sequence ends with an error, its next token unread)
+            sampled = o.samples[self.token_rows.clamp(min=0).long(), 0].long().clamp(min=0)
             tokens = torch.where(self.token_rows >= 0, sampled, tokens)
         hidden = o.model(tokens, self.positions.long(), self.meta, o.kv_caches, self.noise)
         assert o.out is not None  # allocated before the first graph is built
@@ -465,7 +469,7 @@ class DecodeGraphs:
 
     def fits(self, seqs, block_tables) -> bool:
         """A pure decode step of at most the largest bucket, within the tables' width."""
-        return (0 < len(seqs) <= self.buckets[-1] and all(e.num_new == 1 for e in seqs)
+        return (0 < len(seqs) <= self.buckets[-1] and list(map(operator.itemgetter(1), seqs)).count(1) == len(seqs)
                 and max(map(len, block_tables)) <= self.table_width)
 
     @torch.inference_mode()

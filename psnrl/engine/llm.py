@@ -158,6 +158,7 @@ class LLM:
         self._pending: dict[int, tuple[RequestOutput, int]] = {}  # request id -> (its output, samples)
         self._specs: list[NoiseSpec] = []  # the noise streams of the queued requests (sequences index it)
         self._ahead: _Launched | None = None  # a step launched before the previous one's samples were read
+        self._num_finished = 0  # sequences finished so far (a step launched ahead checks its own)
         # The model, tokenizer and caches live as long as the engine: keep them out of the
         # collector's full passes, which otherwise stall decode steps for a long time.
         gc.collect()
@@ -191,6 +192,8 @@ class LLM:
         if self.closed:
             return
         self.closed = True
+        if self._ahead is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step launched ahead still runs on what is freed
         self._ahead = None
         self.runner.close()
         del self.runner.model, self.model, self.slots  # the engine runs nothing after close
@@ -440,19 +443,19 @@ class LLM:
         for seq, _ in step.seqs:
             seq.num_computed += 1  # published once prev's tokens are known (_complete)
         launched = self._sample(step, [seq for seq, _ in step.seqs], logits, timer)
-        launched.horizons = [seq.num_computed for seq, _ in step.seqs]
+        launched.horizons = ([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
+        launched.num_finished = self._num_finished
         return launched
 
     def _sample(self, step: Step, sampling: list[Sequence], logits: torch.Tensor,
                 timer: _StepTimer | None) -> _Launched:
         """Sample a step's rows and queue the copy of the samples to the host."""
-        slots, generated = [], []
         for row, seq in enumerate(sampling):
+            seq.sample_row = row
             if seq.slot < 0:  # its first sample: its constants go to the device once
                 seq.slot = self.slots.acquire(seq.seed, seq.params, seq.stop_ids)
-            slots.append(seq.slot)
-            generated.append(len(seq.tokens) - seq.prompt_len)
-            seq.sample_row = row
+        slots = [seq.slot for seq in sampling]
+        generated = [len(seq.tokens) - seq.prompt_len for seq in sampling]
         if timer is not None:
             timer.mark()
         with nvtx_range("sample"):
@@ -469,29 +472,36 @@ class LLM:
             return finished
         rows = launched.samples.wait()  # one copy to the host: tokens (exact in float64) and log-probs
         if launched.horizons is not None:  # launched ahead; its input tokens are known now: publish its KV
-            live = [(seq.seq_id, n) for (seq, _), n in zip(launched.step.seqs, launched.horizons)
-                    if seq.status is not Status.FINISHED]
-            self.blocks.mark_computed_all([i for i, _ in live], [n for _, n in live])
+            ids, horizons = launched.horizons
+            if self._num_finished != launched.num_finished:  # some of them stopped since (not in the manager)
+                live = [(i, n) for (seq, _), i, n in zip(launched.step.seqs, ids, horizons)
+                        if seq.status is not Status.FINISHED]
+                ids, horizons = [i for i, _ in live], [n for _, n in live]
+            self.blocks.mark_computed_all(ids, horizons)
         unread_ids, unread_tokens = [], []
         stops: list[tuple[Sequence, str]] = []
-        for seq, n, (token, lp) in zip(launched.sampling, launched.generated, rows):
+        text = self.tokenizer is not None
+        for seq, n, (value, lp) in zip(launched.sampling, launched.generated, rows):
             if seq.status is Status.FINISHED:  # it stopped at the step before (overlap): not its token
                 continue
-            pos = seq.prompt_len + n
+            pos, token = seq.prompt_len + n, int(value)
             if token < 0:  # a bad row
                 del seq.tokens[pos:]  # with the placeholder of a step launched ahead
                 stops.append((seq, "error: non-finite logits"))
                 continue
             if pos < len(seq.tokens):  # the placeholder of a step launched ahead
-                seq.tokens[pos] = int(token)
+                seq.tokens[pos] = token
                 unread_ids.append(seq.seq_id)
-                unread_tokens.append(int(token))
+                unread_tokens.append(token)
             else:
-                seq.tokens.append(int(token))
+                seq.tokens.append(token)
             seq.logprobs.append(lp)
-            reason = self._stop_reason(seq)
-            if reason is not None:
-                stops.append((seq, reason))
+            # Only a stop id or the length can end it by the token rules (max_len is where the
+            # length rule fires): the rules run then, or for requests with stop strings.
+            if token in seq.stop_ids or pos + 1 >= seq.max_len or (text and seq.params.stop):
+                reason = self._stop_reason(seq)
+                if reason is not None:
+                    stops.append((seq, reason))
         if unread_ids:  # before any of them finishes (and leaves the block manager)
             self.blocks.set_last_tokens(unread_ids, unread_tokens)
         for seq, reason in stops:
@@ -538,6 +548,7 @@ class LLM:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self._num_finished += 1
         if seq.slot >= 0:
             self.slots.release(seq.slot)
             seq.slot = -1
@@ -551,7 +562,8 @@ class LLM:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new values into the model's parameters in place (Hugging Face names).
 
-        The prefix cache is dropped: KV computed with the old weights is stale.
+        The prefix cache is dropped: KV computed with the old weights is stale. A step the
+        overlap launched before the call (sequences still running) computes with the old weights.
         """
         self._check_open()
         params = dict(self.model.named_parameters())
@@ -581,9 +593,11 @@ class _Launched:
     timer: _StepTimer | None
     on_graph: bool = False  # sampled by a sampler graph, whose output a graph step can read
     device_samples: torch.Tensor | None = None  # the packed samples on the device
-    # Launched ahead (the overlap): each sequence's computed horizon, published (mark_computed)
-    # only once its input tokens are read, as no block may be shared under a placeholder's hash.
-    horizons: list[int] | None = None
+    # Launched ahead (the overlap): its sequences' ids and computed horizons, published
+    # (mark_computed) only once its input tokens are read: no block is shared under a
+    # placeholder's hash. And how many sequences the engine had finished when it launched.
+    horizons: tuple[list[int], list[int]] | None = None
+    num_finished: int = 0
 
 
 class _StepTimer:

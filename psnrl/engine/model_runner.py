@@ -133,7 +133,7 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=self.device)
         if from_samples is not None:  # one token per sequence, sampled on the device
             rows = torch.tensor(from_samples.rows, device=self.device)
-            input_ids = from_samples.samples[rows, 0].long()
+            input_ids = from_samples.samples[rows, 0].long().clamp(min=0)  # a bad row's -1: see cuda_graphs
         hidden = self.model(input_ids,
                             torch.tensor(positions, device=self.device), meta, self.kv_caches, noise)
         last = torch.tensor(last_rows, dtype=torch.long)

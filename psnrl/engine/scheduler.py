@@ -169,7 +169,8 @@ class Scheduler:
         block when none is free). Returns (where it stopped, the budget left)."""
         seqs = self.running[start:start + budget]  # each takes at least one token of the budget
         new = [len(seq.tokens) - seq.num_computed for seq in seqs]
-        seqs = seqs[:bisect.bisect_left(list(itertools.accumulate(new)), budget) + 1]
+        if sum(new) > budget:
+            seqs = seqs[:bisect.bisect_left(list(itertools.accumulate(new)), budget) + 1]
         done, copies = self.blocks.append_last_tokens([seq.seq_id for seq in seqs], [seq.tokens[-1] for seq in seqs],
                                                       [len(seq.tokens) for seq in seqs])
         step.copies += copies
