@@ -227,5 +227,5 @@ def test_gpu_overlap_with_captured_graphs_gives_the_tokens_of_one_step_at_a_time
         llm._launch_ahead = counted
         runs.append(outcome(llm.generate(prompts, params, use_tqdm=False)))
         assert not llm.runner.graphs.disabled and not llm.runner.sample_graphs.disabled
-        assert (llm.launched_ahead > 10) == overlap
+        assert (llm.launched_ahead > 0) == overlap
     assert_same_but_batching(runs[0], runs[1])
