@@ -225,7 +225,7 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         if any(ids):
             group_ids[group] = ids
     # The graph rows of the sampling entries, in the step's order.
-    out_rows = [i for i, seq in enumerate(step_seqs) if seq.num_computed + 1 == len(seq.tokens)]  # e.samples
+    out_rows = [i for i, e in enumerate(seqs) if e.samples]
     if local:  # rows were reordered by noise stream
         row_of = [0] * n
         for row, i in enumerate(order):

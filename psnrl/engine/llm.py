@@ -375,19 +375,12 @@ class LLM:
             if step.finished:
                 return _Launched(step, [], [], None, timer)
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
-        self.runner.copy_blocks(step.copies)
-        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
-        if timer is not None:
-            timer.mark()
-        with nvtx_range("decode_step" if step.decode else "prefill"):
-            logits = self.runner.run(step.seqs, tables, specs)
-        if timer is not None:
-            timer.mark()
+        logits = self._forward(step, specs, timer)
+        sampling = [e.seq for e in step.seqs if e.samples]
         for seq, num_new in step.seqs:
             seq.num_computed += num_new
         # The forward wrote these tokens' KV: their full blocks may now be shared.
         self.blocks.mark_computed_all([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
-        sampling = [seq for seq, _ in step.seqs if seq.num_computed == len(seq.tokens)]
         rows = list(range(len(sampling)))
         for row in range(len(rows)):
             if sampling[row].child_seeds:  # forks sample from their parent's row
@@ -430,22 +423,28 @@ class LLM:
             step = self.scheduler.schedule()
         if not step.decode or step.finished or len(step.seqs) != self.scheduler.num_running:
             raise RuntimeError("the step scheduled ahead is not the decode step of the running sequences")
-        self.runner.copy_blocks(step.copies)
-        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
-        if timer is not None:
-            timer.mark()
         assert prev.device_samples is not None  # _can_launch_ahead checked it
-        from_samples = FromSamples([seq.sample_row for seq, _ in step.seqs], prev.device_samples)
-        with nvtx_range("decode_step"):
-            logits = self.runner.run(step.seqs, tables, specs, from_samples)
-        if timer is not None:
-            timer.mark()
+        logits = self._forward(step, specs, timer,
+                               FromSamples([seq.sample_row for seq, _ in step.seqs], prev.device_samples))
         for seq, _ in step.seqs:
             seq.num_computed += 1  # published once prev's tokens are known (_complete)
         launched = self._sample(step, [seq for seq, _ in step.seqs], logits, timer)
         launched.horizons = ([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
         launched.num_finished = self._num_finished
         return launched
+
+    def _forward(self, step: Step, specs: list[NoiseSpec], timer: _StepTimer | None,
+                 from_samples: FromSamples | None = None) -> torch.Tensor:
+        """A scheduled step's copy-on-writes and forward: the logits of its sampling entries."""
+        self.runner.copy_blocks(step.copies)
+        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
+        if timer is not None:
+            timer.mark()
+        with nvtx_range("decode_step" if step.decode else "prefill"):
+            logits = self.runner.run(step.seqs, tables, specs, from_samples)
+        if timer is not None:
+            timer.mark()
+        return logits
 
     def _sample(self, step: Step, sampling: list[Sequence], logits: torch.Tensor,
                 timer: _StepTimer | None) -> _Launched:

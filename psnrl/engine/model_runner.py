@@ -130,10 +130,11 @@ class ModelRunner:
             block_tables=tables.to(self.device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device))
         noise = BatchNoise(row_spec, specs, self.device) if any(s >= 0 for s in row_spec) else None
-        input_ids = torch.tensor(ids, device=self.device)
-        if from_samples is not None:  # one token per sequence, sampled on the device
+        if from_samples is None:
+            input_ids = torch.tensor(ids, device=self.device)
+        else:  # one token per sequence, sampled on the device (a bad row's -1 clamped: see cuda_graphs)
             rows = torch.tensor(from_samples.rows, device=self.device)
-            input_ids = from_samples.samples[rows, 0].long().clamp(min=0)  # a bad row's -1: see cuda_graphs
+            input_ids = from_samples.samples[rows, 0].long().clamp(min=0)
         hidden = self.model(input_ids,
                             torch.tensor(positions, device=self.device), meta, self.kv_caches, noise)
         last = torch.tensor(last_rows, dtype=torch.long)

@@ -80,7 +80,7 @@ class Scheduler:
         return len(self.running) - self._finished_running
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or len(self.running) > self._finished_running
+        return bool(self.waiting) or self.num_running > 0
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished and give its blocks back (O(1): ``running`` drops it at the next schedule)."""
