@@ -229,3 +229,23 @@ def test_gpu_overlap_with_captured_graphs_gives_the_tokens_of_one_step_at_a_time
         assert not llm.runner.graphs.disabled and not llm.runner.sample_graphs.disabled
         assert (llm.launched_ahead > 0) == overlap
     assert_same_but_batching(runs[0], runs[1])
+
+
+def test_a_step_launched_ahead_that_the_graphs_decline_runs_eagerly_on_the_same_tokens(tiny, monkeypatch):
+    """Where the decode graphs cannot take a step launched ahead, the eager forward reads its input
+    tokens from the previous step's samples on the device instead."""
+    prompts, params = prompts_for(5, seed=9), mixed_params(5)
+    expected = outcome(engine(tiny, overlap=False).generate(prompts, params, use_tqdm=False))
+    llm = engine(tiny, overlap=True)
+    graphs, declined = llm.runner.graphs, []
+    run = graphs.run
+
+    def decline_ahead(seqs, tables, specs, from_samples=None):
+        if from_samples is not None:
+            declined.append(len(seqs))
+            return None
+        return run(seqs, tables, specs)
+    monkeypatch.setattr(graphs, "run", decline_ahead)
+    # Eager and graph forwards round differently: equal tokens, log-probs to rounding.
+    assert_same_but_batching(expected, outcome(llm.generate(prompts, params, use_tqdm=False)))
+    assert declined and len(declined) == llm.launched_ahead
