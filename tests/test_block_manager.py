@@ -14,6 +14,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from psnrl.engine.block_manager import AppendResult, BlockManager, OutOfBlocks, hash_block
@@ -874,3 +875,154 @@ def test_random_operations_against_model(seed):
         bm.check_invariants()
     assert bm.num_free_blocks() == nb and bm.num_sequences() == 0
     assert all(bm.ref_count(b) == 0 for b in range(nb))
+
+
+# --------------------------------------------------- device block tables --
+
+def _sync(bm, ids, positions, rows, num_rows=4, width=4, capacity=64):
+    slots = np.full(len(ids) + 1, -9, dtype=np.int32)
+    updates = np.full((capacity, 2), -9, dtype=np.int32)
+    n = bm.sync_decode_tables(ids, positions, rows, num_rows, width, slots, updates)
+    return n, slots[:len(ids)].tolist(), [tuple(p) for p in updates[:max(n, 0)].tolist()]
+
+
+def test_sync_decode_tables_sends_a_row_once_then_what_changed():
+    bm = BlockManager(16, 4)
+    bm.allocate(1, list(range(9)), num_scheduled=0)  # blocks 0, 1, 2
+    bm.allocate(2, [5, 6], num_scheduled=0)  # block 3
+    # First sync: whole rows (row 3 of width 4 starts at 12), and each position's KV slot.
+    assert _sync(bm, [1, 2], [8, 1], [3, 0]) == (4, [8, 13], [(12, 0), (13, 1), (14, 2), (0, 3)])
+    assert _sync(bm, [1, 2], [8, 1], [3, 0])[0] == 0  # nothing changed
+    for t in (7, 8, 9):  # sequence 2 fills block 3 and opens a new one
+        bm.append_token(2, t)
+    assert _sync(bm, [2, 1], [4, 8], [0, 3]) == (1, [bm.slot_of(2, 4), 8], [(1, bm.block_table(2)[1])])
+    # Rows swap: both sequences are rewritten whole.
+    n, _, pairs = _sync(bm, [2, 1], [4, 8], [3, 0])
+    assert n == 5 and pairs == [(12, 3), (13, bm.block_table(2)[1]), (0, 0), (1, 1), (2, 2)]
+
+
+def test_sync_decode_tables_resends_an_entry_replaced_by_copy_on_write():
+    bm = BlockManager(16, 4)
+    bm.allocate(1, [1, 2, 3, 4, 5, 6], num_scheduled=0)
+    bm.fork(1, 2)
+    assert _sync(bm, [1, 2], [5, 5], [0, 1])[0] == 4  # a fork starts with no row: written whole
+    bm.append_token(2, 9)  # its shared partial last block is copied on write
+    cow = bm.block_table(2)[1]
+    assert _sync(bm, [1, 2], [5, 6], [0, 1]) == (1, [bm.slot_of(1, 5), cow * 4 + 2], [(5, cow)])
+
+
+def test_sync_decode_tables_rewrites_a_row_another_sequence_wrote_since():
+    bm = BlockManager(16, 4)
+    bm.allocate(1, [1, 2, 3, 4, 5], num_scheduled=0)
+    bm.allocate(2, [6, 7], num_scheduled=0)
+    assert _sync(bm, [1], [4], [2])[0] == 2
+    assert _sync(bm, [2], [1], [2])[0] == 1  # sequence 2 takes row 2 over
+    assert _sync(bm, [1], [4], [2])[0] == 2  # so sequence 1 must write its row whole again
+    # A sequence freed and allocated again (a preemption) has no row either.
+    bm.free(1)
+    bm.allocate(1, [1, 2, 3, 4, 5], num_scheduled=0)
+    assert _sync(bm, [1], [4], [2])[0] == 2
+    bm.reset()
+    bm.allocate(3, [1], num_scheduled=0)
+    assert _sync(bm, [3], [0], [2]) == (1, [bm.slot_of(3, 0)], [(8, bm.block_table(3)[0])])
+
+
+@pytest.mark.parametrize("case", ["row out of range", "row twice", "too wide", "position", "few slots",
+                                  "few updates"])
+def test_sync_decode_tables_refuses_without_changing_anything(case):
+    bm = BlockManager(16, 4)
+    bm.allocate(1, list(range(9)), num_scheduled=0)  # 3 blocks
+    bm.allocate(2, [5, 6], num_scheduled=0)
+    assert _sync(bm, [2], [1], [0])[0] == 1
+    ids, positions, rows, kw = [1, 2], [8, 1], [3, 1], {}
+    if case == "row out of range":
+        rows = [4, 1]
+    elif case == "row twice":
+        rows = [1, 1]
+    elif case == "too wide":
+        kw = dict(width=2)
+    elif case == "position":
+        positions = [9, 1]
+    elif case == "few updates":
+        kw = dict(capacity=3)  # sequence 1 needs 3 entries, sequence 2 (moved) one more
+    if case == "few slots":
+        slots, updates = np.zeros(1, np.int32), np.zeros((8, 2), np.int32)
+        assert bm.sync_decode_tables(ids, positions, rows, 4, 4, slots, updates) == -1
+    else:
+        assert _sync(bm, ids, positions, rows, **kw) == (-1, [-9, -9], [])
+    # Nothing was recorded: sequence 2 still holds row 0 and sequence 1 no row.
+    assert _sync(bm, [2, 1], [1, 8], [0, 3])[0] == 3
+
+
+def test_sync_decode_tables_checks_its_arrays():
+    bm = BlockManager(16, 4)
+    bm.allocate(1, [1, 2], num_scheduled=0)
+    ok_slots, ok_updates = np.zeros(2, np.int32), np.zeros((8, 2), np.int32)
+    with pytest.raises(TypeError):
+        bm.sync_decode_tables([1], [1], [0], 4, 4, ok_slots.astype(np.int64), ok_updates)
+    with pytest.raises(ValueError, match="updates must be a contiguous"):
+        bm.sync_decode_tables([1], [1], [0], 4, 4, ok_slots, np.zeros((8, 3), np.int32))
+    with pytest.raises(ValueError, match="slots must be a contiguous"):
+        bm.sync_decode_tables([1], [1], [0], 4, 4, np.zeros((4, 2), np.int32)[:, 0], ok_updates)
+    with pytest.raises(ValueError, match="differ in length"):
+        bm.sync_decode_tables([1], [1, 2], [0], 4, 4, ok_slots, ok_updates)
+    with pytest.raises(KeyError):
+        bm.sync_decode_tables([7], [0], [0], 4, 4, ok_slots, ok_updates)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_device_rows_follow_the_block_tables_through_random_operations(seed):
+    """A simulated device table, updated only by the pairs, always holds the synced sequences'
+    tables, while the pairs stay few: a step sends what changed, not whole tables."""
+    rng = random.Random(seed)
+    nb, bs, num_rows, width = 48, 4, 6, 12
+    bm = BlockManager(nb, bs, watermark=0.0)
+    device = np.full((num_rows, width), -1, dtype=np.int32)
+    row_of: dict[int, int] = {}
+    next_id, sent, whole = 0, 0, 0
+    for _ in range(2000):
+        live = bm.sequence_ids()
+        op = rng.random()
+        if op < 0.1 or not live:
+            toks = [rng.randrange(5) for _ in range(rng.randrange(1, 20))]
+            if bm.num_free_blocks() >= -(-len(toks) // bs) and len(live) < num_rows:
+                bm.allocate(next_id, toks, num_scheduled=0)
+                next_id += 1
+        elif op < 0.75:
+            sid = rng.choice(live)
+            if bm.can_append(sid) and bm.num_tokens(sid) < width * bs:
+                bm.append_token(sid, rng.randrange(5))
+        elif op < 0.8 and len(live) < num_rows:
+            bm.fork(rng.choice(live), next_id)
+            next_id += 1
+        elif op < 0.85:
+            sid = rng.choice(live)
+            bm.free(sid)
+            row_of.pop(sid, None)
+        else:  # a decode step of some sequences; sometimes they move to other free rows
+            step = rng.sample(live, rng.randint(1, len(live)))
+            taken = {row_of[s] for s in live if s in row_of and s not in step}
+            for sid in step:
+                if sid not in row_of or rng.random() < 0.1:
+                    row_of[sid] = rng.choice([r for r in range(num_rows) if r not in taken])
+                taken.add(row_of[sid])
+            rows = [row_of[s] for s in step]
+            if len(set(rows)) < len(rows):
+                for sid in step:  # a collision: a fresh layout
+                    row_of.pop(sid)
+                free_rows = [r for r in range(num_rows) if r not in {row_of[s] for s in row_of}]
+                for sid, r in zip(step, free_rows):
+                    row_of[sid] = r
+                rows = [row_of[s] for s in step]
+            positions = [bm.num_tokens(s) - 1 for s in step]
+            n, slots, pairs = _sync(bm, step, positions, rows, num_rows, width, capacity=num_rows * width)
+            assert n >= 0
+            for index, block in pairs:
+                device[index // width, index % width] = block
+            for sid, r, slot in zip(step, rows, slots):
+                table = bm.block_table(sid)
+                assert device[r, :len(table)].tolist() == table
+                assert slot == bm.slot_of(sid, -1)
+            sent += n
+            whole += sum(len(bm.block_table(s)) for s in step)
+    assert sent < whole / 2

@@ -17,6 +17,7 @@ import torch
 
 from psnrl.engine import cuda_graphs as cg
 from tiny_checkpoints import save_tiny_qwen2
+from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.cuda_graphs import (DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
                                 tile_level)
 from psnrl.engine.llm import LLM, EngineConfig
@@ -25,7 +26,7 @@ from psnrl.engine.model_runner import ModelRunner
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.engine.sampling import SamplingParams
 from psnrl.engine.sampling_slots import SamplingSlots
-from psnrl.engine.scheduler import ScheduledSeq
+from psnrl.engine.scheduler import Step
 from psnrl.engine.sequence import Sequence
 from psnrl.kernels.attention_reference import paged_attention_reference
 from psnrl.kernels.noise_rows import MAX_SLOTS, StreamRows, max_work_tiles, pack_work_tiles
@@ -111,42 +112,51 @@ def test_tile_levels_grow_from_the_common_case_to_the_bound():
     assert tile_capacity(256, 64, level) >= need > tile_capacity(256, 64, level - 1)
 
 
-def _entry(seq_id, tokens, num_computed, noise, num_new=1):
-    seq = Sequence(seq_id, seq_id, 0, 1, list(tokens), SamplingParams(), 0, noise)
+def make_step(seqs, num_new):
+    step = Step()
+    for seq, n in zip(seqs, num_new):
+        step.add(seq, n)
+    step.num_tokens = sum(num_new)
+    return step
+
+
+def _seq(seq_id, tokens, num_computed, noise):
+    seq = Sequence(seq_id, seq_id, 0, 1, list(tokens), SamplingParams(), 0, noise, slot=10 + seq_id)
     seq.num_computed = num_computed
-    return ScheduledSeq(seq, num_new)
+    return seq
 
 
 def test_decode_plan_orders_rows_by_stream_pads_and_maps_logits_back():
     specs = [SPEC_MLP, SPEC_ZERO, SPEC_ALL]
     # (tokens, num_computed, noise); entry 3 has two uncomputed tokens: it runs one, samples none
-    entries = [_entry(0, [5, 6, 7], 2, 2), _entry(1, [8, 9], 1, -1), _entry(2, [1, 2, 3, 4, 5], 4, 0),
-               _entry(3, [4, 4, 4], 1, 1), _entry(4, [9] * 9, 8, 2)]
-    assert [e.samples for e in entries] == [True, True, True, False, True]
-    tables = [[3], [5], [7, 8], [2], [10, 11, 12]]
-    plan = plan_decode(entries, tables, specs, bucket=8, block_size=4)
+    seqs = [_seq(0, [5, 6, 7], 2, 2), _seq(1, [8, 9], 1, -1), _seq(2, [1, 2, 3, 4, 5], 4, 0),
+            _seq(3, [4, 4, 4], 1, 1), _seq(4, [9] * 9, 8, 2)]
+    step = make_step(seqs, [1] * 5)
+    assert step.sampling_entries() == [0, 1, 2, 4] and step.partial == [3]
+    plan = plan_decode(step, specs, bucket=8)
     # local streams: spec 0 -> 1, spec 2 -> 2; spec 1 (sigma 0) is clean
     assert [s.seed for s in plan.streams] == [SPEC_MLP.seed, SPEC_ALL.seed]
     assert plan.order == [1, 3, 2, 0, 4]  # clean (stable), then stream 1, then stream 2
+    assert plan.seq_ids == [1, 3, 2, 0, 4] and plan.table_rows == [11, 13, 12, 10, 14]
     assert plan.tokens == [9, 4, 5, 7, 9]
     assert plan.positions == [1, 1, 4, 2, 8]
-    assert plan.slots == [5 * 4 + 1, 2 * 4 + 1, 8 * 4 + 0, 3 * 4 + 2, 12 * 4 + 0]
-    assert plan.context_lens == [2, 2, 5, 3, 9]
-    assert plan.tables == [[5], [2], [7, 8], [3], [10, 11, 12]]
     assert plan.group_ids == {"mlp": [0, 0, 1, 2, 2, 0, 0, 0], "attn": [0, 0, 0, 2, 2, 0, 0, 0],
                               "lm_head": [0, 0, 0, 2, 2, 0, 0, 0]}
     assert plan.noisy_groups == ("mlp", "attn", "lm_head")
     # sampling entries 0, 1, 2, 4 sit at graph rows 3, 0, 2, 4
     assert plan.out_rows == [3, 0, 2, 4]
+    # tokens still on the device: the plan carries their sample rows, in graph order
+    ahead = plan_decode(step, specs, bucket=8, token_rows=[40, 41, 42, 43, 44])
+    assert ahead.tokens is None and ahead.token_rows == [41, 43, 42, 40, 44]
 
-    clean = plan_decode(entries[:2], tables[:2], [SPEC_ZERO, SPEC_ZERO, SPEC_ZERO], 2, 4)
+    clean = plan_decode(make_step(seqs[:2], [1, 1]), [SPEC_ZERO, SPEC_ZERO, SPEC_ZERO], 2)
     assert clean.group_ids == {} and clean.streams == [] and clean.noisy_groups == ()
     with pytest.raises(ValueError, match="noise index 5"):
-        plan_decode([_entry(0, [1, 2], 1, 5)], [[0]], specs, 1, 4)
+        plan_decode(make_step([_seq(0, [1, 2], 1, 5)], [1]), specs, 1)
     with pytest.raises(ValueError, match="one new token"):
-        plan_decode([_entry(0, [1, 2, 3], 1, -1, num_new=2)], [[0]], specs, 1, 4)
+        plan_decode(make_step([_seq(0, [1, 2, 3], 1, -1)], [2]), specs, 1)
     with pytest.raises(ValueError, match="1..2 sequences"):
-        plan_decode(entries[:3], tables[:3], specs, 2, 4)
+        plan_decode(make_step(seqs[:3], [1, 1, 1]), specs, 2)
 
 
 def test_enforce_eager_is_honored_and_a_cpu_never_captures(tiny, monkeypatch):
@@ -154,7 +164,7 @@ def test_enforce_eager_is_honored_and_a_cpu_never_captures(tiny, monkeypatch):
     assert llm.config.enforce_eager is False and llm.runner.graphs is None  # CPU: eager
     model = llm.model
     with pytest.raises(ValueError, match="CUDA"):
-        DecodeGraphs(model, llm.runner.kv_caches, 4, 8, 64)  # capturing needs CUDA
+        DecodeGraphs(model, llm.runner.kv_caches, llm.blocks, 8, 64)  # capturing needs CUDA
 
     # Pretend to be on CUDA: the runner builds graphs exactly when not enforce_eager.
     made = []
@@ -170,9 +180,9 @@ def test_enforce_eager_is_honored_and_a_cpu_never_captures(tiny, monkeypatch):
 
     monkeypatch.setattr(cg, "enabled", lambda device, enforce_eager: not enforce_eager)
     monkeypatch.setattr(cg, "DecodeGraphs", Recorder)
-    assert ModelRunner(model, llm.runner.kv_caches, 4, use_cuda_graphs=False).graphs is None
+    assert ModelRunner(model, llm.runner.kv_caches, llm.blocks, use_cuda_graphs=False).graphs is None
     assert not made
-    runner = ModelRunner(model, llm.runner.kv_caches, 4, use_cuda_graphs=True, max_num_seqs=8,
+    runner = ModelRunner(model, llm.runner.kv_caches, llm.blocks, use_cuda_graphs=True, max_num_seqs=8,
                          max_model_len=64)
     assert isinstance(runner.graphs, Recorder) and made[-1][3:] == (8, 64)
     assert LLM(tiny, dtype="float32", block_size=4, enforce_eager=True).runner.graphs is None
@@ -271,58 +281,59 @@ def test_noisy_linear_with_graph_rows_equals_stream_rows(device):
 
 class Pair:
     """The same sequences on two KV caches: eager decode on one, graph decode on the other,
-    fed the same tokens (the eager argmax)."""
+    fed the same tokens (the eager argmax). Each side has its own block manager, given the same
+    calls, so both lay their caches out alike."""
 
     def __init__(self, path, device, dtype, prompts, noise, specs, *, block_size=4, max_num_seqs=8,
                  max_model_len=1024, capture=False):
         self.model = load_model(path, dtype=dtype, device=device)
-        self.bs = block_size
-        self.per_seq = -(-max_model_len // block_size)
-        num_blocks = self.per_seq * len(prompts)
+        num_blocks = -(-max_model_len // block_size) * len(prompts)
         self.caches = [self.model.allocate_kv_cache(num_blocks, block_size) for _ in range(2)]
-        self.eager = [ModelRunner(self.model, c, block_size) for c in self.caches]
-        self.graphs = DecodeGraphs(self.model, self.caches[1], block_size, max_num_seqs, max_model_len,
+        self.blocks = [BlockManager(num_blocks, block_size, watermark=0.0) for _ in range(2)]
+        self.eager = [ModelRunner(self.model, c, b) for c, b in zip(self.caches, self.blocks)]
+        self.graphs = DecodeGraphs(self.model, self.caches[1], self.blocks[1], max_num_seqs, max_model_len,
                                    capture=capture, verbose=False)
         self.specs = specs
-        self.seqs = [[Sequence(i, i, 0, len(p), list(p), SamplingParams(), 0, noise[i])
+        self.seqs = [[Sequence(i, i, 0, len(p), list(p), SamplingParams(), 0, noise[i], slot=i)
                       for i, p in enumerate(prompts)] for _ in range(2)]
         for side in range(2):
-            step = [ScheduledSeq(s, s.num_tokens) for s in self.seqs[side]]
-            logits = self.eager[side].run(step, self.tables(side, range(len(prompts))), specs)
+            for s in self.seqs[side]:
+                self.blocks[side].allocate(s.seq_id, s.tokens, num_scheduled=0)
+            step = make_step(self.seqs[side], [s.num_tokens for s in self.seqs[side]])
+            logits = self.eager[side].run(step, specs)
             for s in self.seqs[side]:
                 s.num_computed = s.num_tokens
         self.next = logits.argmax(-1).tolist()
         for side in range(2):
             for s, t in zip(self.seqs[side], self.next):
-                s.tokens.append(t)
+                self.append(side, s, t)
 
-    def tables(self, side, which):
-        return [[i * self.per_seq + j for j in range(-(-self.seqs[side][i].num_tokens // self.bs))]
-                for i in which]
+    def append(self, side, seq, token):
+        seq.tokens.append(token)
+        self.blocks[side].append_token(seq.seq_id, token)
 
     def step(self, which):
         """Decode the sequences ``which`` (in that order) on both sides; (eager, graph) logits."""
         out = []
         for side in range(2):
-            step = [ScheduledSeq(self.seqs[side][i], 1) for i in which]
-            tables = self.tables(side, which)
+            step = make_step([self.seqs[side][i] for i in which], [1] * len(which))
             if side == 0:
-                out.append(self.eager[0].run(step, tables, self.specs))
+                out.append(self.eager[0].run(step, self.specs))
             else:
-                logits = self.graphs.run(step, tables, self.specs)
+                logits = self.graphs.run(step, self.specs)
                 assert logits is not None
                 out.append(logits)
         for i, t in zip(which, out[0].argmax(-1).tolist()):
             for side in range(2):
                 self.seqs[side][i].num_computed += 1
-                self.seqs[side][i].tokens.append(t)
+                self.append(side, self.seqs[side][i], t)
         return out
 
     def used_slots(self):
         """Cache slots that hold a token of some sequence (the rest must stay untouched)."""
         slots = []
-        for i, s in enumerate(self.seqs[0]):
-            slots += [i * self.per_seq * self.bs + p for p in range(s.num_computed)]
+        for s in self.seqs[0]:
+            slots += self.blocks[0].slot_mapping(s.seq_id, 0, s.num_computed)
         return torch.tensor(slots, device=self.caches[0][0][0].device)
 
 
@@ -370,25 +381,24 @@ def test_static_graph_forward_skips_non_sampling_rows_and_reuses_graphs(tiny):
     noise, specs = NOISE_MODES["mixed"](4)
     pair = Pair(tiny, "cpu", torch.float32, prompts_for(4, seed=1), noise, specs, max_num_seqs=4)
     for side in range(2):  # sequence 2 gets two new tokens: it computes one, samples none
-        pair.seqs[side][2].tokens.append(17)
-    step = [ScheduledSeq(pair.seqs[s][i], 1) for s in range(2) for i in range(4)]
-    eager = pair.eager[0].run(step[:4], pair.tables(0, range(4)), specs)
-    graph = pair.graphs.run(step[4:], pair.tables(1, range(4)), specs)
+        pair.append(side, pair.seqs[side][2], 17)
+    eager = pair.eager[0].run(make_step(pair.seqs[0], [1] * 4), specs)
+    graph = pair.graphs.run(make_step(pair.seqs[1], [1] * 4), specs)
     assert eager.shape == graph.shape == (3, 256)
     torch.testing.assert_close(graph, eager, atol=1e-5, rtol=1e-5)
     for side in range(2):
         for s in pair.seqs[side]:
             s.num_computed += 1
         for i, t in zip([0, 1, 3], eager.argmax(-1).tolist()):
-            pair.seqs[side][i].tokens.append(t)
+            pair.append(side, pair.seqs[side][i], t)
     graphs_before = dict(pair.graphs.graphs)
     eager, graph = pair.step([0, 1, 2, 3])
     torch.testing.assert_close(graph, eager, atol=1e-5, rtol=1e-5)
     assert pair.graphs.graphs == graphs_before  # same key: the same graph, refilled
     assert pair.graphs.num_replays == 2
     # Not a decode step, or too many rows: the caller runs it eagerly.
-    assert pair.graphs.run([ScheduledSeq(pair.seqs[1][0], 2)], pair.tables(1, [0]), specs) is None
-    assert not pair.graphs.fits([ScheduledSeq(pair.seqs[1][0], 1)] * 5, pair.tables(1, [0] * 5))
+    assert pair.graphs.run(make_step([pair.seqs[1][0]], [2]), specs) is None
+    assert not pair.graphs.fits(make_step([pair.seqs[1][0]] * 5, [1] * 5))
 
 
 def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
@@ -401,7 +411,8 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
     noise = [SPEC_ALL, None, SPEC_MLP, SPEC_ALL, None]
     ref = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
     llm = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
-    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, 4, 8, 64, capture=False, verbose=False))
+    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, llm.blocks, 8, 64, capture=False,
+                                       verbose=False))
     a = ref.generate(prompts, params, noise, use_tqdm=False)
     b = llm.generate(prompts, params, noise, use_tqdm=False)
     for ra, rb in zip(a, b):
@@ -416,6 +427,50 @@ def test_llm_generate_with_static_graphs_equals_eager_on_cpu(tiny):
     assert {truncates for _, _, truncates in sampler_keys} == {True, False}
 
 
+def test_block_tables_stay_on_the_device_and_slots_past_its_rows_run_eagerly(tiny, monkeypatch):
+    """After every graph step the device rows of its sequences hold their block tables (sent
+    entry by entry), and a step with a sequence whose slot is past the device table's rows runs
+    eagerly, with the same tokens."""
+    prompts = prompts_for(6, seed=12, longest=9)
+    # Slots follow the first samples: requests 0-5, then request 0's fork (slot 6), which ends
+    # first, then request 5 (slot 5): the last steps fit the 5 rows.
+    params = [SamplingParams(temperature=1.0, max_tokens=14 - i, seed=i, ignore_eos=True) for i in range(6)]
+    params[0] = SamplingParams(temperature=1.0, max_tokens=8, seed=7, n=2, ignore_eos=True)  # a fork: CoW
+    ref = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
+    llm = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
+    graphs = DecodeGraphs(llm.model, llm.runner.kv_caches, llm.blocks, 8, 64, capture=False, verbose=False,
+                          table_rows=5)
+    llm.runner.use_graphs(graphs)
+    run, ran, declined, sent = graphs.run, [], [], []
+
+    class CountedSyncs:  # the engine's block manager, counting the entries each step sends
+        def __getattr__(self, name):
+            return getattr(llm.blocks, name)
+
+        def sync_decode_tables(self, *args):
+            sent.append(llm.blocks.sync_decode_tables(*args))
+            return sent[-1]
+
+    def checked(step, specs, from_samples=None):
+        logits = run(step, specs, from_samples)
+        if graphs.fits(step):  # a decode step
+            (ran if logits is not None else declined).append(max(seq.slot for seq in step.seqs))
+        if logits is not None:
+            for seq in step.seqs:
+                table = llm.blocks.block_table(seq.seq_id)
+                assert graphs.device_tables[seq.slot, :len(table)].tolist() == table
+        return logits
+    monkeypatch.setattr(graphs, "run", checked)
+    graphs.blocks = CountedSyncs()
+    a = ref.generate(prompts, params, use_tqdm=False)
+    b = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in r.outputs] for r in a] == [[c.token_ids for c in r.outputs] for r in b]
+    assert ran and max(ran) < 5 and declined and min(declined) >= 5  # 7 sequences, 5 rows
+    # The first graph step sends its rows whole; later ones at most a new block per sequence.
+    sent = [n for n in sent if n >= 0]
+    assert len(sent) == len(ran) and sent[0] > 4 and all(n <= 4 for n in sent[1:])
+
+
 def test_sampler_graphs_are_recorded_again_when_the_slot_tables_move(tiny, monkeypatch):
     """More live sequences than slots, or more stop tokens than a slot row holds, reallocates
     the tables the sampler graphs read: they are dropped and recorded again, and the draws stay
@@ -427,7 +482,8 @@ def test_sampler_graphs_are_recorded_again_when_the_slot_tables_move(tiny, monke
     ref = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
     llm = LLM(tiny, dtype="float32", block_size=4, max_num_seqs=8, max_model_len=64)
     llm.slots = llm.runner.slots = SamplingSlots(llm.device, 256, capacity=2)
-    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, 4, 8, 64, capture=False, verbose=False))
+    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, llm.blocks, 8, 64, capture=False,
+                                       verbose=False))
     graphs = llm.runner.sample_graphs
     dropped = []  # how many sampler graphs each drop found
     close = graphs.close_graphs

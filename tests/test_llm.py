@@ -266,7 +266,7 @@ def test_reset_prefix_cache_forgets_cached_prompts(checkpoint):
         if reset:
             llm.reset_prefix_cache()
         llm.add_requests(PROMPTS[:1], GREEDY)
-        assert llm.scheduler.schedule().seqs[0].num_new == computed
+        assert llm.scheduler.schedule().num_new[0] == computed
 
 
 def test_time_steps_splits_a_step_into_forward_and_sampler(checkpoint):

@@ -35,7 +35,7 @@ def engine(path, overlap: bool, **kwargs) -> LLM:
     steps it launches ahead."""
     options = dict(dtype="float32", block_size=4, max_num_seqs=8, max_model_len=MAX_LEN, overlap=overlap)
     llm = LLM(path, **{**options, **kwargs})
-    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, llm.config.block_size,
+    llm.runner.use_graphs(DecodeGraphs(llm.model, llm.runner.kv_caches, llm.blocks,
                                        llm.config.max_num_seqs, MAX_LEN, capture=False, verbose=False))
     llm.launched_ahead = 0
     launch = llm._launch_ahead
@@ -134,10 +134,10 @@ def test_a_failure_in_a_step_launched_ahead_leaves_the_engine_ready(tiny, monkey
     llm = engine(tiny, overlap=True)
     run = llm.runner.run
 
-    def fail_ahead(seqs, tables, specs, from_samples=None):
+    def fail_ahead(step, specs, from_samples=None):
         if from_samples is not None:
             raise KeyboardInterrupt
-        return run(seqs, tables, specs, from_samples)
+        return run(step, specs, from_samples)
     monkeypatch.setattr(llm.runner, "run", fail_ahead)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(prompts, params, use_tqdm=False)
@@ -240,11 +240,11 @@ def test_a_step_launched_ahead_that_the_graphs_decline_runs_eagerly_on_the_same_
     graphs, declined = llm.runner.graphs, []
     run = graphs.run
 
-    def decline_ahead(seqs, tables, specs, from_samples=None):
+    def decline_ahead(step, specs, from_samples=None):
         if from_samples is not None:
-            declined.append(len(seqs))
+            declined.append(len(step.seqs))
             return None
-        return run(seqs, tables, specs)
+        return run(step, specs)
     monkeypatch.setattr(graphs, "run", decline_ahead)
     # Eager and graph forwards round differently: equal tokens, log-probs to rounding.
     assert_same_but_batching(expected, outcome(llm.generate(prompts, params, use_tqdm=False)))

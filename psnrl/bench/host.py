@@ -66,7 +66,7 @@ def stub_model(llm, vocab: int) -> None:
     model.forward = lambda input_ids, *args, **kwargs: hidden[:input_ids.shape[0]]
     model.logits = lambda h, noise=None: logits[:h.shape[0]]
     if llm.runner.graphs is None:
-        llm.runner.use_graphs(DecodeGraphs(model, llm.runner.kv_caches, llm.config.block_size,
+        llm.runner.use_graphs(DecodeGraphs(model, llm.runner.kv_caches, llm.blocks,
                                            llm.config.max_num_seqs, llm.max_model_len, capture=False,
                                            verbose=False))
 

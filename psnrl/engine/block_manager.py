@@ -57,6 +57,14 @@ Free pool
     is evicted first (LRU). ``free`` releases a sequence's blocks last to first,
     so a chain's deeper blocks are evicted before its ancestors.
 
+Device block tables
+    The engine's decode graphs keep every running sequence's block table in a row of a
+    device table and copy only what changed. The manager remembers, per sequence, the row
+    it last wrote there and how many leading entries that row still holds (a copy-on-write
+    of the last block takes it back by one; a fork starts with none), and which sequence
+    wrote each row last: :meth:`BlockManager.sync_decode_tables` emits only the entries a
+    row lacks (everything, when the sequence moved or another one wrote its row since).
+
 Weight updates
     Cached KV is stale after the policy's weights change: call
     :meth:`BlockManager.clear_prefix_cache` (keeps live sequences, which the
@@ -70,6 +78,9 @@ Not thread-safe.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["AppendResult", "BlockManager", "OutOfBlocks", "hash_block"]
 
@@ -194,6 +205,18 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
 
         def mark_computed_all(self, seq_ids: list[int], num_tokens: list[int]) -> None:
             """``mark_computed`` for each sequence, in one call."""
+            ...
+
+        def sync_decode_tables(self, seq_ids: list[int], positions: list[int], rows: list[int], num_rows: int,
+                               width: int, slots: np.ndarray, updates: np.ndarray) -> int:
+            """A graph decode step's KV inputs, for block tables kept on the device in the rows of a
+            ``[num_rows, width]`` table (see "Device block tables"). Writes the KV slot of
+            ``positions[i]`` of sequence i to ``slots[i]`` and, for each table entry row ``rows[i]``
+            lacks, the pair ``(rows[i] * width + entry, block id)`` to ``updates`` (int32 numpy
+            arrays, 1-D and [n, 2], written in place); returns the number of pairs. -1, with
+            nothing changed, if a row is out of range or repeats, a table is wider than width, a
+            position is not one of the sequence's tokens or the outputs are too short. TypeError
+            for arrays that are not int32."""
             ...
 
         def block_table(self, seq_id: int) -> list[int]: ...

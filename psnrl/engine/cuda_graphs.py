@@ -12,11 +12,17 @@ What an eager decode step does on the host, and how the graph avoids it
 
 * Inputs (token ids, positions, slot mapping, context lengths, block tables,
   cu_seqlens) are ``torch.tensor``-s of Python lists, a new size each step.
-  Graph: fixed-size device buffers, one flat int32 buffer plus the block table
-  ``[bucket, ceil(max_model_len / block_size)]``, written from pinned host
-  staging with two asynchronous copies before ``replay()``. Rows past the batch
-  are padding: token 0, position 0, context 0 (attention output 0), slot -1 (the
-  K/V store skips them, ``store_kv_skip_padding``), clean noise.
+  Graph: fixed-size device buffers, one flat int32 buffer written from pinned
+  host staging with one asynchronous copy before ``replay()``. Block tables stay
+  on the device: each sequence's table is a row of one ``[rows, ceil(max_model_len
+  / block_size)]`` table (the row is its sampling slot), and a step copies only
+  the entries a row lacks (new blocks, copy-on-write replacements; a whole row
+  when a sequence first runs in a graph), as (flat index, block) pairs the graph
+  scatters before it gathers the step's rows for attention. The block manager
+  tracks what each row holds (``BlockManager.sync_decode_tables``), and also
+  writes the new tokens' KV slots, so the host never walks a table. Rows past
+  the batch are padding: position 0, context 0 (attention output 0), slot -1
+  (the K/V store skips them, ``store_kv_skip_padding``), clean noise.
 * Attention: the dispatcher reads ``cu_seqlens_q`` back (``.tolist()``, decode or
   not), ``_check_lengths`` reads the lengths and block ids back, and the split
   count of the split-K decode kernel follows the step's longest context. Graph:
@@ -85,7 +91,6 @@ a CPU, and a debugging aid on a GPU).
 """
 from __future__ import annotations
 
-import itertools
 import operator
 import sys
 import time
@@ -98,8 +103,10 @@ import torch
 import triton
 
 from psnrl.engine.attention import AttentionMetadata
+from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
+from psnrl.engine.scheduler import Step
 from psnrl.kernels import noise as noise_mod
 from psnrl.kernels.noise_rows import MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles
 from psnrl.kernels.noisy_linear import pick_tiles
@@ -161,11 +168,10 @@ class DecodePlan:
 
     bucket: int
     order: list[int]
-    tokens: list[int]
+    seq_ids: list[int]
+    table_rows: list[int]  # the rows of the device block table that hold their tables
+    tokens: list[int] | None  # None: every input token is a previous sample (token_rows)
     positions: list[int]
-    slots: list[int]
-    context_lens: list[int]
-    tables: list[Sequence[int]]
     streams: list[NoiseStream]  # local stream s (1-based) is streams[s - 1]
     group_ids: dict[str, list[int]]  # per noisy group: the stream of each of the bucket's rows
     out_rows: list[int]  # graph rows of the sampling entries, in the step's order
@@ -180,22 +186,28 @@ class DecodePlan:
         return tuple(g for g in TARGET_GROUPS if g in self.group_ids)
 
 
-def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[NoiseSpec | None],
-                bucket: int, block_size: int, token_rows: Sequence[int] | None = None) -> DecodePlan:
+_noise_of = operator.attrgetter("noise")
+_computed_of = operator.attrgetter("num_computed")
+_id_of = operator.attrgetter("seq_id")
+_slot_of = operator.attrgetter("slot")
+
+
+def plan_decode(step: Step, specs: Sequence[NoiseSpec | None], bucket: int,
+                token_rows: Sequence[int] | None = None) -> DecodePlan:
     """Lay out a pure decode step (every entry has one new token) in ``bucket`` rows.
 
-    Rows are ordered by noise stream (clean first, stable), the order that keeps the
-    noisy kernel's work tiles fewest. ``token_rows``: per entry, the row of the previous
-    step's samples that is its input token (the tokens are still on the device).
+    Rows are ordered by noise stream (clean first, stable), the order that keeps the noisy
+    kernel's work tiles fewest. A sequence's block table lives in row ``seq.slot`` of the
+    device table (its sampling slot). ``token_rows``: per entry, the row of the previous step's
+    samples that is its input token (the tokens are still on the device).
     """
+    seqs = step.seqs
     n = len(seqs)
     if not 1 <= n <= bucket:
         raise ValueError(f"a decode plan needs 1..{bucket} sequences, got {n}")
-    num_new = list(map(operator.itemgetter(1), seqs))
-    if num_new.count(1) != n:
-        raise ValueError(f"a decode plan takes one new token per sequence, got {num_new}")
-    step_seqs = list(map(operator.itemgetter(0), seqs))
-    noise = [seq.noise for seq in step_seqs]
+    if step.num_new.count(1) != n:
+        raise ValueError(f"a decode plan takes one new token per sequence, got {step.num_new}")
+    noise = list(map(_noise_of, seqs))
     kinds = set(noise)
     bad = [i for i in kinds if not -1 <= i < len(specs)]
     if bad:
@@ -204,17 +216,9 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
     local = {s: i + 1 for i, s in enumerate(noisy_specs)}
     sid = [local.get(i, 0) for i in noise] if local else [0] * n
     order = sorted(range(n), key=sid.__getitem__) if local else list(range(n))
-    ordered = [step_seqs[i] for i in order] if local else step_seqs
-    tables = [block_tables[i] for i in order] if local else list(block_tables)
-    positions = [seq.num_computed for seq in ordered]
-    tokens = [seq.tokens[p] for seq, p in zip(ordered, positions)]
-    try:
-        blocks = [t[p // block_size] for t, p in zip(tables, positions)]
-    except IndexError:
-        p, t = next((p, t) for p, t in zip(positions, tables) if p // block_size >= len(t))
-        raise ValueError(f"position {p} is past the sequence's {len(t)} blocks") from None
-    slots = [b * block_size + p % block_size for b, p in zip(blocks, positions)]
-    ctx = [p + 1 for p in positions]
+    ordered = [seqs[i] for i in order] if local else seqs
+    positions = list(map(_computed_of, ordered))
+    tokens = [seq.tokens[p] for seq, p in zip(ordered, positions)] if token_rows is None else None
     streams = [NoiseStream(specs[s].seed, specs[s].sigma) for s in noisy_specs]
     group_ids: dict[str, list[int]] = {}
     for group in TARGET_GROUPS:
@@ -225,14 +229,15 @@ def plan_decode(seqs, block_tables: Sequence[Sequence[int]], specs: Sequence[Noi
         if any(ids):
             group_ids[group] = ids
     # The graph rows of the sampling entries, in the step's order.
-    out_rows = [i for i, e in enumerate(seqs) if e.samples]
+    out_rows = step.sampling_entries()
     if local:  # rows were reordered by noise stream
         row_of = [0] * n
         for row, i in enumerate(order):
             row_of[i] = row
         out_rows = [row_of[i] for i in out_rows]
-    rows = [token_rows[i] for i in order] if token_rows is not None else None
-    return DecodePlan(bucket, order, tokens, positions, slots, ctx, tables, streams, group_ids, out_rows, rows)
+    rows = ([token_rows[i] for i in order] if local else list(token_rows)) if token_rows is not None else None
+    return DecodePlan(bucket, order, list(map(_id_of, ordered)), list(map(_slot_of, ordered)), tokens, positions,
+                      streams, group_ids, out_rows, rows)
 
 
 class _GraphRows(NoiseRows):
@@ -293,7 +298,7 @@ class DecodeGraph:
             self._slices[name] = (size, length)
             size += length
 
-        for name in ("tokens", "positions", "slots", "context_lens", "out_rows", "token_rows"):
+        for name in ("tokens", "positions", "slots", "context_lens", "out_rows", "token_rows", "table_rows"):
             add(name, bucket)
         add("seeds", 2 * (bucket + 1))
         add("sigmas", bucket + 1)
@@ -308,16 +313,14 @@ class DecodeGraph:
         self.flat = torch.zeros(size, dtype=torch.int32, device=dev)
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self._np = self.host.numpy()
-        width = owner.table_width
-        self.tables = torch.zeros(bucket, width, dtype=torch.int32, device=dev)
-        self.host_tables = torch.zeros(bucket * width, dtype=torch.int32, pin_memory=pin)
-        self._np_tables = self.host_tables.numpy()
-        self._copied: torch.cuda.Event | None = None  # after the last host -> device copies (CUDA)
+        # The rows' block tables, gathered from the device table inside the graph.
+        self.tables = torch.zeros(bucket, owner.table_width, dtype=torch.int32, device=dev)
         self._streams: list[NoiseStream] | None = None  # whose seeds and sigmas the buffers hold
 
         v = self._view
         self.tokens, self.positions, self.slots = v("tokens"), v("positions"), v("slots")
         self.context_lens, self.out_rows, self.token_rows = v("context_lens"), v("out_rows"), v("token_rows")
+        self.table_rows = v("table_rows")
         self.meta = AttentionMetadata(
             cu_seqlens_q=torch.arange(bucket + 1, dtype=torch.int32, device=dev),
             context_lens=self.context_lens, block_tables=self.tables, slot_mapping=self.slots,
@@ -340,17 +343,30 @@ class DecodeGraph:
         self._np[off:off + values.size] = values
         self._np[off + values.size:off + length] = pad
 
-    def fill(self, plan: DecodePlan, tiles: dict[tuple[str, int], tuple[list, list]]) -> None:
-        """Write the step into the graph's input buffers (two asynchronous copies on CUDA)."""
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copies have read the staging buffers
+    def fill(self, plan: DecodePlan, tiles: dict[tuple[str, int], tuple[list, list]]) -> bool:
+        """Write the step into the graph's input buffers and the block-table entries the device
+        lacks into the owner's (two asynchronous copies on CUDA). False: the step's tables do not
+        fit the device table (nothing was copied; the step runs eagerly)."""
+        o = self.owner
+        if o.copied is not None:
+            o.copied.synchronize()  # the previous step's copies have read the staging buffers
         n, b = plan.num_rows, self.bucket
-        self._put("tokens", plan.tokens)
+        off, _ = self._slices["slots"]
+        count = o.blocks.sync_decode_tables(plan.seq_ids, plan.positions, plan.table_rows, o.table_rows,
+                                            o.table_width, self._np[off:off + n], o.pairs_np[:b * o.table_width])
+        if count < 0:
+            return False
+        self._np[off + n:off + b] = -1  # padding rows store no K/V
+        if plan.tokens is not None:
+            self._put("tokens", plan.tokens)
         self._put("positions", plan.positions)
-        self._put("slots", plan.slots, pad=-1)
-        self._put("context_lens", plan.context_lens)
+        off, _ = self._slices["context_lens"]
+        self._np[off:off + n] = plan.positions
+        self._np[off:off + n] += 1
+        self._np[off + n:off + b] = 0
         self._put("out_rows", plan.out_rows)
         self._put("token_rows", plan.token_rows if plan.token_rows is not None else [], pad=-1)
+        self._put("table_rows", plan.table_rows, pad=o.table_rows)  # padding rows: the spare row
         if plan.streams != self._streams:  # they change with the step's noise specs only
             self._put("seeds", noise_mod.seed_table([0] + [s.seed for s in plan.streams], "cpu").numpy())
             sig_off, sig_len = self._slices["sigmas"]
@@ -365,23 +381,29 @@ class DecodeGraph:
                 ranges, table = tiles[(g, bm)]
                 self._put(f"ranges.{g}.{bm}", ranges)  # unused tiles: [0, 0), no rows
                 self._put(f"tiles.{g}.{bm}", table, pad=-1)
-        lens = np.fromiter(map(len, plan.tables), np.int64, n)
-        width = int(lens.max())
-        staged = self._np_tables[:n * width].reshape(n, width)
-        # Each row's blocks, then stale entries past them (never read), in one vectorized write.
-        staged[np.arange(width) < lens[:, None]] = np.fromiter(itertools.chain.from_iterable(plan.tables),
-                                                               np.int32, int(lens.sum()))
+        o.updates_np[0] = count
         cuda = self.flat.is_cuda
         self.flat.copy_(self.host, non_blocking=cuda)
-        # Entries past a row's blocks (and padding rows) keep stale values: never read.
-        self.tables[:n, :width].copy_(self.host_tables[:n * width].view(n, width), non_blocking=cuda)
+        o.updates[:2 + 2 * count].copy_(o.updates_host[:2 + 2 * count], non_blocking=cuda)
         if cuda:
-            self._copied = event = torch.cuda.Event()
+            o.copied = event = torch.cuda.Event()
             event.record()
+        return True
+
+    def refresh_tables(self) -> None:
+        """Apply the block-table entries of this step (the first ``count`` pairs; the rest of the
+        bucket's capacity goes to the spare row) and gather the rows' tables for attention."""
+        o = self.owner
+        cap = self.bucket * o.table_width
+        pairs = o.update_pairs[:cap]
+        index = torch.where(o.update_index[:cap] < o.updates[:1], pairs[:, 0], o.table_rows * o.table_width)
+        o.device_tables.view(-1).scatter_(0, index.long(), pairs[:, 1])
+        torch.index_select(o.device_tables, 0, self.table_rows.long(), out=self.tables)
 
     def forward(self) -> None:
         """The recorded computation: the model on the static buffers, logits into the shared output."""
         o = self.owner
+        self.refresh_tables()
         tokens = self.tokens.long()
         if o.samples is not None:  # rows with a token row take the token sampled there last step
             # (a bad row's -1 becomes 0: that sequence ends with an error, its next token unread)
@@ -417,20 +439,39 @@ class DecodeGraphs:
     (the caller runs the step eagerly).
     """
 
-    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 max_num_seqs: int, max_model_len: int, capture: bool = True, verbose: bool = True):
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], blocks: BlockManager,
+                 max_num_seqs: int, max_model_len: int, capture: bool = True, verbose: bool = True,
+                 table_rows: int | None = None):
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.blocks = blocks
+        self.block_size = blocks.block_size
         self.max_model_len = max_model_len
         self.buckets = bucket_sizes(max_num_seqs)
-        self.table_width = triton.cdiv(max_model_len, block_size)
-        self.device = model.model.embed_tokens.weight.device
+        self.table_width = triton.cdiv(max_model_len, self.block_size)
+        self.device = dev = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.capture_graphs = capture
         if capture and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, got one on {self.device}")
         self.verbose = verbose
+        # Block tables on the device: a sequence's table is row ``seq.slot`` (its sampling slot) of
+        # ``device_tables``, refreshed entry by entry (BlockManager.sync_decode_tables); the last
+        # row is a spare that padding rows read and masked updates write. A step whose slots reach
+        # past ``table_rows`` (default: the engine's initial sampling-slot capacity) runs eagerly.
+        self.table_rows = table_rows if table_rows is not None else 2 * max_num_seqs
+        self.device_tables = torch.zeros(self.table_rows + 1, self.table_width, dtype=torch.int32, device=dev)
+        # A step's updates: [count, unused, (flat index, block) pairs...], room for a full rewrite
+        # of the largest bucket's rows; a graph applies the first count pairs (update_index < count).
+        capacity = self.buckets[-1] * self.table_width
+        pin = dev.type == "cuda"
+        self.updates = torch.zeros(2 + 2 * capacity, dtype=torch.int32, device=dev)
+        self.updates_host = torch.zeros(2 + 2 * capacity, dtype=torch.int32, pin_memory=pin)
+        self.updates_np = self.updates_host.numpy()
+        self.pairs_np = self.updates_np[2:].reshape(capacity, 2)
+        self.update_pairs = self.updates[2:].view(capacity, 2)
+        self.update_index = torch.arange(capacity, dtype=torch.int32, device=dev)
+        self.copied: torch.cuda.Event | None = None  # after the last step's host -> device copies (CUDA)
         self.graphs: dict[tuple[int, tuple[str, ...], int], DecodeGraph] = {}
         self.pool: Any = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None
@@ -467,25 +508,25 @@ class DecodeGraphs:
 
     # -- a step ---------------------------------------------------------------------------
 
-    def fits(self, seqs, block_tables) -> bool:
-        """A pure decode step of at most the largest bucket, within the tables' width."""
-        return (0 < len(seqs) <= self.buckets[-1] and list(map(operator.itemgetter(1), seqs)).count(1) == len(seqs)
-                and max(map(len, block_tables)) <= self.table_width)
+    def fits(self, step: Step) -> bool:
+        """A pure decode step of at most the largest bucket (the tables' width is checked as
+        they are synced)."""
+        return 0 < len(step.seqs) <= self.buckets[-1] and step.num_new.count(1) == len(step.seqs)
 
     @torch.inference_mode()
-    def run(self, seqs, block_tables, specs, from_samples=None) -> torch.Tensor | None:
-        """Logits (fp32) [sampling entries, vocab] of a decode step, or None if it is not one.
+    def run(self, step: Step, specs, from_samples=None) -> torch.Tensor | None:
+        """Logits (fp32) [sampling entries, vocab] of a decode step, or None if it is not one
+        (or its block tables do not fit the device table).
         ``from_samples`` (``model_runner.FromSamples``): the input tokens are the previous step's
         samples, which a graph reads only from ``samples``."""
-        if self.disabled or not self.fits(seqs, block_tables):
+        if self.disabled or not self.fits(step):
             return None
         if from_samples is not None and (self.samples is None or
                                          from_samples.samples.data_ptr() != self.samples.data_ptr()):
             return None
-        bucket = bucket_for(len(seqs), self.buckets)
+        bucket = bucket_for(len(step.seqs), self.buckets)
         assert bucket is not None  # fits() checked it
-        plan = plan_decode(seqs, block_tables, specs, bucket, self.block_size,
-                           from_samples.rows if from_samples is not None else None)
+        plan = plan_decode(step, specs, bucket, from_samples.rows if from_samples is not None else None)
         tiles: dict[tuple[str, int], tuple[list, list]] = {}
         for g, ids in plan.group_ids.items():
             for bm in self.block_ms(bucket, g):
@@ -498,14 +539,15 @@ class DecodeGraphs:
             self.out = torch.empty(self.buckets[-1], self.model.config.vocab_size, dtype=torch.float32,
                                    device=self.device)
         graph = self.graphs.get(key)
+        new = graph is None
         if graph is None:
             graph = DecodeGraph(self, *key)
-            graph.fill(plan, tiles)
+        if not graph.fill(plan, tiles):
+            return None
+        if new:
             if self.capture_graphs and not self._capture(graph):
                 return None
             self.graphs[key] = graph
-        else:
-            graph.fill(plan, tiles)
         graph.replay()
         self.num_replays += 1
         return self.out[:len(plan.out_rows)]

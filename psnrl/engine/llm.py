@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import math
 import numbers
+import operator
 import struct
 import time
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class LLM:
         # Room for every sequence a full batch runs, so graphs rarely see the tables move.
         self.slots = SamplingSlots(self.device, mcfg.vocab_size, capacity=2 * cfg.max_num_seqs)
         self.runner = ModelRunner(self.model, self.model.allocate_kv_cache(num_blocks, cfg.block_size),
-                                  cfg.block_size, slots=self.slots, draw=self._draw,
+                                  self.blocks, slots=self.slots, draw=self._draw,
                                   use_cuda_graphs=not cfg.enforce_eager,
                                   max_num_seqs=cfg.max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
@@ -376,11 +377,11 @@ class LLM:
                 return _Launched(step, [], [], None, timer)
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         logits = self._forward(step, specs, timer)
-        sampling = [e.seq for e in step.seqs if e.samples]
-        for seq, num_new in step.seqs:
+        sampling = [step.seqs[i] for i in step.sampling_entries()]
+        for seq, num_new in zip(step.seqs, step.num_new):
             seq.num_computed += num_new
         # The forward wrote these tokens' KV: their full blocks may now be shared.
-        self.blocks.mark_computed_all([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
+        self.blocks.mark_computed_all([seq.seq_id for seq in step.seqs], [seq.num_computed for seq in step.seqs])
         rows = list(range(len(sampling)))
         for row in range(len(rows)):
             if sampling[row].child_seeds:  # forks sample from their parent's row
@@ -424,12 +425,11 @@ class LLM:
         if not step.decode or step.finished or len(step.seqs) != self.scheduler.num_running:
             raise RuntimeError("the step scheduled ahead is not the decode step of the running sequences")
         assert prev.device_samples is not None  # _can_launch_ahead checked it
-        logits = self._forward(step, specs, timer,
-                               FromSamples([seq.sample_row for seq, _ in step.seqs], prev.device_samples))
-        for seq, _ in step.seqs:
+        logits = self._forward(step, specs, timer, FromSamples(list(map(_sample_row, step.seqs)), prev.device_samples))
+        for seq in step.seqs:
             seq.num_computed += 1  # published once prev's tokens are known (_complete)
-        launched = self._sample(step, [seq for seq, _ in step.seqs], logits, timer)
-        launched.horizons = ([seq.seq_id for seq, _ in step.seqs], [seq.num_computed for seq, _ in step.seqs])
+        launched = self._sample(step, step.seqs, logits, timer)
+        launched.horizons = (list(map(_seq_id, step.seqs)), list(map(_num_computed, step.seqs)))
         launched.num_finished = self._num_finished
         return launched
 
@@ -437,11 +437,10 @@ class LLM:
                  from_samples: FromSamples | None = None) -> torch.Tensor:
         """A scheduled step's copy-on-writes and forward: the logits of its sampling entries."""
         self.runner.copy_blocks(step.copies)
-        tables = self.blocks.block_tables([e.seq.seq_id for e in step.seqs])
         if timer is not None:
             timer.mark()
         with nvtx_range("decode_step" if step.decode else "prefill"):
-            logits = self.runner.run(step.seqs, tables, specs, from_samples)
+            logits = self.runner.run(step, specs, from_samples)
         if timer is not None:
             timer.mark()
         return logits
@@ -473,7 +472,7 @@ class LLM:
         if launched.horizons is not None:  # launched ahead; its input tokens are known now: publish its KV
             ids, horizons = launched.horizons
             if self._num_finished != launched.num_finished:  # some of them stopped since (not in the manager)
-                live = [(i, n) for (seq, _), i, n in zip(launched.step.seqs, ids, horizons)
+                live = [(i, n) for seq, i, n in zip(launched.step.seqs, ids, horizons)
                         if seq.status is not Status.FINISHED]
                 ids, horizons = [i for i, _ in live], [n for _, n in live]
             self.blocks.mark_computed_all(ids, horizons)
@@ -575,6 +574,10 @@ class LLM:
             params[name].copy_(tensor)
         self.reset_prefix_cache()
 
+
+_sample_row = operator.attrgetter("sample_row")
+_seq_id = operator.attrgetter("seq_id")
+_num_computed = operator.attrgetter("num_computed")
 
 # The token of a sequence whose step was launched before the previous step's samples were read
 # (the overlap): its value is on the device until ``_complete`` sets it.

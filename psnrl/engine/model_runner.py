@@ -7,11 +7,12 @@ import torch
 
 from psnrl.engine import cuda_graphs
 from psnrl.engine.attention import AttentionMetadata
+from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.model import CausalLM
 from psnrl.engine.noise_spec import BatchNoise, NoiseSpec
 from psnrl.engine.sample_graphs import Draw, SampleGraphs
 from psnrl.engine.sampling_slots import SamplingSlots
-from psnrl.engine.scheduler import ScheduledSeq
+from psnrl.engine.scheduler import Step
 
 
 class FromSamples(NamedTuple):
@@ -37,18 +38,20 @@ class Samples:
 
 
 class ModelRunner:
-    """Runs scheduled steps. With ``use_cuda_graphs`` on CUDA, pure decode steps of up to
-    ``max_num_seqs`` sequences replay CUDA graphs (psnrl/engine/cuda_graphs.py), and so does
-    their sampling (psnrl/engine/sample_graphs.py); other steps, and every step on a CPU, run
-    eagerly. ``slots`` and ``draw`` (the engine's sampling tables and sampler) are needed by
-    ``sample`` only."""
+    """Runs scheduled steps on the KV cache whose blocks ``blocks`` hands out. With
+    ``use_cuda_graphs`` on CUDA, pure decode steps of up to ``max_num_seqs`` sequences replay
+    CUDA graphs (psnrl/engine/cuda_graphs.py), and so does their sampling
+    (psnrl/engine/sample_graphs.py); other steps, and every step on a CPU, run eagerly.
+    ``slots`` and ``draw`` (the engine's sampling tables and sampler) are needed by ``sample``
+    only."""
 
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, *, slots: SamplingSlots | None = None, draw: Draw | None = None,
+                 blocks: BlockManager, *, slots: SamplingSlots | None = None, draw: Draw | None = None,
                  use_cuda_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int | None = None):
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.blocks = blocks
+        self.block_size = blocks.block_size
         self.slots, self.draw = slots, draw
         self.device = model.model.embed_tokens.weight.device
         self.graphs: cuda_graphs.DecodeGraphs | None = None
@@ -61,7 +64,7 @@ class ModelRunner:
         self._turn = 0
         if cuda_graphs.enabled(self.device, enforce_eager=not use_cuda_graphs):
             self.use_graphs(cuda_graphs.DecodeGraphs(
-                model, kv_caches, block_size, max_num_seqs, max_model_len or model.config.max_position_embeddings))
+                model, kv_caches, blocks, max_num_seqs, max_model_len or model.config.max_position_embeddings))
 
     def use_graphs(self, graphs: cuda_graphs.DecodeGraphs) -> None:
         """Replay ``graphs`` for decode steps, and sampler graphs on their logits."""
@@ -93,16 +96,18 @@ class ModelRunner:
             v_cache[dst] = v_cache[src]
 
     @torch.inference_mode()
-    def run(self, seqs: list[ScheduledSeq], block_tables: list[list[int]],
-            specs: Sequence[NoiseSpec | None], from_samples: FromSamples | None = None) -> torch.Tensor:
-        """Logits (fp32) [num sampling seqs, vocab], in the order of the sampling entries of ``seqs``.
-        ``from_samples``: a decode step whose input tokens are the previous step's samples."""
+    def run(self, step: Step, specs: Sequence[NoiseSpec | None],
+            from_samples: FromSamples | None = None) -> torch.Tensor:
+        """Logits (fp32) [sampling entries, vocab] of a scheduled step, in the order of
+        ``step.sampling_entries()``. ``from_samples``: a decode step whose input tokens are the
+        previous step's samples."""
         self._graph_logits = None
         if self.graphs is not None:
-            logits = self.graphs.run(seqs, block_tables, specs, from_samples)
+            logits = self.graphs.run(step, specs, from_samples)
             if logits is not None:
                 self._graph_logits = logits
                 return logits
+        block_tables = self.blocks.block_tables([seq.seq_id for seq in step.seqs])
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -110,18 +115,15 @@ class ModelRunner:
         row_spec: list[int] = []
         cu = [0]
         context_lens: list[int] = []
-        last_rows: list[int] = []
-        for entry, table in zip(seqs, block_tables):
-            seq = entry.seq
-            start, end = seq.num_computed, seq.num_computed + entry.num_new
+        for seq, num_new, table in zip(step.seqs, step.num_new, block_tables):
+            start, end = seq.num_computed, seq.num_computed + num_new
             ids.extend(seq.tokens[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            row_spec.extend([seq.noise] * entry.num_new)
-            cu.append(cu[-1] + entry.num_new)
+            row_spec.extend([seq.noise] * num_new)
+            cu.append(cu[-1] + num_new)
             context_lens.append(end)
-            if entry.samples:
-                last_rows.append(cu[-1] - 1)
+        last_rows = [cu[i + 1] - 1 for i in step.sampling_entries()]
         width = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [-1] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         meta = AttentionMetadata(

@@ -13,7 +13,6 @@ import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from psnrl.engine.block_manager import BlockManager, OutOfBlocks
 from psnrl.engine.sequence import Sequence, Status
@@ -31,21 +30,15 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
-class ScheduledSeq(NamedTuple):
-    """One sequence's part of a step (a tuple: a step builds one per running sequence)."""
-
-    seq: Sequence
-    num_new: int  # tokens whose KV this step computes, from seq.num_computed on
-
-    @property
-    def samples(self) -> bool:
-        """The step reaches the sequence's last token, so it yields the next token's logits."""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
-
-
 @dataclass
 class Step:
-    seqs: list[ScheduledSeq] = field(default_factory=list)
+    """The sequences of one forward and how many tokens each computes (parallel lists: a step
+    allocates no object per sequence)."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)  # tokens whose KV it computes, from num_computed on
+    # Entries whose tokens stop short of their sequence's last one (a prefill chunk): they sample nothing.
+    partial: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks to copy first
     finished: list[Sequence] = field(default_factory=list)  # ended while scheduling (cannot fit)
     num_tokens: int = 0  # tokens the forward computes, all sequences together
@@ -54,6 +47,20 @@ class Step:
     def decode(self) -> bool:
         """A pure decode step: one new token per sequence."""
         return bool(self.seqs) and self.num_tokens == len(self.seqs)
+
+    def sampling_entries(self) -> list[int]:
+        """The entries that reach their sequence's last token, so yield its next token's logits."""
+        if not self.partial:
+            return list(range(len(self.seqs)))
+        partial = set(self.partial)
+        return [i for i in range(len(self.seqs)) if i not in partial]
+
+    def add(self, seq: Sequence, n: int) -> None:
+        """Schedule ``n`` of ``seq``'s uncomputed tokens."""
+        if n < seq.num_uncomputed:
+            self.partial.append(len(self.seqs))
+        self.seqs.append(seq)
+        self.num_new.append(n)
 
 
 class Scheduler:
@@ -132,7 +139,7 @@ class Scheduler:
             if not self._reserve(seq, step):
                 continue  # seq itself was preempted; the same index now holds the next one
             n = min(seq.num_uncomputed, budget)
-            step.seqs.append(ScheduledSeq(seq, n))
+            step.add(seq, n)
             budget -= n
             i += 1
         # 2. Waiting sequences, first come first served.
@@ -158,7 +165,7 @@ class Scheduler:
             seq.num_computed = cached
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
-            step.seqs.append(ScheduledSeq(seq, n))
+            step.add(seq, n)
             budget -= n
         step.num_tokens = self.cfg.max_num_batched_tokens - budget  # each scheduled token took one
         return step
@@ -176,10 +183,11 @@ class Scheduler:
         step.copies += copies
         # The KV these tokens get is published (mark_computed) only once the step has run.
         if done <= budget and new.count(1) == len(new):  # the usual decode step: one token each
-            step.seqs += map(ScheduledSeq, seqs[:done], itertools.repeat(1, done))
+            step.seqs += seqs[:done]
+            step.num_new += [1] * done
             return start + done, budget - done
         for seq, n in zip(seqs[:done], new):
-            step.seqs.append(ScheduledSeq(seq, min(n, budget)))
+            step.add(seq, min(n, budget))
             budget -= n
         return start + done, max(budget, 0)
 

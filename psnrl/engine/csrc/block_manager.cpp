@@ -1,5 +1,6 @@
 // The pybind11 module psnrl.engine._block_manager: the block manager of block_manager.hpp
 // (its model: README.md beside this file), typed for Python in psnrl/engine/block_manager.py.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -120,6 +121,29 @@ PYBIND11_MODULE(_block_manager, m) {
         .def("set_last_tokens", &BlockManager::set_last_tokens, py::arg("seq_ids"), py::arg("tokens"),
              "The last token of sequence i becomes tokens[i] (it was reserved before its value was "
              "known); ValueError if that token is already computed.")
+        .def(
+            "sync_decode_tables",
+            [](BlockManager& bm, const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& positions,
+               const std::vector<int64_t>& rows, int64_t num_rows, int64_t width, py::array_t<int32_t> slots,
+               py::array_t<int32_t> updates) {
+                if (slots.ndim() != 1 || slots.strides(0) != sizeof(int32_t))
+                    throw std::invalid_argument("sync_decode_tables: slots must be a contiguous 1-D int32 array");
+                if (updates.ndim() != 2 || updates.shape(1) != 2 ||
+                    updates.strides(1) != sizeof(int32_t) || updates.strides(0) != 2 * sizeof(int32_t))
+                    throw std::invalid_argument("sync_decode_tables: updates must be a contiguous [n, 2] int32 array");
+                return bm.sync_decode_tables(seq_ids, positions, rows, num_rows, width, slots.mutable_data(),
+                                             slots.shape(0), updates.mutable_data(), updates.shape(0));
+            },
+            py::arg("seq_ids"), py::arg("positions"), py::arg("rows"), py::arg("num_rows"), py::arg("width"),
+            py::arg("slots").noconvert(), py::arg("updates").noconvert(),
+            "A graph decode step's KV inputs, for block tables kept on the device in the rows of a "
+            "[num_rows, width] table: writes the KV slot of positions[i] of sequence i to slots[i] and, "
+            "for each table entry row rows[i] lacks, (rows[i] * width + entry, block id) to updates "
+            "(int32 numpy arrays, written in place); returns the number of pairs. A row lacks every "
+            "entry when the sequence last wrote another row or another sequence wrote it since; then "
+            "only new blocks and copy-on-write replacements. -1 (nothing changed) if a row is out of "
+            "range or repeats, a table is wider than width, a position is out of range or the outputs "
+            "are too short.")
         .def("can_append_all", &BlockManager::can_append_all, py::arg("seq_ids"),
              "Whether append_token would find a block for every one of these sequences at once.")
         .def("mark_computed_all", &BlockManager::mark_computed_all, py::arg("seq_ids"), py::arg("num_tokens"),

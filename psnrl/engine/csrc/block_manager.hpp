@@ -179,6 +179,7 @@ class BlockManager {
                 blocks_[dst].stale = blocks_[src].stale;
                 --blocks_[src].ref;
                 seq.table.back() = dst;
+                seq.device_len = std::min(seq.device_len, static_cast<int64_t>(seq.table.size()) - 1);
                 res.new_block = true;
                 res.cow = std::make_pair(src, dst);
                 ++stat_cow_;
@@ -207,6 +208,67 @@ class BlockManager {
             seq.tokens.back() = tokens[i];
             if (len % block_size_ == 0) seal_last_block(seq);  // hashed with the old value
         }
+    }
+
+    // A graph decode step's KV inputs. The engine's decode graphs keep each sequence's block
+    // table in a row of a [num_rows, width] device table and refresh only what the row lacks.
+    // Writes the KV slot of positions[i] of sequence i to slots[i] and, for every table entry
+    // row rows[i] lacks, the pair (rows[i] * width + entry index, block id) to updates; returns
+    // the number of pairs. A row lacks every entry when the sequence was last written to
+    // another row (or never), or when another sequence wrote this row since; after that, the
+    // entries past what it was given (new blocks) and any entry replaced by a copy-on-write.
+    // Returns -1 and changes nothing when a row is outside [0, num_rows) or repeats, a table is
+    // wider than width, a position is not one of the sequence's tokens, or the outputs are
+    // too short (the step then runs without graphs).
+    int64_t sync_decode_tables(const std::vector<int64_t>& seq_ids, const std::vector<int64_t>& positions,
+                               const std::vector<int64_t>& rows, int64_t num_rows, int64_t width,
+                               int32_t* slots, int64_t slots_len, int32_t* updates, int64_t updates_len) {
+        const size_t n = seq_ids.size();
+        if (positions.size() != n || rows.size() != n)
+            throw std::invalid_argument("sync_decode_tables: seq_ids, positions and rows differ in length");
+        if (static_cast<int64_t>(n) > slots_len || num_rows < 0 || width < 1) return -1;
+        if (static_cast<int64_t>(row_owner_.size()) < num_rows) {
+            row_owner_.resize(num_rows, -1);
+            row_stamp_.resize(num_rows, 0);
+        }
+        // Check everything first: a refusal leaves the device rows' bookkeeping as it was.
+        ++stamp_;
+        int64_t needed = 0;
+        std::vector<Sequence*> seqs(n);
+        for (size_t i = 0; i < n; ++i) {
+            Sequence& seq = get(seq_ids[i]);
+            const int64_t r = rows[i];
+            const int64_t len = static_cast<int64_t>(seq.tokens.size());
+            const int64_t nb = static_cast<int64_t>(seq.table.size());
+            if (r < 0 || r >= num_rows || row_stamp_[r] == stamp_ || nb > width || positions[i] < 0 ||
+                positions[i] >= len)
+                return -1;
+            row_stamp_[r] = stamp_;
+            needed += nb - (holds_row(seq, seq_ids[i], r) ? seq.device_len : 0);
+            seqs[i] = &seq;
+        }
+        if (needed > updates_len) return -1;
+        int64_t k = 0;
+        for (size_t i = 0; i < n; ++i) {
+            Sequence& seq = *seqs[i];
+            const int64_t r = rows[i];
+            if (!holds_row(seq, seq_ids[i], r)) {
+                seq.device_row = r;
+                seq.device_len = 0;
+                row_owner_[r] = seq_ids[i];
+            }
+            const int64_t nb = static_cast<int64_t>(seq.table.size());
+            for (int64_t j = seq.device_len; j < nb; ++j) {
+                updates[2 * k] = static_cast<int32_t>(r * width + j);
+                updates[2 * k + 1] = seq.table[j];
+                ++k;
+            }
+            seq.device_len = nb;
+            const int64_t p = positions[i];
+            slots[i] = static_cast<int32_t>(static_cast<int64_t>(seq.table[p / block_size_]) * block_size_ +
+                                            p % block_size_);
+        }
+        return k;
     }
 
     // Whether append_token would find a block for every one of these sequences at once.
@@ -251,6 +313,8 @@ class BlockManager {
             throw std::invalid_argument("child sequence " + std::to_string(child_id) +
                                         " is already allocated");
         Sequence child = parent;  // copy (salt included) before emplace: emplace may rehash
+        child.device_row = -1;       // the child's table is on no device row yet
+        child.device_len = 0;
         for (int32_t b : child.table) ++blocks_[b].ref;
         seqs_.emplace(child_id, std::move(child));
     }
@@ -334,6 +398,7 @@ class BlockManager {
 
     void reset() {
         seqs_.clear();
+        row_owner_.assign(row_owner_.size(), -1);
         hash_to_block_.clear();
         for (int32_t i = 0; i < num_blocks_; ++i) {
             Block& b = blocks_[i];
@@ -489,6 +554,10 @@ class BlockManager {
         std::vector<int32_t> table;
         int64_t computed = 0;  // leading tokens whose KV is written or scheduled
         std::optional<uint64_t> salt;  // cache salt: the policy its KV comes from (None: clean)
+        // The device row its table was last written to (sync_decode_tables; -1: none) and how
+        // many leading entries that row holds as they are now.
+        int64_t device_row = -1;
+        int64_t device_len = 0;
     };
     struct Plan {
         std::vector<uint64_t> hashes;  // of the full blocks
@@ -547,6 +616,11 @@ class BlockManager {
         uint64_t h = hash_tokens(parent, toks, block_size_, scratch_);
         set_full(b, h, parent, nb == 1 && seq.salt.has_value(), toks);
         blocks_[b].stale = stale;
+    }
+
+    // Row r holds the sequence's table (as far as device_len): the sequence wrote it last.
+    bool holds_row(const Sequence& seq, int64_t seq_id, int64_t r) const {
+        return seq.device_row == r && row_owner_[r] == seq_id;
     }
 
     int64_t append_need(const Sequence& seq) const {
@@ -689,6 +763,9 @@ class BlockManager {
     std::unordered_map<uint64_t, int32_t> hash_to_block_;
     std::unordered_map<int64_t, Sequence> seqs_;
     std::vector<uint64_t> scratch_;
+    std::vector<int64_t> row_owner_;  // per device row: the sequence that wrote it last (-1: none)
+    std::vector<uint64_t> row_stamp_;  // per device row: the sync_decode_tables call that last named it
+    uint64_t stamp_ = 0;
     int64_t stat_queries_ = 0, stat_hits_ = 0, stat_cow_ = 0, stat_evictions_ = 0;
 };
 
