@@ -11,7 +11,8 @@ def test_registered_as_a_bench():
 
 def test_a_short_run_times_decode_steps_and_counts_ops(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert bench.main(["--batches", "1,3", "--steps", "6", "--vocab", "300", "--out-dir", str(tmp_path)]) == 0
+    argv = ["--batches", "1,3", "--steps", "6", "--vocab", "300", "--prompt-len", "40", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
     doc = json.loads((tmp_path / "host-cpu.json").read_text())
     rows = doc["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
@@ -23,7 +24,8 @@ def test_a_short_run_times_decode_steps_and_counts_ops(tmp_path, monkeypatch):
         assert 0 < r["ops_per_step"] <= bench.TARGET_OPS
         assert 0 < r["sampler_ms"] < r["host_ms_p90"] and r["engine_ms"] > 0 and r["forward_ms"] > 0
     assert rows[0]["target_ms"] == 0.3 and rows[1]["target_ms"] is None
-    assert "| 1 | 300 |" in (tmp_path / "host-cpu.md").read_text()
+    text = (tmp_path / "host-cpu.md").read_text()
+    assert "| 1 | 300 |" in text and "40-token prompts" in text
 
 
 def test_the_op_counter_counts_ops_that_do_work_not_views():

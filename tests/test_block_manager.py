@@ -922,6 +922,8 @@ def test_sync_decode_tables_rewrites_a_row_another_sequence_wrote_since():
     bm.free(1)
     bm.allocate(1, [1, 2, 3, 4, 5], num_scheduled=0)
     assert _sync(bm, [1], [4], [2])[0] == 2
+    bm.forget_device_rows()  # a new device table: rows hold nothing
+    assert _sync(bm, [1], [4], [2])[0] == 2
     bm.reset()
     bm.allocate(3, [1], num_scheduled=0)
     assert _sync(bm, [3], [0], [2]) == (1, [bm.slot_of(3, 0)], [(8, bm.block_table(3)[0])])

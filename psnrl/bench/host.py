@@ -22,7 +22,7 @@ from psnrl.bench.common import (BenchFiles, Column, bench_cli, error_row, markdo
 NAME = "host"
 NO_CUDA_MESSAGE = "psnrl bench host --device cuda: no CUDA GPU found (the default --device cpu runs anywhere)"
 BATCHES = (1, 64, 256)
-PROMPT_LEN = 16
+PROMPT_LEN = 512  # as the decode bench's prompts: a sequence holds 33+ blocks
 VOCAB = {"cuda": 151936, "cpu": 2048}
 TARGET_MS = {1: 0.3, 256: 1.5}
 TARGET_OPS = 10
@@ -129,7 +129,7 @@ class StepProbe(TorchDispatchMode):
             DecodeGraph.replay, SampleGraphs.replay = decode, sample  # type: ignore[method-assign]
 
 
-def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]:
+def measure(llm, batch: int, prompt_len: int, steps: int, sync) -> tuple[list[dict], dict | None]:
     """Per pure decode step: wall seconds and the forward's and sampler's shares of them; and the
     ops of each part on one mid-run step (counting slows every op down: that step is not timed)."""
     from psnrl.engine.sampling import SamplingParams
@@ -137,7 +137,7 @@ def measure(llm, batch: int, steps: int, sync) -> tuple[list[dict], dict | None]
     probe = StepProbe(sync)
     records: list[dict] = []
     ops = None
-    prompts = [[(7 * i + j) % 200 + 1 for j in range(PROMPT_LEN)] for i in range(batch)]
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(prompt_len)] for i in range(batch)]
     llm.add_requests(prompts, SamplingParams(temperature=1.0, max_tokens=steps + 1, ignore_eos=True, seed=0))
     with probe.on_graph_replays():
         while llm.has_unfinished_requests():
@@ -159,11 +159,12 @@ def measure_batch(path: Path, args: argparse.Namespace, vocab: int, batch: int, 
     """The row of one batch: an engine on the stub model, its decode steps timed and their ops counted."""
     from psnrl.engine.llm import LLM
 
-    blocks = batch * (-(-(PROMPT_LEN + args.steps + 2) // 16) + 1) + 8
+    max_len = args.prompt_len + args.steps + 2
+    blocks = batch * (-(-max_len // 16) + 1) + 8
     llm = LLM(path, dtype="float32", device=args.device, block_size=16, num_kv_blocks=blocks,
-              max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + args.steps + 2, overlap=not args.no_overlap)
+              max_num_seqs=max(batch, 1), max_model_len=max_len, overlap=not args.no_overlap)
     stub_model(llm, vocab)
-    records, ops = measure(llm, batch, args.steps, sync)
+    records, ops = measure(llm, batch, args.prompt_len, args.steps, sync)
     llm.close()
     ms = sorted(1e3 * r["seconds"] for r in records)
 
@@ -200,6 +201,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", default=[str(b) for b in BATCHES], metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, BATCHES))})")
     parser.add_argument("--steps", type=positive_int, default=64, help="decode steps timed per batch (default 64)")
+    parser.add_argument("--prompt-len", type=positive_int, default=PROMPT_LEN,
+                        help=f"prompt tokens per sequence (default {PROMPT_LEN})")
     parser.add_argument("--vocab", type=positive_int, default=None,
                         help="columns of the stub's logits (default 151936 on cuda, 2048 on cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     run = start_run(FILES, args, NO_CUDA_MESSAGE, method=(
         f"a 2-layer Qwen2 whose forward and logits are a stub returning fixed [rows, {vocab}] logits, "
         f"decode steps through the decode-graph host path, the engine's overlap "
-        f"{'off' if args.no_overlap else 'on'}; batches of sequences with {PROMPT_LEN}-token "
+        f"{'off' if args.no_overlap else 'on'}; batches of sequences with {args.prompt_len}-token "
         f"prompts sampled at temperature 1, each decoding exactly {args.steps} tokens; host ms = median "
         f"(and p90) wall time of the pure decode steps, device synchronized; forward ms = the graph "
         f"replay's share (the stub), sampler ms = the sampler graph's, engine ms = the rest (scheduling, "

@@ -199,6 +199,11 @@ if TYPE_CHECKING:  # the typed API; at run time the C++ classes below are used
             value was known (the engine's overlap). ValueError if it is already computed."""
             ...
 
+        def forget_device_rows(self) -> None:
+            """A new device table holds nothing: every sequence writes its whole row at its next
+            ``sync_decode_tables``."""
+            ...
+
         def can_append_all(self, seq_ids: list[int]) -> bool:
             """``append_token`` would find a block for every one of these sequences at once."""
             ...

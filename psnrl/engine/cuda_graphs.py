@@ -461,6 +461,7 @@ class DecodeGraphs:
         # past ``table_rows`` (default: the engine's initial sampling-slot capacity) runs eagerly.
         self.table_rows = table_rows if table_rows is not None else 2 * max_num_seqs
         self.device_tables = torch.zeros(self.table_rows + 1, self.table_width, dtype=torch.int32, device=dev)
+        blocks.forget_device_rows()  # whatever an earlier table of these blocks held, this one holds nothing
         # A step's updates: [count, unused, (flat index, block) pairs...], room for a full rewrite
         # of the largest bucket's rows; a graph applies the first count pairs (update_index < count).
         capacity = self.buckets[-1] * self.table_width

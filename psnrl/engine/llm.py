@@ -430,7 +430,6 @@ class LLM:
             seq.num_computed += 1  # published once prev's tokens are known (_complete)
         launched = self._sample(step, step.seqs, logits, timer)
         launched.horizons = (list(map(_seq_id, step.seqs)), list(map(_num_computed, step.seqs)))
-        launched.num_finished = self._num_finished
         return launched
 
     def _forward(self, step: Step, specs: list[NoiseSpec], timer: _StepTimer | None,
@@ -461,14 +460,15 @@ class LLM:
         if timer is not None:
             timer.mark()
         return _Launched(step, sampling, generated, self.runner.read_back(packed), timer,
-                         on_graph=self.runner.sampled_by_graph, device_samples=packed)
+                         on_graph=self.runner.sampled_by_graph, device_samples=packed,
+                         num_finished=self._num_finished)
 
     def _complete(self, launched: _Launched) -> list[Sequence]:
         """Read a launched step's samples and apply them: tokens, log-probs, stop checks."""
         finished = list(launched.step.finished)
         if launched.samples is None:
             return finished
-        rows = launched.samples.wait()  # one copy to the host: tokens (exact in float64) and log-probs
+        tokens, logprobs = launched.samples.wait()  # one copy to the host (tokens exact in float64)
         if launched.horizons is not None:  # launched ahead; its input tokens are known now: publish its KV
             ids, horizons = launched.horizons
             if self._num_finished != launched.num_finished:  # some of them stopped since (not in the manager)
@@ -479,10 +479,11 @@ class LLM:
         unread_ids, unread_tokens = [], []
         stops: list[tuple[Sequence, str]] = []
         text = self.tokenizer is not None
-        for seq, n, (value, lp) in zip(launched.sampling, launched.generated, rows):
-            if seq.status is Status.FINISHED:  # it stopped at the step before (overlap): not its token
+        some_stopped = self._num_finished != launched.num_finished
+        for seq, n, token, lp in zip(launched.sampling, launched.generated, tokens, logprobs):
+            if some_stopped and seq.status is Status.FINISHED:  # it stopped at the step before (overlap)
                 continue
-            pos, token = seq.prompt_len + n, int(value)
+            pos = seq.prompt_len + n
             if token < 0:  # a bad row
                 del seq.tokens[pos:]  # with the placeholder of a step launched ahead
                 stops.append((seq, "error: non-finite logits"))
@@ -595,11 +596,13 @@ class _Launched:
     timer: _StepTimer | None
     on_graph: bool = False  # sampled by a sampler graph, whose output a graph step can read
     device_samples: torch.Tensor | None = None  # the packed samples on the device
+    # How many sequences the engine had finished when it launched (more since: some of its own
+    # may have stopped at the step before, the overlap).
+    num_finished: int = 0
     # Launched ahead (the overlap): its sequences' ids and computed horizons, published
     # (mark_computed) only once its input tokens are read: no block is shared under a
-    # placeholder's hash. And how many sequences the engine had finished when it launched.
+    # placeholder's hash.
     horizons: tuple[list[int], list[int]] | None = None
-    num_finished: int = 0
 
 
 class _StepTimer:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from psnrl.engine import cuda_graphs
@@ -30,11 +31,12 @@ class Samples:
     def __init__(self, host: torch.Tensor, copied: torch.cuda.Event | None):
         self.host, self.copied = host, copied
 
-    def wait(self) -> list[list[float]]:
-        """[token, log-prob] per row, once the step has run."""
+    def wait(self) -> tuple[list[int], list[float]]:
+        """The rows' tokens and log-probs, once the step has run."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host.tolist()
+        values = self.host.numpy()
+        return values[:, 0].astype(np.int64).tolist(), values[:, 1].tolist()
 
 
 class ModelRunner:
@@ -64,7 +66,8 @@ class ModelRunner:
         self._turn = 0
         if cuda_graphs.enabled(self.device, enforce_eager=not use_cuda_graphs):
             self.use_graphs(cuda_graphs.DecodeGraphs(
-                model, kv_caches, blocks, max_num_seqs, max_model_len or model.config.max_position_embeddings))
+                model, kv_caches, blocks, max_num_seqs, max_model_len or model.config.max_position_embeddings,
+                table_rows=slots.capacity if slots is not None else None))  # a device table row per slot
 
     def use_graphs(self, graphs: cuda_graphs.DecodeGraphs) -> None:
         """Replay ``graphs`` for decode steps, and sampler graphs on their logits."""

@@ -144,6 +144,9 @@ PYBIND11_MODULE(_block_manager, m) {
             "only new blocks and copy-on-write replacements. -1 (nothing changed) if a row is out of "
             "range or repeats, a table is wider than width, a position is out of range or the outputs "
             "are too short.")
+        .def("forget_device_rows", &BlockManager::forget_device_rows,
+             "A new device table holds nothing: every sequence writes its whole row at its next "
+             "sync_decode_tables.")
         .def("can_append_all", &BlockManager::can_append_all, py::arg("seq_ids"),
              "Whether append_token would find a block for every one of these sequences at once.")
         .def("mark_computed_all", &BlockManager::mark_computed_all, py::arg("seq_ids"), py::arg("num_tokens"),

@@ -271,6 +271,9 @@ class BlockManager {
         return k;
     }
 
+    // A new device table (nothing on it yet): every sequence writes its whole row at its next sync.
+    void forget_device_rows() { row_owner_.assign(row_owner_.size(), -1); }
+
     // Whether append_token would find a block for every one of these sequences at once.
     bool can_append_all(const std::vector<int64_t>& seq_ids) const {
         int64_t need = 0;
