@@ -3,7 +3,9 @@
 CPU: the pure-Python parts (buckets, tile capacities, the decode plan), the wiring
 of ``enforce_eager``, and the static-buffer forward without capture
 (``DecodeGraphs(capture=False)``: padding, row reordering, fixed-size noise tables,
-fixed split count, the padded K/V store), which must give the eager logits.
+fixed split count, the padded K/V store), which must give the eager logits; the block
+tables kept on the device; and, as a proxy for capture, the graphs' recorded parts run on
+the meta device with every op checked for host tensors.
 GPU (``gpu``): captured graphs against eager decode, logits and greedy tokens; sampler
 graphs (psnrl/engine/sample_graphs.py) against the eager sampler. On a CPU the sampler
 graphs run uncaptured inside ``LLM.generate`` (the ``use_graphs`` tests).
@@ -14,17 +16,20 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from psnrl.engine import cuda_graphs as cg
 from tiny_checkpoints import save_tiny_qwen2
 from psnrl.engine.block_manager import BlockManager
-from psnrl.engine.cuda_graphs import (DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
+from psnrl.engine.cuda_graphs import (DecodeGraph, DecodeGraphs, bucket_for, bucket_sizes, plan_decode, tile_capacity,
                                 tile_level)
 from psnrl.engine.llm import LLM, EngineConfig
 from psnrl.engine.loader import load_model
-from psnrl.engine.model_runner import ModelRunner
+from psnrl.engine.model_runner import FromSamples, ModelRunner
 from psnrl.engine.noise_spec import NoiseSpec
-from psnrl.engine.sampling import SamplingParams
+from psnrl.engine.sample_graphs import SampleGraphs
+from psnrl.engine.sampling import Sampler, SamplingParams, pack
 from psnrl.engine.sampling_slots import SamplingSlots
 from psnrl.engine.scheduler import Step
 from psnrl.engine.sequence import Sequence
@@ -499,6 +504,64 @@ def test_sampler_graphs_are_recorded_again_when_the_slot_tables_move(tiny, monke
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
     assert llm.slots.capacity == 8 and llm.slots.stops.shape[1] >= 9
     assert max(dropped) > 0 and graphs.graphs  # graphs recorded before the growth, and after it
+
+
+class DeviceOnly(TorchDispatchMode):
+    """Fails any op given a tensor off ``device`` (a 0-dim host tensor, a scalar, excepted)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.ops = torch.device(device), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                assert t.device == self.device, f"{func}: a tensor on {t.device} in a graph on {self.device}"
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_what_the_graphs_record_stays_on_the_model_device(tiny, monkeypatch):
+    """A CPU proxy for capture on CUDA: the model stubbed on the meta device, decode and sampler
+    graphs (noisy rows, stop tokens barred, truncation, input tokens from the last samples) run
+    their recorded parts under a mode that fails any op handed a host tensor."""
+    meta = torch.device("meta")
+    model = load_model(tiny, dtype=torch.float32, device="cpu").to(meta)
+    vocab = model.config.vocab_size
+    model.forward = lambda input_ids, positions, *args: torch.zeros(input_ids.shape[0], 8, device=meta)
+    model.logits = lambda hidden, noise=None: torch.zeros(hidden.shape[0], vocab, device=meta)
+    blocks = BlockManager(64, 4, 0.0)
+    graphs = DecodeGraphs(model, [], blocks, 8, 64, capture=False, verbose=False)
+    slots = SamplingSlots(meta, vocab, capacity=16)
+    sampler = Sampler(0)
+    samplers = SampleGraphs(graphs, slots, lambda logits, rows: pack(sampler(logits, rows)))
+    graphs.samples = samplers.out
+    mode = DeviceOnly(meta)
+
+    def checked(recorded):
+        def run(self, *args):
+            with mode:
+                return recorded(self, *args)
+        return run
+    monkeypatch.setattr(DecodeGraph, "forward", checked(DecodeGraph.forward))
+    monkeypatch.setattr(SampleGraphs, "_forward", checked(SampleGraphs._forward))
+    params = SamplingParams(temperature=1.0, top_p=0.9, min_tokens=2, stop_token_ids=[3])
+    seqs = []
+    for i in range(5):
+        tokens = list(range(1, 3 + i))
+        seq = Sequence(i, i, 0, len(tokens) - 1, tokens, params, i, (-1, 0)[i % 2], num_computed=len(tokens) - 1)
+        seq.slot = slots.acquire(seq.seed, params, [3])
+        blocks.allocate(i, tokens, num_scheduled=0)
+        seqs.append(seq)
+    assert graphs.run(make_step(seqs, [1] * 5), [SPEC_ALL]).device == meta
+    assert samplers.run([seq.slot for seq in seqs], [1] * 5).device == meta
+    for seq in seqs[:3]:  # the next step reads its input tokens from those samples
+        seq.num_computed += 1
+        seq.tokens.append(-1)
+        blocks.append_token(seq.seq_id, -1)
+    logits = graphs.run(make_step(seqs[:3], [1] * 3), [SPEC_ALL], FromSamples([0, 1, 2], samplers.out))
+    assert logits.shape == (3, vocab) and logits.device == meta
+    assert graphs.num_replays == 2 and mode.ops > 20
 
 
 # ---------------------------------------------------------------------------
