@@ -476,22 +476,23 @@ class LLM:
                         if seq.status is not Status.FINISHED]
                 ids, horizons = [i for i, _ in live], [n for _, n in live]
             self.blocks.mark_computed_all(ids, horizons)
-        unread_ids, unread_tokens = [], []
         stops: list[tuple[Sequence, str]] = []
         text = self.tokenizer is not None
         some_stopped = self._num_finished != launched.num_finished
+        # The next step, launched ahead, holds a placeholder for the token of each live sequence.
+        placeholders = self._ahead is not None
+        bad = False
         for seq, n, token, lp in zip(launched.sampling, launched.generated, tokens, logprobs):
             if some_stopped and seq.status is Status.FINISHED:  # it stopped at the step before (overlap)
                 continue
             pos = seq.prompt_len + n
             if token < 0:  # a bad row
-                del seq.tokens[pos:]  # with the placeholder of a step launched ahead
+                del seq.tokens[pos:]  # with the placeholder
                 stops.append((seq, "error: non-finite logits"))
+                bad = True
                 continue
-            if pos < len(seq.tokens):  # the placeholder of a step launched ahead
+            if placeholders:
                 seq.tokens[pos] = token
-                unread_ids.append(seq.seq_id)
-                unread_tokens.append(token)
             else:
                 seq.tokens.append(token)
             seq.logprobs.append(lp)
@@ -501,8 +502,13 @@ class LLM:
                 reason = self._stop_reason(seq)
                 if reason is not None:
                     stops.append((seq, reason))
-        if unread_ids:  # before any of them finishes (and leaves the block manager)
-            self.blocks.set_last_tokens(unread_ids, unread_tokens)
+        if placeholders:  # the block manager's too, before any of them finishes (and leaves it)
+            if some_stopped or bad:
+                live = [(seq.seq_id, token) for seq, token in zip(launched.sampling, tokens)
+                        if token >= 0 and seq.status is not Status.FINISHED]
+                self.blocks.set_last_tokens([i for i, _ in live], [t for _, t in live])
+            else:
+                self.blocks.set_last_tokens(list(map(_seq_id, launched.sampling)), tokens)
         for seq, reason in stops:
             self._finish(seq, reason)
             finished.append(seq)
