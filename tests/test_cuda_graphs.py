@@ -468,9 +468,11 @@ def test_block_tables_stay_on_the_device_and_slots_past_its_rows_run_eagerly(tin
     monkeypatch.setattr(graphs, "run", checked)
     graphs.blocks = CountedSyncs()
     a = ref.generate(prompts, params, use_tqdm=False)
-    b = llm.generate(prompts, params, use_tqdm=False)
+    with pytest.warns(RuntimeWarning, match="do not fit the device table"):
+        b = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in r.outputs] for r in a] == [[c.token_ids for c in r.outputs] for r in b]
     assert ran and max(ran) < 5 and declined and min(declined) >= 5  # 7 sequences, 5 rows
+    assert graphs.declined == len(declined)
     # The first graph step sends its rows whole; later ones at most a new block per sequence.
     sent = [n for n in sent if n >= 0]
     assert len(sent) == len(ran) and sent[0] > 4 and all(n <= 4 for n in sent[1:])

@@ -477,6 +477,7 @@ class DecodeGraphs:
         self.pool: Any = None  # the graphs' shared memory pool (CUDA)
         self.out: torch.Tensor | None = None
         self.disabled = False  # a capture failed: eager from then on
+        self.declined = 0  # decode steps whose tables did not fit the device table (eager; warned once)
         # The sampler graphs' packed output ([rows, 2] float64), where a step of the overlap finds
         # its input tokens (ModelRunner.use_graphs sets it before any capture); None: never read.
         self.samples: torch.Tensor | None = None
@@ -544,6 +545,11 @@ class DecodeGraphs:
         if graph is None:
             graph = DecodeGraph(self, *key)
         if not graph.fill(plan, tiles):
+            if not self.declined:
+                warnings.warn(f"a decode step's block tables do not fit the device table ({self.table_rows} rows "
+                              f"of {self.table_width} blocks; slots up to {max(plan.table_rows)}): such steps run "
+                              f"eagerly", RuntimeWarning, stacklevel=3)
+            self.declined += 1
             return None
         if new:
             if self.capture_graphs and not self._capture(graph):
