@@ -55,6 +55,24 @@ def test_greedy_equals_hf_under_any_batching(checkpoint, options):
     llm.blocks.check_invariants()
 
 
+def test_a_preempted_sequence_gives_its_sampling_slot_back(checkpoint):
+    """Slots (and the decode graphs' table rows, which follow them) stay with running sequences:
+    a preempted one takes a slot again when it next samples, and draws the same tokens."""
+    _, path = checkpoint
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=1, ignore_eos=True)
+    expected = make(path).generate(PROMPTS, params, use_tqdm=False)
+    llm = make(path, num_kv_blocks=16)
+    outs = llm.add_requests(PROMPTS, params)
+    waited = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        sampled = [seq for seq in llm.scheduler.waiting if seq.num_tokens > seq.prompt_len]
+        assert all(seq.slot == -1 for seq in sampled)
+        waited += len(sampled)
+    assert waited > 0 and llm.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+
+
 def test_logprobs_are_those_of_the_sampled_tokens(checkpoint):
     hf, path = checkpoint
     llm = make(path)

@@ -372,6 +372,10 @@ class LLM:
         timer = _StepTimer(self.device) if self.config.time_steps else None
         with nvtx_range("scheduler"):
             step = self.scheduler.schedule()
+        for seq in step.preempted:  # its slot goes back; it takes one again when it next samples
+            if seq.slot >= 0:
+                self.slots.release(seq.slot)
+                seq.slot = -1
         if not step.seqs:
             if step.finished:
                 return _Launched(step, [], [], None, timer)

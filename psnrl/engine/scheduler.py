@@ -41,6 +41,7 @@ class Step:
     partial: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV blocks to copy first
     finished: list[Sequence] = field(default_factory=list)  # ended while scheduling (cannot fit)
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to the queue to make room
     num_tokens: int = 0  # tokens the forward computes, all sequences together
 
     @property
@@ -200,6 +201,7 @@ class Scheduler:
             except OutOfBlocks:
                 victim = self.running[-1]
                 self._preempt(victim)
+                step.preempted.append(victim)
                 if victim is seq:
                     return False
                 continue
