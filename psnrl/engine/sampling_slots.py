@@ -5,7 +5,10 @@ tokens do not change while the sequence lives. Rebuilding them from Python lists
 costs one blocking host-to-device copy each; instead every sequence gets a *slot*, a row of
 preallocated device tables written when it first samples, and a step uploads only what
 changes: the rows' slots and their generation steps. The sampler gathers the constants by
-slot (``gather``, device ops only, so a CUDA graph can record it).
+slot (``gather``, device ops only, so a CUDA graph can record it). The engine gives a slot
+back when its sequence finishes or is preempted (it takes one again when it next samples),
+so slots stay with running sequences; the decode graphs keep each one's block table in the
+device row of the same number.
 
 Captured graphs read the tables at fixed addresses: growing them (more live sequences than
 slots, or a request with more stop tokens than a row holds) reallocates them and bumps
