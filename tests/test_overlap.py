@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from psnrl.engine.cuda_graphs import DecodeGraphs
+from psnrl.engine.cuda_graphs import DecodeGraphs, bucket_for
 from psnrl.engine.llm import LLM, UNREAD_TOKEN
 from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.engine.sampling import SamplingParams, derive_sample_seed
@@ -176,6 +176,29 @@ def test_a_sequence_with_bad_logits_ends_with_an_error_while_a_step_runs_ahead(t
     bad = results[1][2][0]
     assert bad[2] == "error: non-finite logits" and len(bad[0]) == 5 and UNREAD_TOKEN not in bad[0]
     assert all(r[0][2] == "length" for i, r in enumerate(results[1]) if i != 2)
+
+
+def test_a_step_launched_ahead_leaves_the_sampler_inputs_of_the_step_before_untouched(tiny):
+    """On a GPU a step's copy of its sampler inputs may still be queued behind the step before's
+    forward when the step launched ahead writes its own: they go to the other host staging."""
+    llm = engine(tiny, overlap=True)
+    graphs = llm.runner.sample_graphs
+    run, staged = graphs.run, []
+
+    def checked(slots, steps):
+        if staged:  # the previous call's staging still holds what it copied
+            turn, values = staged[-1]
+            assert torch.equal(graphs.host[turn][:len(values)], values)
+        packed = run(slots, steps)
+        n, b = len(slots), bucket_for(len(slots), graphs.owner.buckets)
+        staged.append((graphs._turn, graphs.host[graphs._turn][:2 * b].clone()))
+        values = staged[-1][1]  # the staging this call took: its slots, then its steps
+        assert values[:n].tolist() == slots and values[b:b + n].tolist() == steps
+        return packed
+    graphs.run = checked
+    expected = outcome(engine(tiny, overlap=False).generate(prompts_for(4, seed=3), mixed_params(4), use_tqdm=False))
+    assert_same_but_batching(expected, outcome(llm.generate(prompts_for(4, seed=3), mixed_params(4), use_tqdm=False)))
+    assert llm.launched_ahead > 0 and len({turn for turn, _ in staged}) == 2
 
 
 def test_time_steps_times_steps_launched_ahead(tiny):

@@ -46,8 +46,11 @@ class SampleGraphs:
         pin = dev.type == "cuda"
         # A bucket-b graph reads its rows' slots at [0, b) and their steps at [b, 2b).
         self.inputs = torch.zeros(2 * largest, dtype=torch.int64, device=dev)
-        self.host = torch.zeros(2 * largest, dtype=torch.int64, pin_memory=pin)
-        self._np = self.host.numpy()
+        # Two host stagings, taken in turn: with the overlap, a step's copy may still be queued
+        # behind the step before's forward when the next step writes its inputs.
+        self.host = [torch.zeros(2 * largest, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # after each staging's last copy (CUDA)
+        self._turn = 0
         self.out = torch.zeros(largest, 2, dtype=torch.float64, device=dev)
         self.graphs: dict[tuple[int, bool, bool], Any] = {}
         self.disabled = False  # a capture failed: the caller samples eagerly from then on
@@ -67,12 +70,18 @@ class SampleGraphs:
             self.close_graphs()
             self._generation = self.slots.generation
         key = (b, self.slots.masks_stops(slots, steps), self.slots.truncates(slots))
-        # The staging is free: the previous step read its samples back before this one began.
-        host = self._np
+        self._turn ^= 1
+        staging, copied = self.host[self._turn], self._copied[self._turn]
+        if copied is not None:  # two steps back, whose samples were read since: no wait in practice
+            copied.synchronize()
+        host = staging.numpy()
         host[:n], host[n:b] = slots, 0  # padding rows: slot 0, step 0, their samples unread
         host[b:b + n], host[b + n:2 * b] = steps, 0
         cuda = self.inputs.is_cuda
-        self.inputs[:2 * b].copy_(self.host[:2 * b], non_blocking=cuda)
+        self.inputs[:2 * b].copy_(staging[:2 * b], non_blocking=cuda)
+        if cuda:
+            self._copied[self._turn] = event = torch.cuda.Event()
+            event.record()
         if key not in self.graphs:
             graph = self._capture(key) if self.owner.capture_graphs else None
             if self.disabled:
