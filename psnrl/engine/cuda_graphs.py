@@ -91,7 +91,6 @@ a CPU, and a debugging aid on a GPU).
 """
 from __future__ import annotations
 
-import operator
 import sys
 import time
 import warnings
@@ -107,6 +106,7 @@ from psnrl.engine.block_manager import BlockManager
 from psnrl.engine.layers import StreamLinear
 from psnrl.engine.noise_spec import TARGET_GROUPS, NoiseSpec
 from psnrl.engine.scheduler import Step
+from psnrl.engine.sequence import noise_of, num_computed_of, seq_id_of, slot_of
 from psnrl.kernels import noise as noise_mod
 from psnrl.kernels.noise_rows import MAX_SLOTS, NoiseRows, NoiseStream, max_work_tiles, pack_work_tiles
 from psnrl.kernels.noisy_linear import pick_tiles
@@ -186,12 +186,6 @@ class DecodePlan:
         return tuple(g for g in TARGET_GROUPS if g in self.group_ids)
 
 
-_noise_of = operator.attrgetter("noise")
-_computed_of = operator.attrgetter("num_computed")
-_id_of = operator.attrgetter("seq_id")
-_slot_of = operator.attrgetter("slot")
-
-
 def plan_decode(step: Step, specs: Sequence[NoiseSpec | None], bucket: int,
                 token_rows: Sequence[int] | None = None) -> DecodePlan:
     """Lay out a pure decode step (every entry has one new token) in ``bucket`` rows.
@@ -207,7 +201,7 @@ def plan_decode(step: Step, specs: Sequence[NoiseSpec | None], bucket: int,
         raise ValueError(f"a decode plan needs 1..{bucket} sequences, got {n}")
     if step.num_new.count(1) != n:
         raise ValueError(f"a decode plan takes one new token per sequence, got {step.num_new}")
-    noise = list(map(_noise_of, seqs))
+    noise = list(map(noise_of, seqs))
     kinds = set(noise)
     bad = [i for i in kinds if not -1 <= i < len(specs)]
     if bad:
@@ -217,7 +211,7 @@ def plan_decode(step: Step, specs: Sequence[NoiseSpec | None], bucket: int,
     sid = [local.get(i, 0) for i in noise] if local else [0] * n
     order = sorted(range(n), key=sid.__getitem__) if local else list(range(n))
     ordered = [seqs[i] for i in order] if local else seqs
-    positions = list(map(_computed_of, ordered))
+    positions = list(map(num_computed_of, ordered))
     tokens = [seq.tokens[p] for seq, p in zip(ordered, positions)] if token_rows is None else None
     streams = [NoiseStream(specs[s].seed, specs[s].sigma) for s in noisy_specs]
     group_ids: dict[str, list[int]] = {}
@@ -236,7 +230,7 @@ def plan_decode(step: Step, specs: Sequence[NoiseSpec | None], bucket: int,
             row_of[i] = row
         out_rows = [row_of[i] for i in out_rows]
     rows = ([token_rows[i] for i in order] if local else list(token_rows)) if token_rows is not None else None
-    return DecodePlan(bucket, order, list(map(_id_of, ordered)), list(map(_slot_of, ordered)), tokens, positions,
+    return DecodePlan(bucket, order, list(map(seq_id_of, ordered)), list(map(slot_of, ordered)), tokens, positions,
                       streams, group_ids, out_rows, rows)
 
 

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import math
 import numbers
-import operator
 import struct
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from psnrl.engine.noise_spec import NoiseSpec
 from psnrl.engine.sampling import RowState, SamplingParams, Sampler, check_stop, pack, stop_by_tokens
 from psnrl.engine.sampling_slots import SamplingSlots
 from psnrl.engine.scheduler import Scheduler, SchedulerConfig, Step
-from psnrl.engine.sequence import Sequence, Status
+from psnrl.engine.sequence import Sequence, Status, num_computed_of, sample_row_of, seq_id_of
 from psnrl.kernels.splitk_workspace import release_workspace
 from psnrl.kernels.profiling import nvtx_range
 
@@ -415,7 +414,7 @@ class LLM:
             return None
         if any(len(seq.tokens) + 1 >= seq.max_len for seq in live):  # prev's token ends one: it must be read
             return None
-        return live if self.blocks.can_append_all([seq.seq_id for seq in live]) else None
+        return live if self.blocks.can_append_all(list(map(seq_id_of, live))) else None
 
     def _launch_ahead(self, live: list[Sequence], prev: _Launched, specs: list[NoiseSpec]) -> _Launched:
         """Launch the decode step of ``live``, the sequences still running after ``prev``, before
@@ -429,11 +428,12 @@ class LLM:
         if not step.decode or step.finished or len(step.seqs) != self.scheduler.num_running:
             raise RuntimeError("the step scheduled ahead is not the decode step of the running sequences")
         assert prev.device_samples is not None  # _can_launch_ahead checked it
-        logits = self._forward(step, specs, timer, FromSamples(list(map(_sample_row, step.seqs)), prev.device_samples))
+        from_samples = FromSamples(list(map(sample_row_of, step.seqs)), prev.device_samples)
+        logits = self._forward(step, specs, timer, from_samples)
         for seq in step.seqs:
             seq.num_computed += 1  # published once prev's tokens are known (_complete)
         launched = self._sample(step, step.seqs, logits, timer)
-        launched.horizons = (list(map(_seq_id, step.seqs)), list(map(_num_computed, step.seqs)))
+        launched.horizons = (list(map(seq_id_of, step.seqs)), list(map(num_computed_of, step.seqs)))
         return launched
 
     def _forward(self, step: Step, specs: list[NoiseSpec], timer: _StepTimer | None,
@@ -473,16 +473,16 @@ class LLM:
         if launched.samples is None:
             return finished
         tokens, logprobs = launched.samples.wait()  # one copy to the host (tokens exact in float64)
+        some_stopped = self._num_finished != launched.num_finished  # since it launched (the overlap)
         if launched.horizons is not None:  # launched ahead; its input tokens are known now: publish its KV
             ids, horizons = launched.horizons
-            if self._num_finished != launched.num_finished:  # some of them stopped since (not in the manager)
+            if some_stopped:  # those are not in the block manager any more
                 live = [(i, n) for seq, i, n in zip(launched.step.seqs, ids, horizons)
                         if seq.status is not Status.FINISHED]
                 ids, horizons = [i for i, _ in live], [n for _, n in live]
             self.blocks.mark_computed_all(ids, horizons)
         stops: list[tuple[Sequence, str]] = []
         text = self.tokenizer is not None
-        some_stopped = self._num_finished != launched.num_finished
         # The next step, launched ahead, holds a placeholder for the token of each live sequence.
         placeholders = self._ahead is not None
         bad = False
@@ -512,7 +512,7 @@ class LLM:
                         if token >= 0 and seq.status is not Status.FINISHED]
                 self.blocks.set_last_tokens([i for i, _ in live], [t for _, t in live])
             else:
-                self.blocks.set_last_tokens(list(map(_seq_id, launched.sampling)), tokens)
+                self.blocks.set_last_tokens(list(map(seq_id_of, launched.sampling)), tokens)
         for seq, reason in stops:
             self._finish(seq, reason)
             finished.append(seq)
@@ -585,10 +585,6 @@ class LLM:
             params[name].copy_(tensor)
         self.reset_prefix_cache()
 
-
-_sample_row = operator.attrgetter("sample_row")
-_seq_id = operator.attrgetter("seq_id")
-_num_computed = operator.attrgetter("num_computed")
 
 # The token of a sequence whose step was launched before the previous step's samples were read
 # (the overlap): its value is on the device until ``_complete`` sets it.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
 
 from psnrl.engine.sampling import SamplingParams
@@ -63,6 +64,14 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+# A field of each sequence of a batch, for map() on the per-step hot path (no Python frame per item).
+seq_id_of = operator.attrgetter("seq_id")
+num_computed_of = operator.attrgetter("num_computed")
+noise_of = operator.attrgetter("noise")
+slot_of = operator.attrgetter("slot")
+sample_row_of = operator.attrgetter("sample_row")
 
 
 class TokensFrom:

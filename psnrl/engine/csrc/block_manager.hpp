@@ -401,7 +401,7 @@ class BlockManager {
 
     void reset() {
         seqs_.clear();
-        row_owner_.assign(row_owner_.size(), -1);
+        forget_device_rows();
         hash_to_block_.clear();
         for (int32_t i = 0; i < num_blocks_; ++i) {
             Block& b = blocks_[i];
